@@ -1,0 +1,146 @@
+"""Load a WikiText corpus (word level) as int64 token ids, from a local folder or the Hugging Face hub.
+
+Resolution order: `data.path`, else the `ALLATT_DATA` environment variable (unless data.source is
+`hub`), else the hub (`datasets.load_dataset("wikitext", ...)`). A local folder holds either
+`wiki.{train,valid,test}.tokens` or `{train,valid,test}.txt`. The vocabulary always comes from the
+train split. Loads are cached in-process, so repeated calls with the same source are free.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from allatt_dist.config import DataConfig
+from allatt_dist.data.vocab import Vocab
+from allatt_dist.errors import DataError
+
+SPLITS = ("train", "valid", "test")
+ENV_VAR = "ALLATT_DATA"
+_HUB_SPLIT = {"train": "train", "valid": "validation", "test": "test"}
+_FIX = "--set data.path=DIR (or ALLATT_DATA=DIR), a folder with {train,valid,test}.txt or wiki.*.tokens"
+
+
+@dataclass
+class Corpus:
+    vocab: Vocab
+    splits: dict[str, np.ndarray]  # split -> (n,) int64 token ids, read-only
+    origin: str = field(default="", compare=False)  # where it was read from, for logs
+
+    def tokens(self, split: str) -> np.ndarray:
+        if split not in self.splits:
+            have = ", ".join(self.splits) or "none"
+            raise DataError(f"split {split!r} not loaded (loaded: {have}; known: {', '.join(SPLITS)})")
+        return self.splits[split]
+
+
+def read_lines(path: str | Path) -> list[str]:
+    """The lines of a UTF-8 text file, without their newlines (a final newline adds no line)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{p}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise DataError(f"{p}: cannot read ({e.strerror or e})") from None
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return lines
+
+
+def load_corpus(cfg: DataConfig, splits: Iterable[str] = SPLITS) -> Corpus:
+    """Token ids of `splits` (train is always read, to build the vocabulary)."""
+    wanted = tuple(dict.fromkeys(splits))
+    for s in wanted:
+        if s not in SPLITS:
+            raise DataError(f"unknown split {s!r}; known: {', '.join(SPLITS)}")
+    folder = _local_folder(cfg)
+    if folder is not None:
+        return _load_local(folder, cfg.raw, wanted)
+    return _load_hub(cfg.name, cfg.raw, wanted)
+
+
+def clear_cache() -> None:
+    _local_cached.cache_clear()
+    _load_hub.cache_clear()
+
+
+def _local_folder(cfg: DataConfig) -> Path | None:
+    if cfg.path:
+        return Path(cfg.path).expanduser()
+    env = os.environ.get(ENV_VAR)
+    if env and cfg.source != "hub":
+        return Path(env).expanduser()
+    if cfg.source == "local":
+        raise DataError(f"data.source is local but no folder is given: {_FIX}")
+    return None
+
+
+def _split_file(folder: Path, split: str, raw: bool) -> Path:
+    names = [f"wiki.{split}.tokens", f"{split}.txt"]
+    if raw:
+        names.insert(0, f"wiki.{split}.raw")
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    others = " or ".join(names[1:])
+    raise DataError(f"{folder / names[0]}: split file not found (also tried {others})")
+
+
+def _load_local(folder: Path, raw: bool, wanted: tuple[str, ...]) -> Corpus:
+    if not folder.is_dir():
+        raise DataError(f"{folder}: data folder not found; {_FIX}")
+    files = []
+    for split in dict.fromkeys(("train", *wanted)):
+        path = _split_file(folder, split, raw).resolve()
+        st = path.stat()
+        files.append((split, str(path), st.st_mtime_ns, st.st_size))
+    return _local_cached(tuple(files), wanted, str(folder.resolve()))
+
+
+@lru_cache(maxsize=8)
+def _local_cached(
+    files: tuple[tuple[str, str, int, int], ...], wanted: tuple[str, ...], origin: str
+) -> Corpus:
+    lines = {split: read_lines(path) for split, path, _, _ in files}
+    where = {split: path for split, path, _, _ in files}
+    return _make_corpus(lines, where, wanted, origin)
+
+
+@lru_cache(maxsize=4)
+def _load_hub(name: str, raw: bool, wanted: tuple[str, ...]) -> Corpus:
+    config = f"{name}-{'raw-' if raw else ''}v1"
+    try:
+        import datasets
+
+        ds = datasets.load_dataset("wikitext", config)
+        needed = dict.fromkeys(("train", *wanted))
+        lines = {s: [row.removesuffix("\n") for row in ds[_HUB_SPLIT[s]]["text"]] for s in needed}
+    except Exception as e:  # any failure here means no usable hub copy
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise DataError(
+            f"could not reach the Hugging Face hub for wikitext/{config} ({reason}); use a local copy: {_FIX}"
+        ) from None
+    where = {s: f"hub wikitext/{config} split {_HUB_SPLIT[s]}" for s in lines}
+    return _make_corpus(lines, where, wanted, f"hub:wikitext/{config}")
+
+
+def _make_corpus(
+    lines: dict[str, list[str]], where: dict[str, str], wanted: tuple[str, ...], origin: str
+) -> Corpus:
+    for split, split_lines in lines.items():
+        if not any(line.strip() for line in split_lines):
+            raise DataError(f"{where[split]}: split {split!r} is empty (no tokens)")
+    vocab = Vocab.build(lines["train"])
+    arrays = {}
+    for split in wanted:
+        ids = vocab.encode_lines(lines[split])  # (n,) int64
+        ids.setflags(write=False)  # shared through the cache
+        arrays[split] = ids
+    return Corpus(vocab=vocab, splits=arrays, origin=origin)

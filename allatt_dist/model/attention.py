@@ -1,0 +1,148 @@
+"""Transformer-XL relative multi-head attention with per-head persistent key/value vectors.
+
+For head h, a query at absolute position i attends, under one softmax, to
+  - context keys j (memory + current segment): (q_i + u_h)·k_j + (q_i + v_h)·r_{i-j}
+  - its own N persistent keys p_n:             (q_i + u_h)·(sqrt(d_h) p_n)
+with values v_j and sqrt(N)·pv_n (the All-attention reparameterisation, Sukhbaatar et al. 2019).
+The position term is computed once as a (B, H, T, K) bias; persistent slots get a zero bias, so the
+whole thing is a single `scaled_dot_product_attention` call. `reference_attention` spells the same
+math out with an explicit softmax and is what the tests compare the fast path against.
+
+Heads may differ in number per layer (a pruned layer keeps `num_heads` <= the config's).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def rel_shift(x: torch.Tensor) -> torch.Tensor:
+    """Map scores against relative distances to scores against key positions.
+
+    x: (B, H, T, K) with K = M + T keys, column c holding distance K-1-c (positions K-1 .. 0).
+    Returns y with y[..., i, j] = x[..., i, j + T-1-i]: the score of query i (absolute M + i)
+    against key j at distance M + i - j. Entries with j > M + i (future keys) hold garbage and
+    are always masked. Done with the pad-and-reshape trick: no gather, no copy beyond one pad.
+    """
+    b, h, t, k = x.shape
+    pad = x.new_zeros(b, h, t, 1)
+    y = torch.cat([pad, x], dim=-1).view(b, h, k + 1, t)[:, :, 1:]  # (B,H,K,T)
+    return y.reshape(b, h, t, k)  # (B,H,T,K)
+
+
+def attention_mask(t: int, m: int, same_length: bool, device: torch.device) -> torch.Tensor:
+    """True where query i (absolute m + i) may NOT attend context key j, (T, M+T) bool."""
+    k = m + t
+    i = torch.arange(t, device=device)[:, None]  # (T,1)
+    j = torch.arange(k, device=device)[None, :]  # (1,K)
+    masked = j > i + m  # future
+    if same_length:
+        masked = masked | (j < i)  # every query sees exactly m+1 context keys (when m == mem_len)
+    return masked  # (T,K)
+
+
+def sinusoid(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """(K,) float positions -> (K, dim) sinusoidal embeddings."""
+    inv = 1.0 / (10000 ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float) / dim))
+    ang = positions[:, None].float() * inv[None, :]  # (K, dim/2)
+    return torch.cat([ang.sin(), ang.cos()], dim=-1)  # (K, dim)
+
+
+class RelPersistentAttention(nn.Module):
+    """One layer's heads: q/k/v/r/o projections, u/v biases, persistent vectors (N may be 0)."""
+
+    def __init__(self, hidden_dim: int, num_heads: int, head_dim: int, num_persistent: int, dropatt: float):
+        super().__init__()
+        self.d, self.h, self.dh, self.n = hidden_dim, num_heads, head_dim, num_persistent
+        inner = num_heads * head_dim
+        self.qkv = nn.Linear(hidden_dim, 3 * inner, bias=False)
+        self.r_proj = nn.Linear(hidden_dim, inner, bias=False)
+        self.out = nn.Linear(inner, hidden_dim, bias=False)
+        self.r_w_bias = nn.Parameter(torch.zeros(num_heads, head_dim))  # u, (H, dh)
+        self.r_r_bias = nn.Parameter(torch.zeros(num_heads, head_dim))  # v, (H, dh)
+        if num_persistent:
+            # Stored unscaled; used as sqrt(dh)*pk and sqrt(N)*pv so both start at unit scale.
+            self.pk = nn.Parameter(torch.randn(num_heads, num_persistent, head_dim) / math.sqrt(head_dim))
+            self.pv = nn.Parameter(
+                torch.randn(num_heads, num_persistent, head_dim) / math.sqrt(num_persistent)
+            )
+        else:
+            self.register_parameter("pk", None)
+            self.register_parameter("pv", None)
+        self.dropatt = dropatt
+        nn.init.normal_(self.qkv.weight, std=0.02)
+        nn.init.normal_(self.r_proj.weight, std=0.02)
+        nn.init.normal_(self.out.weight, std=0.02)
+
+    def project(self, x: torch.Tensor, cat: torch.Tensor, pos: torch.Tensor):
+        """x: (B,T,D) normed segment; cat: (B,K,D) normed memory+segment; pos: (K,D) embeddings."""
+        b, t, _ = x.shape
+        k_len = cat.shape[1]
+        w_q, w_kv = self.qkv.weight.split([self.h * self.dh, 2 * self.h * self.dh], dim=0)
+        q = F.linear(x, w_q).view(b, t, self.h, self.dh).transpose(1, 2)  # (B,H,T,dh)
+        kv = F.linear(cat, w_kv).view(b, k_len, 2, self.h, self.dh)  # (B,K,2,H,dh)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # (B,H,K,dh) each
+        r = self.r_proj(pos).view(k_len, self.h, self.dh).transpose(0, 1)  # (H,K,dh)
+        return q, k, v, r
+
+    def position_bias(self, q: torch.Tensor, r: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(q + v)·r, shifted to key positions, masked, and scaled: (B,H,T,K)."""
+        bd = torch.matmul(q + self.r_r_bias[None, :, None, :], r.transpose(-1, -2)[None])  # (B,H,T,K)
+        bd = rel_shift(bd) / math.sqrt(self.dh)  # (B,H,T,K)
+        return bd.masked_fill(mask, float("-inf"))
+
+    def persistent(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        pk = self.pk.to(dtype) * math.sqrt(self.dh)  # (H,N,dh)
+        pv = self.pv.to(dtype) * math.sqrt(self.n)  # (H,N,dh)
+        return pk, pv
+
+    def forward(self, x, cat, pos, mask, gate=None, scale=None) -> torch.Tensor:
+        """Returns the layer's attention output (B,T,D); `gate` (H,) multiplies each head."""
+        b, t, _ = x.shape
+        q, k, v, r = self.project(x, cat, pos)
+        bias = self.position_bias(q, r, mask)  # (B,H,T,K)
+        qu = q + self.r_w_bias[None, :, None, :]  # (B,H,T,dh)
+        if self.n:
+            pk, pv = self.persistent(k.dtype)
+            k = torch.cat([k, pk[None].expand(b, -1, -1, -1)], dim=2)  # (B,H,K+N,dh)
+            v = torch.cat([v, pv[None].expand(b, -1, -1, -1)], dim=2)  # (B,H,K+N,dh)
+            bias = F.pad(bias, (0, self.n))  # (B,H,T,K+N), zero bias on persistent slots
+        p = self.dropatt if self.training else 0.0
+        o = F.scaled_dot_product_attention(qu, k, v, attn_mask=bias.to(qu.dtype), dropout_p=p)  # (B,H,T,dh)
+        return self.merge_heads(o, gate, scale)
+
+    def merge_heads(self, o: torch.Tensor, gate, scale) -> torch.Tensor:
+        """o: (B,H,T,dh) -> gated, scaled, projected (B,T,D)."""
+        if gate is not None:
+            o = o * gate.to(o.dtype)[None, :, None, None]  # (B,H,T,dh)
+        b, _, t, _ = o.shape
+        y = self.out(o.transpose(1, 2).reshape(b, t, self.h * self.dh))  # (B,T,D)
+        return y * scale if scale is not None else y
+
+
+def reference_attention(attn: RelPersistentAttention, x, cat, pos, mask, gate=None, scale=None):
+    """The same layer with explicit scores and softmax (fp32 check for the SDPA path)."""
+    b, t, _ = x.shape
+    m = cat.shape[1] - t
+    q, k, v, r = attn.project(x, cat, pos)
+    ac = torch.matmul(q + attn.r_w_bias[None, :, None, :], k.transpose(-1, -2))  # (B,H,T,K)
+    bd = torch.empty_like(ac)
+    rq = torch.matmul(q + attn.r_r_bias[None, :, None, :], r.transpose(-1, -2)[None])  # (B,H,T,K)
+    k_len = k.shape[2]
+    for i in range(t):  # explicit relative indexing, no shift trick
+        for j in range(k_len):
+            dist = m + i - j
+            bd[:, :, i, j] = rq[:, :, i, k_len - 1 - dist] if 0 <= dist < k_len else 0.0
+    scores = ((ac + bd) / math.sqrt(attn.dh)).masked_fill(mask, float("-inf"))  # (B,H,T,K)
+    values = v
+    if attn.n:
+        pk, pv = attn.persistent(k.dtype)
+        ps = torch.matmul(q + attn.r_w_bias[None, :, None, :], pk.transpose(-1, -2)[None])  # (B,H,T,N)
+        scores = torch.cat([scores, ps / math.sqrt(attn.dh)], dim=-1)  # (B,H,T,K+N)
+        values = torch.cat([v, pv[None].expand(b, -1, -1, -1)], dim=2)  # (B,H,K+N,dh)
+    o = torch.matmul(torch.softmax(scores, dim=-1), values)  # (B,H,T,dh)
+    return attn.merge_heads(o, gate, scale)

@@ -1,0 +1,127 @@
+"""Hard Concrete head gates (Louizos et al. 2018) and the sparsity objectives of Shim et al. 2021.
+
+One gate per head per layer, with a trainable logit `log_alpha`. In training a gate is sampled:
+
+    u ~ U(0, 1);  s = sigmoid((log u - log(1 - u) + log_alpha) / beta)
+    s_bar = clamp(s * (zeta - gamma) + gamma, 0, 1);  z = 1[s_bar > 0.5]   (straight-through)
+
+In eval the gate is deterministic: s_bar from sigmoid(log_alpha), then the same 0.5 threshold, so
+a head is open exactly when log_alpha > 0. Hard 0/1 gates make physical pruning exact.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from allatt_dist.config import GateConfig
+
+
+class HeadGate(nn.Module):
+    """Gates of the heads of one layer: `forward()` returns z (H,) in {0, 1}."""
+
+    def __init__(self, num_heads: int, cfg: GateConfig):
+        super().__init__()
+        self.beta, self.gamma, self.zeta = cfg.temperature, cfg.gamma, cfg.zeta
+        self.log_alpha = nn.Parameter(torch.empty(num_heads))  # (H,)
+        self.reset_parameters(cfg)
+
+    def reset_parameters(self, cfg: GateConfig) -> None:
+        with torch.no_grad():
+            if cfg.proper_init:
+                self.log_alpha.fill_(cfg.init)  # every head starts open, with margin
+            else:  # Louizos et al.: centred near a keep-probability of 1/2
+                self.log_alpha.normal_(0.0, 0.01)
+
+    def _stretch(self, s: torch.Tensor) -> torch.Tensor:
+        return (s * (self.zeta - self.gamma) + self.gamma).clamp(0.0, 1.0)
+
+    def probabilities(self) -> torch.Tensor:
+        """Deterministic stretched gate value in [0, 1], (H,); a head is open when it is > 0.5."""
+        return self._stretch(torch.sigmoid(self.log_alpha))
+
+    def forward(self) -> torch.Tensor:
+        if self.training:
+            eps = 1e-6
+            u = torch.rand_like(self.log_alpha).clamp(eps, 1 - eps)  # (H,)
+            s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / self.beta)  # (H,)
+            soft = self._stretch(s)  # (H,)
+        else:
+            soft = self.probabilities()  # (H,)
+        hard = (soft > 0.5).to(soft.dtype)  # (H,)
+        return hard + soft - soft.detach() if self.training else hard  # straight-through
+
+    def open_probability(self) -> torch.Tensor:
+        """P(gate != 0) under the Hard Concrete distribution, (H,): the L0 term of one head."""
+        return torch.sigmoid(self.log_alpha - self.beta * math.log(-self.gamma / self.zeta))
+
+    def open_mask(self) -> torch.Tensor:
+        """Heads kept by pruning, (H,) bool: exactly those the eval gate leaves open."""
+        return self.log_alpha.detach() > 0
+
+
+def expected_open(gates: list[HeadGate]) -> torch.Tensor:
+    """The L0 penalty: expected number of open gates over all layers (scalar)."""
+    return torch.stack([g.open_probability().sum() for g in gates]).sum()
+
+
+def total_heads(gates: list[HeadGate]) -> int:
+    return sum(g.log_alpha.numel() for g in gates)
+
+
+def warmup_factor(step: int, cfg: GateConfig) -> float:
+    """Sparsity-loss warm-up: 0 before `warmup_start`, then a linear ramp to 1 over `warmup_steps`."""
+    if step < cfg.warmup_start:
+        return 0.0
+    if cfg.warmup_steps <= 0:
+        return 1.0
+    return min(1.0, (step - cfg.warmup_start + 1) / cfg.warmup_steps)
+
+
+class _FlipGrad(torch.autograd.Function):
+    """Identity forward, negated gradient: lets one optimizer ascend the Lagrange multipliers."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return -grad
+
+
+class SparsityObjective(nn.Module):
+    """The sparsity term added to the LM loss.
+
+    - `l0` mode: coefficient * warm-up(step) * expected_open (the paper's fixed lambda).
+    - `target` mode: a Lagrangian l1 * (s - t) + l2 * (s - t)^2 with s the expected fraction of
+      closed heads and t the target, ramped in over the warm-up; l1, l2 are trained by gradient
+      ascent (their gradient is flipped, so the same optimizer step maximises over them).
+    """
+
+    def __init__(self, cfg: GateConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.lambdas = nn.Parameter(torch.zeros(2))  # (2,) l1, l2; unused in l0 mode
+
+    def target_at(self, step: int) -> float:
+        return (self.cfg.sparsity_target or 0.0) * warmup_factor(step, self.cfg)
+
+    def forward(self, gates: list[HeadGate], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        n_open = expected_open(gates)  # scalar
+        sparsity = 1.0 - n_open / total_heads(gates)  # scalar, expected fraction closed
+        stats = {"l0_penalty": float(n_open.detach()), "expected_sparsity": float(sparsity.detach())}
+        if self.cfg.mode == "target":
+            t = self.target_at(step)
+            gap = sparsity - t
+            lam = _FlipGrad.apply(self.lambdas)  # (2,)
+            loss = lam[0] * gap + lam[1] * gap * gap
+            stats.update(
+                target=t, lambda_1=float(self.lambdas[0].detach()), lambda_2=float(self.lambdas[1].detach())
+            )
+            return loss, stats
+        coef = (self.cfg.l0_coefficient or 0.0) * warmup_factor(step, self.cfg)
+        stats["l0_coefficient"] = coef
+        return coef * n_open + 0.0 * self.lambdas.sum(), stats

@@ -1,0 +1,78 @@
+"""Physical head pruning: cut closed heads out of a gated model, layer by layer.
+
+A head is kept when its eval gate is open (log_alpha > 0). For each layer the kept heads' slices of
+the q/k/v, position and output projections, their u/v biases and their persistent vectors are
+copied into a smaller, ungated model. With attention output scaling the layer's eval output is
+multiplied by H / open; that constant is folded into the output projection, so the pruned model's
+logits equal the gated model's eval logits. Removing one head removes exactly
+`per_head_params(cfg)` parameters (see docs/pruning.md).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from allatt_dist.config import ModelConfig
+from allatt_dist.model.attention import RelPersistentAttention
+from allatt_dist.model.transformer import LanguageModel
+
+
+def per_head_params(cfg: ModelConfig) -> int:
+    """q,k,v,r,o projections (5 d dh) + u,v biases (2 dh) + persistent keys and values (2 N dh)."""
+    n = cfg.num_persistent if cfg.architecture == "all_attention" else 0
+    return cfg.head_dim * (5 * cfg.hidden_dim + 2 + 2 * n)
+
+
+def kept_heads(model: LanguageModel) -> list[torch.Tensor]:
+    """Per layer, the indices of the heads that survive pruning, (H_l',) long."""
+    out = []
+    for blk in model.layers:
+        if blk.attn is None:
+            out.append(torch.zeros(0, dtype=torch.long))
+        elif blk.gate is None:
+            out.append(torch.arange(blk.num_heads))
+        else:
+            out.append(torch.nonzero(blk.gate.open_mask().cpu()).flatten())
+    return out
+
+
+def _slice_attention(
+    src: RelPersistentAttention, dst: RelPersistentAttention, idx: torch.Tensor, scale: float
+):
+    h, dh = src.h, src.dh
+    cols = (idx[:, None] * dh + torch.arange(dh)[None]).flatten()  # (H'*dh,) rows of each head
+    q, k, v = src.qkv.weight.detach().view(3, h * dh, -1)  # 3 x (H*dh, D)
+    dst.qkv.weight.copy_(torch.cat([q[cols], k[cols], v[cols]], dim=0))  # (3*H'*dh, D)
+    dst.r_proj.weight.copy_(src.r_proj.weight.detach()[cols])  # (H'*dh, D)
+    dst.out.weight.copy_(src.out.weight.detach()[:, cols] * scale)  # (D, H'*dh)
+    dst.r_w_bias.copy_(src.r_w_bias.detach()[idx])  # (H', dh)
+    dst.r_r_bias.copy_(src.r_r_bias.detach()[idx])  # (H', dh)
+    if src.n:
+        dst.pk.copy_(src.pk.detach()[idx])  # (H', N, dh)
+        dst.pv.copy_(src.pv.detach()[idx])  # (H', N, dh)
+
+
+@torch.no_grad()
+def prune_model(gated: LanguageModel) -> LanguageModel:
+    """A plain (ungated) model holding only the open heads; eval outputs are unchanged."""
+    keep = kept_heads(gated)
+    heads = [len(k) for k in keep]
+    pruned = LanguageModel(gated.cfg, gated.vocab_size, gates=None, heads_per_layer=heads)
+    pruned.to(next(gated.parameters()).dtype)
+    src_state = {k: v for k, v in gated.state_dict().items() if not k.endswith("log_alpha")}
+    # Everything that is not a per-head tensor (embeddings, norms, FFN) is copied as is.
+    own = pruned.state_dict()
+    for name, tensor in src_state.items():
+        if ".attn." not in name and name in own:
+            own[name].copy_(tensor)
+    for src_blk, dst_blk, idx in zip(gated.layers, pruned.layers, keep, strict=True):
+        if dst_blk.attn is None:
+            continue
+        scale = src_blk.full_heads / len(idx) if src_blk.output_scaling else 1.0
+        _slice_attention(src_blk.attn, dst_blk.attn, idx, scale)
+    return pruned.eval()
+
+
+def sparsity(heads_per_layer: list[int], cfg: ModelConfig) -> float:
+    """Fraction of the dense model's heads that were removed."""
+    return 1.0 - sum(heads_per_layer) / (cfg.num_layers * cfg.num_heads)

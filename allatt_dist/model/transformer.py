@@ -1,0 +1,153 @@
+"""The language models: All-attention (no feed-forward) and the Transformer-XL baseline.
+
+Both are pre-LayerNorm stacks of relative attention with segment-level memory; they differ only in
+persistent vectors (All-attention) versus a feed-forward sublayer (Transformer-XL). With a
+`GateConfig` every layer's heads get a Hard Concrete gate; with `heads_per_layer` the model is a
+physically pruned one (layers may differ in head count; a layer with none is a pure residual).
+Single-device code: no Ray, no DeepSpeed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from allatt_dist.config import GateConfig, ModelConfig
+from allatt_dist.model.attention import RelPersistentAttention, attention_mask, reference_attention, sinusoid
+from allatt_dist.model.gates import HeadGate
+from allatt_dist.model.output import make_output
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, num_heads: int, gates: GateConfig | None):
+        super().__init__()
+        persistent = cfg.num_persistent if cfg.architecture == "all_attention" else 0
+        self.norm = nn.LayerNorm(cfg.hidden_dim)
+        self.num_heads, self.full_heads = num_heads, cfg.num_heads
+        self.attn = (
+            RelPersistentAttention(cfg.hidden_dim, num_heads, cfg.head_dim, persistent, cfg.dropatt)
+            if num_heads
+            else None
+        )
+        self.gate = HeadGate(num_heads, gates) if gates is not None and num_heads else None
+        self.output_scaling = bool(gates is not None and gates.output_scaling)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.ffn = None
+        if cfg.architecture == "transformer_xl":
+            self.ffn = nn.Sequential(
+                nn.LayerNorm(cfg.hidden_dim),
+                nn.Linear(cfg.hidden_dim, cfg.ffn_dim),
+                nn.ReLU(),
+                nn.Dropout(cfg.dropout),
+                nn.Linear(cfg.ffn_dim, cfg.hidden_dim),
+            )
+
+    def gate_values(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(z (H,), detached output scale H/open) for this forward pass; (None, None) when ungated."""
+        if self.gate is None:
+            return None, None
+        z = self.gate()  # (H,)
+        if not self.output_scaling:
+            return z, None
+        n_open = z.detach().sum()
+        scale = torch.where(n_open > 0, self.full_heads / n_open.clamp(min=1), torch.zeros_like(n_open))
+        return z, scale
+
+    def forward(self, h: torch.Tensor, mem: torch.Tensor | None, pos, mask, reference: bool = False):
+        """h: (B,T,D) layer input; mem: (B,M,D) previous segment's inputs to this layer."""
+        if self.attn is not None:
+            cat = h if mem is None or mem.shape[1] == 0 else torch.cat([mem, h], dim=1)  # (B,M+T,D)
+            normed = self.norm(cat)  # (B,M+T,D)
+            x = normed[:, -h.shape[1] :]  # (B,T,D)
+            z, scale = self.gate_values()
+            fn = reference_attention if reference else RelPersistentAttention.forward
+            h = h + self.drop(fn(self.attn, x, normed, pos, mask, z, scale))  # (B,T,D)
+        if self.ffn is not None:
+            h = h + self.drop(self.ffn(h))  # (B,T,D)
+        return h
+
+
+@dataclass
+class LMOutput:
+    nll: torch.Tensor | None  # (B,T) per-token NLL (0 where the target is ignored), when targets given
+    log_probs: torch.Tensor | None  # (B,T,V), when no targets given
+    mems: list[torch.Tensor]  # per layer (B,M,D), detached
+
+
+class LanguageModel(nn.Module):
+    """All-attention or Transformer-XL LM over word ids, with Transformer-XL memory."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        vocab_size: int,
+        gates: GateConfig | None = None,
+        heads_per_layer: list[int] | None = None,
+    ):
+        super().__init__()
+        heads = heads_per_layer or [cfg.num_heads] * cfg.num_layers
+        if len(heads) != cfg.num_layers or any(not 0 <= n <= cfg.num_heads for n in heads):
+            raise ValueError(
+                f"heads_per_layer {heads} does not fit {cfg.num_layers} layers of {cfg.num_heads}"
+            )
+        self.cfg, self.vocab_size, self.heads_per_layer = cfg, vocab_size, list(heads)
+        self.io = make_output(vocab_size, cfg.hidden_dim, cfg.adaptive_cutoffs, cfg.adaptive_div)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg, n, gates) for n in heads)
+        self.final_norm = nn.LayerNorm(cfg.hidden_dim)
+
+    @property
+    def gates(self) -> list[HeadGate]:
+        return [blk.gate for blk in self.layers if blk.gate is not None]
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mems: list[torch.Tensor] | None = None,
+        target: torch.Tensor | None = None,
+        reference: bool = False,
+    ) -> LMOutput:
+        """x: (B,T) ids; target: (B,T) ids or -100 (ignored); `reference` uses the explicit softmax."""
+        b, t = x.shape
+        m = 0 if not mems else mems[0].shape[1]
+        k = m + t
+        pos = sinusoid(torch.arange(k - 1, -1, -1, device=x.device), self.cfg.hidden_dim)  # (K,D)
+        pos = self.drop(pos)
+        mask = attention_mask(t, m, self.cfg.same_length, x.device)  # (T,K)
+        h = self.drop(self.io.embed(x))  # (B,T,D)
+        new_mems = []
+        for i, layer in enumerate(self.layers):
+            mem = mems[i] if mems else None
+            new_mems.append(self._next_mem(mem, h))
+            h = layer(h, mem, pos, mask, reference)  # (B,T,D)
+        h = self.drop(self.final_norm(h))  # (B,T,D)
+        if target is None:
+            return LMOutput(None, self.io.log_probs(h), new_mems)
+        flat, tgt = h.reshape(b * t, -1), target.reshape(b * t)  # (B*T,D), (B*T,)
+        keep = tgt != -100
+        nll = flat.new_zeros(b * t, dtype=torch.float)  # (B*T,)
+        nll[keep] = self.io.nll(flat[keep], tgt[keep])
+        return LMOutput(nll.view(b, t), None, new_mems)
+
+    def _next_mem(self, mem: torch.Tensor | None, h: torch.Tensor) -> torch.Tensor:
+        """Last mem_len positions of [memory; this layer's input], detached: (B,M',D)."""
+        m_len = self.cfg.mem_len
+        if m_len == 0:
+            return h.new_zeros(h.shape[0], 0, h.shape[2])
+        cat = h if mem is None else torch.cat([mem, h], dim=1)  # (B,M+T,D)
+        return cat[:, -m_len:].detach()
+
+    def loss(self, x, target, mems=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Mean NLL over non-ignored targets and the new memory."""
+        out = self(x, mems, target)
+        n = (target != -100).sum().clamp(min=1)
+        return out.nll.sum() / n, out.mems
+
+
+def count_params(model: nn.Module, include_gates: bool = False) -> int:
+    """Parameters of the language model proper (gate logits only when asked)."""
+    return sum(
+        p.numel() for name, p in model.named_parameters() if include_gates or not name.endswith("log_alpha")
+    )
