@@ -27,8 +27,13 @@ def evaluate(
     seq_len: int | None = None,
     max_segments: int | None = None,
     progress: bool = False,
+    rows: tuple[int, int] | None = None,
 ) -> EvalResult:
-    """Score every next-token target of `tokens` (or the first `max_segments` segments)."""
+    """Score every next-token target of `tokens` (or the first `max_segments` segments).
+
+    `rows=(rank, world)` scores only every world-th row of the layout, starting at rank: the
+    data-parallel split used during training (sum the per-rank totals to get the whole).
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -41,6 +46,8 @@ def evaluate(
         n_seg = math.ceil(math.ceil((len(tokens) - 1) / batch_size) / seq_len)
         segments = tqdm(segments, total=min(n_seg, max_segments or n_seg), desc="eval", leave=False)
     for x, y in segments:
+        if rows is not None:
+            x, y = x[rows[0] :: rows[1]], y[rows[0] :: rows[1]]  # (B/world, T)
         out = model(x.to(device), mems, y.to(device))  # nll (B,T)
         mems = out.mems
         total += float(out.nll.double().sum())

@@ -28,9 +28,7 @@ FORMAT = "allatt-dist/model"
 VERSION = 1
 
 
-def model_meta(
-    model: LanguageModel, vocab: Vocab, gates: GateConfig | None, extra: dict | None = None
-) -> dict:
+def model_meta(model: LanguageModel, vocab: Vocab, gates: GateConfig | None, extra: dict | None = None) -> dict:
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -83,9 +81,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     if not d.is_dir():
         raise CheckpointError(f"{d}: model directory not found")
     if not cfg_file.is_file():
-        raise CheckpointError(
-            f"{cfg_file}: missing (a model directory holds model.safetensors and config.json)"
-        )
+        raise CheckpointError(f"{cfg_file}: missing (a model directory holds model.safetensors and config.json)")
     try:
         meta = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
@@ -104,9 +100,7 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> tupl
         gates = GateConfig.model_validate(meta["gates"]) if meta.get("gates") else None
         model = LanguageModel(mcfg, int(meta["vocab_size"]), gates, list(meta["heads_per_layer"]))
     except (KeyError, TypeError, ValueError, ValidationError) as e:
-        raise CheckpointError(
-            f"{d / 'config.json'}: invalid model description ({str(e).splitlines()[0]})"
-        ) from None
+        raise CheckpointError(f"{d / 'config.json'}: invalid model description ({str(e).splitlines()[0]})") from None
     weights = d / "model.safetensors"
     if not weights.is_file():
         raise CheckpointError(f"{weights}: missing")

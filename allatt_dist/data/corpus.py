@@ -66,6 +66,19 @@ def load_corpus(cfg: DataConfig, splits: Iterable[str] = SPLITS) -> Corpus:
     return _load_hub(cfg.name, cfg.raw, wanted)
 
 
+def resolve_data(cfg: DataConfig, splits: Iterable[str] = SPLITS) -> DataConfig:
+    """Check a local folder and its split files now, and pin it as an absolute path (for workers that
+    run in another directory or on another node). Hub configs are returned unchanged."""
+    folder = _local_folder(cfg)
+    if folder is None:
+        return cfg
+    if not folder.is_dir():
+        raise DataError(f"{folder}: data folder not found; {_FIX}")
+    for split in dict.fromkeys(("train", *splits)):
+        _split_file(folder, split, cfg.raw)
+    return cfg.model_copy(update={"path": str(folder.resolve()), "source": "local"})
+
+
 def clear_cache() -> None:
     _local_cached.cache_clear()
     _load_hub.cache_clear()
@@ -105,9 +118,7 @@ def _load_local(folder: Path, raw: bool, wanted: tuple[str, ...]) -> Corpus:
 
 
 @lru_cache(maxsize=8)
-def _local_cached(
-    files: tuple[tuple[str, str, int, int], ...], wanted: tuple[str, ...], origin: str
-) -> Corpus:
+def _local_cached(files: tuple[tuple[str, str, int, int], ...], wanted: tuple[str, ...], origin: str) -> Corpus:
     lines = {split: read_lines(path) for split, path, _, _ in files}
     where = {split: path for split, path, _, _ in files}
     return _make_corpus(lines, where, wanted, origin)
@@ -131,9 +142,7 @@ def _load_hub(name: str, raw: bool, wanted: tuple[str, ...]) -> Corpus:
     return _make_corpus(lines, where, wanted, f"hub:wikitext/{config}")
 
 
-def _make_corpus(
-    lines: dict[str, list[str]], where: dict[str, str], wanted: tuple[str, ...], origin: str
-) -> Corpus:
+def _make_corpus(lines: dict[str, list[str]], where: dict[str, str], wanted: tuple[str, ...], origin: str) -> Corpus:
     for split, split_lines in lines.items():
         if not any(line.strip() for line in split_lines):
             raise DataError(f"{where[split]}: split {split!r} is empty (no tokens)")

@@ -22,9 +22,7 @@ IGNORE_INDEX = -100
 
 
 class LMStream:
-    def __init__(
-        self, tokens: np.ndarray, global_batch: int, seq_len: int, rank: int = 0, world_size: int = 1
-    ) -> None:
+    def __init__(self, tokens: np.ndarray, global_batch: int, seq_len: int, rank: int = 0, world_size: int = 1) -> None:
         _check_layout(global_batch, seq_len, rank, world_size)
         n = int(tokens.shape[0])
         row_len = n // global_batch
@@ -76,13 +74,10 @@ class LMStream:
         try:
             epoch, pos = int(state["epoch"]), int(state["pos"])
         except (KeyError, TypeError, ValueError):
-            raise DataError(
-                f"bad data stream state {state!r}: expected {{'epoch': int, 'pos': int}}"
-            ) from None
+            raise DataError(f"bad data stream state {state!r}: expected {{'epoch': int, 'pos': int}}") from None
         if epoch < 0 or not 0 <= pos <= self.segments_per_epoch:
             raise DataError(
-                f"data stream state {state!r} does not fit this stream "
-                f"({self.segments_per_epoch} segments per epoch)"
+                f"data stream state {state!r} does not fit this stream ({self.segments_per_epoch} segments per epoch)"
             )
         self.epoch, self.pos = epoch, pos
 

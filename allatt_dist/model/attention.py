@@ -34,14 +34,20 @@ def rel_shift(x: torch.Tensor) -> torch.Tensor:
     return y.reshape(b, h, t, k)  # (B,H,T,K)
 
 
-def attention_mask(t: int, m: int, same_length: bool, device: torch.device) -> torch.Tensor:
-    """True where query i (absolute m + i) may NOT attend context key j, (T, M+T) bool."""
+def attention_mask(t: int, m: int, mem_len: int, same_length: bool, device: torch.device) -> torch.Tensor:
+    """True where query i (absolute m + i) may NOT attend context key j, (T, M+T) bool.
+
+    Keys after the query are always masked. With `same_length` (and mem_len > 0) a query also skips
+    keys more than `mem_len` positions back, so once the memory is full (m == mem_len) every query
+    sees exactly mem_len + 1 context keys; while it fills (the first segments after a reset) the
+    queries see their whole causal context, as in Transformer-XL.
+    """
     k = m + t
     i = torch.arange(t, device=device)[:, None]  # (T,1)
     j = torch.arange(k, device=device)[None, :]  # (1,K)
     masked = j > i + m  # future
-    if same_length:
-        masked = masked | (j < i)  # every query sees exactly m+1 context keys (when m == mem_len)
+    if same_length and mem_len > 0:
+        masked = masked | (j < i + m - mem_len)  # distance m + i - j > mem_len
     return masked  # (T,K)
 
 
@@ -67,9 +73,7 @@ class RelPersistentAttention(nn.Module):
         if num_persistent:
             # Stored unscaled; used as sqrt(dh)*pk and sqrt(N)*pv so both start at unit scale.
             self.pk = nn.Parameter(torch.randn(num_heads, num_persistent, head_dim) / math.sqrt(head_dim))
-            self.pv = nn.Parameter(
-                torch.randn(num_heads, num_persistent, head_dim) / math.sqrt(num_persistent)
-            )
+            self.pv = nn.Parameter(torch.randn(num_heads, num_persistent, head_dim) / math.sqrt(num_persistent))
         else:
             self.register_parameter("pk", None)
             self.register_parameter("pv", None)

@@ -5,8 +5,9 @@ One gate per head per layer, with a trainable logit `log_alpha`. In training a g
     u ~ U(0, 1);  s = sigmoid((log u - log(1 - u) + log_alpha) / beta)
     s_bar = clamp(s * (zeta - gamma) + gamma, 0, 1);  z = 1[s_bar > 0.5]   (straight-through)
 
-In eval the gate is deterministic: s_bar from sigmoid(log_alpha), then the same 0.5 threshold, so
-a head is open exactly when log_alpha > 0. Hard 0/1 gates make physical pruning exact.
+In eval the gate is deterministic: open exactly when log_alpha > 0 (for the default stretch,
+gamma + zeta = 1, that is s_bar from sigmoid(log_alpha) above 0.5). The test is made on log_alpha
+itself, so it agrees bit for bit with `open_mask()` and physical pruning is exact.
 """
 
 from __future__ import annotations
@@ -43,18 +44,26 @@ class HeadGate(nn.Module):
         return self._stretch(torch.sigmoid(self.log_alpha))
 
     def forward(self) -> torch.Tensor:
-        if self.training:
-            eps = 1e-6
-            u = torch.rand_like(self.log_alpha).clamp(eps, 1 - eps)  # (H,)
-            s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / self.beta)  # (H,)
-            soft = self._stretch(s)  # (H,)
-        else:
-            soft = self.probabilities()  # (H,)
+        if not self.training:
+            # Same decision as open_mask(): thresholding sigmoid(log_alpha) in floating point would
+            # close heads with 0 < log_alpha < ~1e-7, and any head below logit((0.5-gamma)/(zeta-gamma))
+            # when gamma + zeta != 1, so the pruned model would not match the gated one.
+            return self.open_mask().to(self.log_alpha.dtype)  # (H,)
+        eps = 1e-6
+        u = torch.rand_like(self.log_alpha).clamp(eps, 1 - eps)  # (H,)
+        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / self.beta)  # (H,)
+        soft = self._stretch(s)  # (H,)
         hard = (soft > 0.5).to(soft.dtype)  # (H,)
-        return hard + soft - soft.detach() if self.training else hard  # straight-through
+        return hard + soft - soft.detach()  # straight-through
 
     def open_probability(self) -> torch.Tensor:
-        """P(gate != 0) under the Hard Concrete distribution, (H,): the L0 term of one head."""
+        """P(s_bar > 0) under the Hard Concrete distribution, (H,): the L0 term of one head.
+
+        This is Louizos et al.'s expected L0 norm: the probability that the stretched sample is
+        non-zero. The hard gate used in the forward pass thresholds s_bar at 0.5, so it is open less
+        often (P = sigmoid(log_alpha) for the default gamma, zeta); the penalty counts a head until
+        its stretched sample is clamped to exactly 0.
+        """
         return torch.sigmoid(self.log_alpha - self.beta * math.log(-self.gamma / self.zeta))
 
     def open_mask(self) -> torch.Tensor:
@@ -118,9 +127,7 @@ class SparsityObjective(nn.Module):
             gap = sparsity - t
             lam = _FlipGrad.apply(self.lambdas)  # (2,)
             loss = lam[0] * gap + lam[1] * gap * gap
-            stats.update(
-                target=t, lambda_1=float(self.lambdas[0].detach()), lambda_2=float(self.lambdas[1].detach())
-            )
+            stats.update(target=t, lambda_1=float(self.lambdas[0].detach()), lambda_2=float(self.lambdas[1].detach()))
             return loss, stats
         coef = (self.cfg.l0_coefficient or 0.0) * warmup_factor(step, self.cfg)
         stats["l0_coefficient"] = coef

@@ -44,9 +44,7 @@ class AdaptiveIO(nn.Module):
         super().__init__()
         cut = [c for c in cutoffs if c < vocab_size]
         if not cut:
-            raise ValueError(
-                f"model.adaptive_cutoffs {cutoffs} leave no tail for a vocabulary of {vocab_size}"
-            )
+            raise ValueError(f"model.adaptive_cutoffs {cutoffs} leave no tail for a vocabulary of {vocab_size}")
         self.asm = nn.AdaptiveLogSoftmaxWithLoss(dim, vocab_size, cut, div_value=float(div), head_bias=True)
         self.cutoffs = cut + [vocab_size]
         self.scale = math.sqrt(dim)

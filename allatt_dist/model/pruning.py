@@ -36,9 +36,7 @@ def kept_heads(model: LanguageModel) -> list[torch.Tensor]:
     return out
 
 
-def _slice_attention(
-    src: RelPersistentAttention, dst: RelPersistentAttention, idx: torch.Tensor, scale: float
-):
+def _slice_attention(src: RelPersistentAttention, dst: RelPersistentAttention, idx: torch.Tensor, scale: float):
     h, dh = src.h, src.dh
     cols = (idx[:, None] * dh + torch.arange(dh)[None]).flatten()  # (H'*dh,) rows of each head
     q, k, v = src.qkv.weight.detach().view(3, h * dh, -1)  # 3 x (H*dh, D)

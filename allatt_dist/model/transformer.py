@@ -62,8 +62,11 @@ class Block(nn.Module):
             normed = self.norm(cat)  # (B,M+T,D)
             x = normed[:, -h.shape[1] :]  # (B,T,D)
             z, scale = self.gate_values()
-            fn = reference_attention if reference else RelPersistentAttention.forward
-            h = h + self.drop(fn(self.attn, x, normed, pos, mask, z, scale))  # (B,T,D)
+            if reference:
+                y = reference_attention(self.attn, x, normed, pos, mask, z, scale)  # (B,T,D)
+            else:  # through __call__, so module hooks (e.g. ZeRO-3 parameter gathering) run
+                y = self.attn(x, normed, pos, mask, z, scale)  # (B,T,D)
+            h = h + self.drop(y)  # (B,T,D)
         if self.ffn is not None:
             h = h + self.drop(self.ffn(h))  # (B,T,D)
         return h
@@ -89,9 +92,7 @@ class LanguageModel(nn.Module):
         super().__init__()
         heads = heads_per_layer or [cfg.num_heads] * cfg.num_layers
         if len(heads) != cfg.num_layers or any(not 0 <= n <= cfg.num_heads for n in heads):
-            raise ValueError(
-                f"heads_per_layer {heads} does not fit {cfg.num_layers} layers of {cfg.num_heads}"
-            )
+            raise ValueError(f"heads_per_layer {heads} does not fit {cfg.num_layers} layers of {cfg.num_heads}")
         self.cfg, self.vocab_size, self.heads_per_layer = cfg, vocab_size, list(heads)
         self.io = make_output(vocab_size, cfg.hidden_dim, cfg.adaptive_cutoffs, cfg.adaptive_div)
         self.drop = nn.Dropout(cfg.dropout)
@@ -115,7 +116,7 @@ class LanguageModel(nn.Module):
         k = m + t
         pos = sinusoid(torch.arange(k - 1, -1, -1, device=x.device), self.cfg.hidden_dim)  # (K,D)
         pos = self.drop(pos)
-        mask = attention_mask(t, m, self.cfg.same_length, x.device)  # (T,K)
+        mask = attention_mask(t, m, self.cfg.mem_len, self.cfg.same_length, x.device)  # (T,K)
         h = self.drop(self.io.embed(x))  # (B,T,D)
         new_mems = []
         for i, layer in enumerate(self.layers):
@@ -148,6 +149,4 @@ class LanguageModel(nn.Module):
 
 def count_params(model: nn.Module, include_gates: bool = False) -> int:
     """Parameters of the language model proper (gate logits only when asked)."""
-    return sum(
-        p.numel() for name, p in model.named_parameters() if include_gates or not name.endswith("log_alpha")
-    )
+    return sum(p.numel() for name, p in model.named_parameters() if include_gates or not name.endswith("log_alpha"))

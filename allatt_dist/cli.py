@@ -1,0 +1,144 @@
+"""`allatt-dist` command line: a thin layer that parses arguments and calls the library.
+
+Every user error (`UserError`) is printed as one line on stderr with exit status 2; results are
+printed as JSON on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from allatt_dist.errors import UserError
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="recipe YAML (e.g. tune_configs/quickstart.yaml)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config key (repeatable)",
+    )
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    p.add_argument("--verbose", action="store_true", help="show Ray's and DeepSpeed's own logs")
+
+
+def _default_out(config: str, kind: str = "runs") -> Path:
+    return Path(kind) / Path(config).stem
+
+
+def cmd_train(a: argparse.Namespace) -> dict:
+    from allatt_dist.cluster.session import connect
+    from allatt_dist.config import load_config
+    from allatt_dist.train.trainer import train
+
+    cfg = load_config(a.config, a.overrides)
+    out = Path(a.out) if a.out else _default_out(a.config)
+    connect(a.address, a.verbose)
+    phases = None if a.phase == "all" else [a.phase]
+    return train(cfg, out, phases, force=a.force, verbose=a.verbose, progress=not a.no_progress)
+
+
+def cmd_prune(a: argparse.Namespace) -> dict:
+    from allatt_dist.model.pruning import prune_model
+    from allatt_dist.modelio import load_model_dir, save_model_dir
+
+    gated, vocab, meta = load_model_dir(a.checkpoint)
+    if not gated.gates:
+        raise UserError(f"{a.checkpoint}: holds an ungated model (nothing to prune); give a prune-phase model")
+    pruned = prune_model(gated)
+    out = save_model_dir(pruned, vocab, a.out, extra={"phase": "prune", "pruned": True})
+    return {
+        "out": str(a.out),
+        "heads_per_layer": out["heads_per_layer"],
+        "sparsity": out["sparsity"],
+        "params_before": meta["params"],
+        "params_after": out["params"],
+    }
+
+
+def cmd_evaluate(a: argparse.Namespace) -> dict:
+    from allatt_dist.config import DataConfig, parse_overrides
+    from allatt_dist.data.corpus import load_corpus
+    from allatt_dist.errors import CheckpointError
+    from allatt_dist.evaluate import evaluate
+    from allatt_dist.modelio import load_model_dir
+
+    model, vocab, meta = load_model_dir(a.model_dir)
+    data = DataConfig.model_validate(parse_overrides(a.overrides).get("data", {}))
+    corpus = load_corpus(data, splits=("train", a.split))
+    if corpus.vocab.fingerprint() != vocab.fingerprint():
+        raise CheckpointError(
+            f"{a.model_dir}: its vocabulary ({len(vocab)} types) is not the one of the corpus "
+            f"{corpus.origin} ({len(corpus.vocab)} types)"
+        )
+    res = evaluate(model, corpus.tokens(a.split), a.batch_size, progress=sys.stderr.isatty())
+    return {
+        "split": a.split,
+        "ppl": res.ppl,
+        "tokens": res.tokens,
+        "params": meta["params"],
+        "heads_per_layer": meta["heads_per_layer"],
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="allatt-dist", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train dense -> prune -> finetune on Ray Train + DeepSpeed")
+    _add_config_args(p)
+    p.add_argument("--out", default=None, help="run directory (default runs/<config name>)")
+    p.add_argument("--phase", choices=["all", "dense", "prune", "finetune"], default="all")
+    p.add_argument("--force", action="store_true", help="reuse a run directory that holds another config's run")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("prune", help="physically remove closed heads from a gated model")
+    p.add_argument("checkpoint", help="gated model directory (e.g. RUN/prune/model)")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.set_defaults(fn=cmd_prune)
+
+    p = sub.add_parser("evaluate", help="perplexity of a model directory over a whole split")
+    p.add_argument("model_dir")
+    p.add_argument("--split", choices=["train", "valid", "test"], default="test")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="data.KEY=VALUE",
+        help="data options, e.g. data.path=DIR",
+    )
+    p.set_defaults(fn=cmd_evaluate)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not getattr(args, "verbose", False):
+        warnings.filterwarnings("ignore")
+        os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    try:
+        out = args.fn(args)
+    except UserError as e:
+        print(f"allatt-dist {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"allatt-dist {args.command}: interrupted", file=sys.stderr)
+        return 130
+    if out is not None:
+        print(json.dumps(out, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Connecting to Ray: an in-process local instance by default, or an existing cluster.
+
+Also the fail-fast check that a run's workers can ever be placed: Ray would otherwise wait forever
+for resources that do not exist.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from allatt_dist.config import ScalingConfig
+from allatt_dist.errors import UserError
+
+
+def connect(address: str | None = None, verbose: bool = False, num_cpus: int | None = None) -> None:
+    """`ray.init` once per process. With no address (and no RAY_ADDRESS) a local Ray starts in-process
+    with its dashboard, which Ray Train needs to release the placement groups of stopped trials."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    quiet = logging.INFO if verbose else logging.ERROR
+    kwargs = dict(logging_level=quiet, log_to_driver=verbose, configure_logging=True)
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    try:
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(include_dashboard=True, num_cpus=num_cpus, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        where = address or "a local Ray instance"
+        raise UserError(f"could not connect to Ray at {where}: {str(e).splitlines()[0]}") from None
+
+
+def check_fits(scaling: ScalingConfig, label: str = "scaling") -> None:
+    """Raise one line when `num_workers` workers of the requested size can never be placed."""
+    import ray
+
+    need = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        need["GPU"] = scaling.gpus_per_worker
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    slots = 0
+    for res in nodes:
+        per_node = min(int(res.get(k, 0.0) / v + 1e-9) if v > 0 else 10**9 for k, v in need.items())
+        slots += per_node
+    if slots < scaling.num_workers:
+        total = {k: sum(r.get(k, 0.0) for r in nodes) for k in need}
+        raise UserError(
+            f"{label}.num_workers={scaling.num_workers} workers of {need} can never be placed: the cluster "
+            f"has {total} over {len(nodes)} node(s), room for {slots}; lower {label}.num_workers or "
+            f"{label}.cpus_per_worker, or add nodes"
+        )

@@ -1,0 +1,202 @@
+"""Driver side of `allatt-dist train`: one Ray Train `TorchTrainer` per phase, in one run directory.
+
+    RUN_DIR/
+      run.yaml                  resolved config of this run (a different config is refused unless --force)
+      <phase>/                  dense | prune | finetune
+        checkpoints/            Ray Train storage: checkpoint_*/ (DeepSpeed shards, memory, stream position)
+        tb/                     TensorBoard events of rank 0
+        model/                  consolidated final model (model.safetensors, config.json, vocab.txt)
+        pruned/                 prune phase only: the physically pruned model
+        result.json             final metrics of the phase
+
+Re-running the same command resumes: Ray Train finds its state under checkpoints/ and every worker
+restarts from the latest checkpoint; finished phases are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import yaml
+
+from allatt_dist.cluster.session import check_fits
+from allatt_dist.config import RunConfig, config_to_dict
+from allatt_dist.data.corpus import resolve_data
+from allatt_dist.errors import CheckpointError, UserError
+from allatt_dist.train.monitor import RemoteProgressBoard, follow_progress
+from allatt_dist.train.setup import PHASES, Phase, deepspeed_config, phase_spec
+
+INIT_FROM: dict[str, tuple[str, str] | None] = {
+    "dense": None,
+    "prune": ("dense", "model"),
+    "finetune": ("prune", "pruned"),
+}
+
+
+class TrainingFailed(UserError):
+    """A Ray Train run that ended in an error (the worker's last error line is the message)."""
+
+
+def prepare_run_dir(cfg: RunConfig, run_dir: Path, force: bool) -> None:
+    """Refuse a run directory that holds another config's run; otherwise write run.yaml."""
+    spec = config_to_dict(cfg)
+    spec.pop("tune", None)
+    saved = run_dir / "run.yaml"
+    if saved.is_file():
+        old = yaml.safe_load(saved.read_text()) or {}
+        old.pop("tune", None)
+        if old != spec and not force:
+            diff = sorted(
+                f"{s}.{k}"
+                for s in set(old) | set(spec)
+                for k in set(old.get(s) or {}) | set(spec.get(s) or {})
+                if (old.get(s) or {}).get(k) != (spec.get(s) or {}).get(k)
+            )
+            raise UserError(
+                f"{run_dir}: holds a run of another config (differs in {', '.join(diff[:4])}); "
+                "use another --out or --force to reuse it"
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = saved.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    tmp.replace(saved)
+
+
+def init_dir_for(run_dir: Path, phase: Phase, cfg: RunConfig) -> Path | None:
+    src = INIT_FROM[phase]
+    if src is None:
+        return None
+    d = run_dir / src[0] / src[1]
+    if not (d / "config.json").is_file():
+        raise UserError(f"--phase {phase} needs {d} (run --phase {src[0]} first)")
+    meta = json.loads((d / "config.json").read_text())
+    if meta.get("architecture") != cfg.model.architecture:
+        raise CheckpointError(
+            f"{d}: a {meta.get('architecture')} model, but model.architecture is {cfg.model.architecture}"
+        )
+    return d
+
+
+def phase_done(run_dir: Path, phase: Phase, cfg: RunConfig) -> bool:
+    res = run_dir / phase / "result.json"
+    if not res.is_file():
+        return False
+    return json.loads(res.read_text()).get("step", 0) >= phase_spec(cfg, phase).max_steps
+
+
+def _trainer(cfg: RunConfig, run_dir: Path, phase: Phase, init_dir: Path | None, board, verbose: bool):
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train.torch import TorchTrainer
+
+    from allatt_dist.train.worker import train_loop_per_worker
+
+    sc = cfg.scaling
+    resources = {"CPU": sc.cpus_per_worker}
+    if sc.use_gpu:
+        resources["GPU"] = sc.gpus_per_worker
+    env = {"DS_ACCELERATOR": "cuda" if sc.use_gpu else "cpu", "ALLATT_VERBOSE": "1" if verbose else "0"}
+    job = {
+        "config": config_to_dict(cfg),
+        "phase": phase,
+        "phase_dir": str((run_dir / phase).resolve()),
+        "init_dir": str(init_dir.resolve()) if init_dir else None,
+        "board": board,
+        "on_gpu": sc.use_gpu,
+    }
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=job,
+        scaling_config=ScalingConfig(
+            num_workers=sc.num_workers,
+            use_gpu=sc.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=sc.placement_strategy,
+        ),
+        run_config=RayRunConfig(
+            name="checkpoints",
+            storage_path=str((run_dir / phase).resolve()),
+            failure_config=FailureConfig(max_failures=sc.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            worker_runtime_env={"env_vars": env},
+        ),
+    )
+
+
+def fit_with_progress(trainer, board, desc: str, show: bool):
+    """Run `trainer.fit()` in a thread while the main thread draws the progress bar."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as e:  # surfaced below, in the caller's thread
+            box["error"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    if show:
+        follow_progress(board, lambda: not t.is_alive(), desc)
+    t.join()
+    if "error" in box:
+        raise TrainingFailed(f"{desc}: training failed: {_last_line(box['error'])}") from box["error"]
+    return box["result"]
+
+
+def _last_line(err: BaseException) -> str:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    errs = [ln for ln in lines if "Error" in ln or "error" in ln]
+    return (errs or lines or [type(err).__name__])[-1][:400]
+
+
+def run_phase(cfg: RunConfig, run_dir: Path, phase: Phase, verbose: bool = False, progress: bool = True) -> dict:
+    """Train one phase through Ray Train; returns (and writes) its result.json."""
+    from allatt_dist.model.pruning import prune_model
+    from allatt_dist.modelio import load_model_dir, save_model_dir
+
+    check_fits(cfg.scaling)
+    deepspeed_config(cfg, cfg.scaling.use_gpu)  # validates precision / optimizer before any worker starts
+    init_dir = init_dir_for(run_dir, phase, cfg)
+    board = RemoteProgressBoard.remote()
+    trainer = _trainer(cfg, run_dir, phase, init_dir, board, verbose)
+    result = fit_with_progress(trainer, board, f"{run_dir.name}/{phase}", progress)
+    metrics = dict(result.metrics or {})
+    metrics["checkpoint"] = result.checkpoint.path if result.checkpoint else None
+    phase_dir = run_dir / phase
+    if phase == "prune":
+        gated, vocab, _ = load_model_dir(phase_dir / "model")
+        pruned = prune_model(gated)
+        meta = save_model_dir(pruned, vocab, phase_dir / "pruned", extra={"phase": "prune", "pruned": True})
+        metrics.update({k: meta[k] for k in ("heads_per_layer", "sparsity", "params")})
+        metrics["dense_params"] = json.loads((run_dir / "dense/model/config.json").read_text())["params"]
+    tmp = phase_dir / "result.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    tmp.replace(phase_dir / "result.json")
+    return metrics
+
+
+def train(
+    cfg: RunConfig,
+    run_dir: Path,
+    phases: list[Phase] | None = None,
+    force: bool = False,
+    verbose: bool = False,
+    progress: bool = True,
+) -> dict[str, dict]:
+    """Run the requested phases in order (all three by default), skipping the finished ones."""
+    phases = phases or list(PHASES)
+    cfg = cfg.model_copy(update={"data": resolve_data(cfg.data, ("train", "valid"))})
+    check_fits(cfg.scaling)
+    deepspeed_config(cfg, cfg.scaling.use_gpu)
+    if not phase_done(run_dir, phases[0], cfg):
+        init_dir_for(run_dir, phases[0], cfg)
+    prepare_run_dir(cfg, run_dir, force)  # only after every check above: bad input writes nothing
+    results = {}
+    for phase in phases:
+        if phase_done(run_dir, phase, cfg):
+            results[phase] = json.loads((run_dir / phase / "result.json").read_text())
+            continue
+        results[phase] = run_phase(cfg, run_dir, phase, verbose, progress)
+    return results

@@ -1,0 +1,236 @@
+"""The per-worker training function that Ray Train runs on every rank.
+
+Builds the phase's model, wraps it in a DeepSpeed engine (ZeRO 0-3), streams this rank's rows of the
+corpus, and every `checkpoint_every` steps saves the DeepSpeed state (plus this rank's memory and
+the stream position) and reports it to Ray Train. On restart (worker failure or a re-run of the same
+command) it resumes from the latest reported checkpoint exactly: step, stream position, LR schedule,
+warm-up step, Lagrange multipliers and gate logits all come back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from allatt_dist.config import RunConfig
+from allatt_dist.data.corpus import load_corpus
+from allatt_dist.data.stream import LMStream
+from allatt_dist.evaluate import evaluate
+from allatt_dist.model.gates import SparsityObjective
+from allatt_dist.model.transformer import LanguageModel, count_params
+from allatt_dist.train.monitor import Monitor
+from allatt_dist.train.setup import (
+    PhaseSpec,
+    TrainModule,
+    deepspeed_config,
+    make_scheduler,
+    make_torch_optimizer,
+    param_groups,
+    phase_spec,
+)
+
+CKPT_TAG = "ds"
+
+
+def build_model(cfg: RunConfig, spec: PhaseSpec, vocab_size: int, init_dir: str | None) -> LanguageModel:
+    """Dense: fresh. Prune: the dense model plus gates. Finetune: the physically pruned model."""
+    torch.manual_seed(cfg.train.seed)
+    if init_dir is None:
+        return LanguageModel(cfg.model, vocab_size)
+    from allatt_dist.modelio import load_model_dir
+
+    init, _, meta = load_model_dir(init_dir)
+    if spec.phase == "finetune":
+        return init.train()
+    model = LanguageModel(cfg.model, vocab_size, gates=spec.gates)
+    missing, unexpected = model.load_state_dict(init.state_dict(), strict=False)
+    if unexpected or any(not k.endswith("log_alpha") for k in missing):
+        raise RuntimeError(f"{init_dir}: weights do not fit the gated model ({unexpected or missing})")
+    return model
+
+
+def _all_mean(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t.tolist()
+
+
+def _eval(lm: LanguageModel, tokens: np.ndarray, cfg: RunConfig, rank: int, world: int, limit: int | None):
+    """Validation perplexity with the rows of the eval layout split across ranks (all ranks run it)."""
+    res = evaluate(lm, tokens, max(cfg.data.eval_batch_size, world), max_segments=limit, rows=(rank, world))
+    total = torch.tensor([res.nll * res.tokens, float(res.tokens)], dtype=torch.float64)
+    if dist.is_initialized() and world > 1:
+        dist.all_reduce(total)
+    nll = float(total[0] / total[1].clamp(min=1))
+    return float(np.exp(min(nll, 50.0))), int(total[1])
+
+
+def _gate_probs(lm: LanguageModel) -> np.ndarray | None:
+    """(layers, heads) eval gate probabilities, gathered under ZeRO-3 (closed/pruned heads as 0)."""
+    import deepspeed
+
+    if not lm.gates:
+        return None
+    params = [g.log_alpha for g in lm.gates]
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        return np.stack([blk.gate.probabilities().detach().float().cpu().numpy() for blk in lm.layers])
+
+
+def _save_mems(path: Path, chunks: list[list[torch.Tensor] | None]) -> None:
+    state = {f"c{c}_l{i}": m.contiguous().cpu() for c, ms in enumerate(chunks) if ms for i, m in enumerate(ms)}
+    if state:
+        save_file(state, str(path))
+
+
+def _load_mems(path: Path, n_chunks: int, device) -> list[list[torch.Tensor] | None]:
+    if not path.is_file():
+        return [None] * n_chunks
+    state = load_file(str(path), device=str(device))
+    out = []
+    for c in range(n_chunks):
+        layers = sorted((int(k.split("_l")[1]), v) for k, v in state.items() if k.startswith(f"c{c}_"))
+        out.append([v for _, v in layers] or None)
+    return out
+
+
+def train_loop_per_worker(job: dict) -> None:
+    """Ray Train entry point. `job`: config (RunConfig dict), phase, phase_dir, init_dir, board, on_gpu."""
+    import deepspeed
+    import ray.train
+    from ray.train import Checkpoint
+
+    if os.environ.get("ALLATT_VERBOSE") != "1":
+        deepspeed.utils.logger.setLevel(logging.WARNING)
+    cfg = RunConfig.model_validate(job["config"])
+    spec = phase_spec(cfg, job["phase"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    on_gpu = bool(job["on_gpu"])
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    phase_dir = Path(job["phase_dir"])
+
+    corpus = load_corpus(cfg.data, splits=("train", "valid"))
+    lm = build_model(cfg, spec, len(corpus.vocab), job.get("init_dir"))
+    objective = SparsityObjective(cfg.gates) if spec.gates is not None else None
+    n_params = count_params(lm)  # before ZeRO-3 partitions the tensors
+    module = TrainModule(lm, objective)
+    groups = param_groups(module, cfg, spec)
+    ds_cfg = deepspeed_config(cfg, on_gpu)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=module,
+        model_parameters=groups,
+        optimizer=None if on_gpu else make_torch_optimizer(groups, cfg),
+        lr_scheduler=make_scheduler(cfg, spec.max_steps),
+        config=ds_cfg,
+        dist_init_required=False,
+    )
+    stream = LMStream(corpus.tokens("train"), cfg.train.batch_size, cfg.model.seq_len, rank, world)
+    accum = cfg.deepspeed.grad_accum_steps
+    mems: list[list[torch.Tensor] | None] = [None] * accum
+    step = 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            _, client = engine.load_checkpoint(d, tag=CKPT_TAG, load_module_strict=True)
+            step = int(client["step"])
+            stream.load_state_dict(client["stream"])
+            mems = _load_mems(Path(d) / f"mems_rank{rank}.safetensors", accum, device)
+
+    node_ids = [None] * world
+    dist.all_gather_object(node_ids, ray.get_runtime_context().get_node_id())
+    monitor = Monitor(
+        phase_dir / "tb" if rank == 0 else None,
+        job.get("board") if rank == 0 else None,
+        spec.max_steps,
+        spec.phase,
+        cfg.train.batch_size * cfg.model.seq_len,
+    )
+    valid = corpus.tokens("valid")
+    last_eval: dict = {}
+    tokens_per_s = 0.0
+
+    while step < spec.max_steps:
+        x, y, reset = stream.next_batch()  # (b,T) this rank's rows
+        if reset:
+            mems = [None] * accum
+        lm_losses, stats = [], {}
+        for c, (xc, yc) in enumerate(zip(x.chunk(accum), y.chunk(accum), strict=True)):
+            torch.manual_seed(cfg.train.seed * 1_000_003 + step * accum + c)  # same gate sample on every rank
+            loss, lm_loss, mems[c], stats = engine(xc.to(device), yc.to(device), mems[c], step)
+            engine.backward(loss)
+            engine.step()
+            lm_losses.append(float(lm_loss))
+        step += 1
+        if step % cfg.train.log_every == 0 or step == spec.max_steps:
+            (mean_loss,) = _all_mean([float(np.mean(lm_losses))])
+            gn = engine.get_global_grad_norm()
+            logged = monitor.train_step(step, mean_loss, stats, scheduler.get_last_lr()[0], gn)
+            tokens_per_s = logged["perf/tokens_per_s"]
+        final = step == spec.max_steps
+        if step % cfg.train.eval_every == 0 or final:
+            limit = None if final else cfg.data.eval_max_segments
+            ppl, n_tok = _eval(lm, valid, cfg, rank, world, limit)
+            probs = _gate_probs(lm)
+            monitor.valid_ppl = ppl
+            monitor.scalars(step, {"valid/ppl": ppl})
+            if probs is not None:
+                monitor.gates(step, probs)
+            last_eval = {"valid_ppl": ppl, "valid_tokens": n_tok}
+            if probs is not None:
+                last_eval["hard_sparsity"] = float((probs <= 0.5).mean())
+                last_eval["open_heads"] = [int(n) for n in (probs > 0.5).sum(axis=1)]
+            monitor.progress(step)
+        if step % cfg.train.checkpoint_every == 0 or final:
+            metrics = {
+                "step": step,
+                "phase": spec.phase,
+                "train_loss": float(np.mean(lm_losses)),
+                "tokens_per_s": tokens_per_s,
+                "params": n_params,
+                "world_size": world,
+                "node_ids": node_ids,
+                **{k: v for k, v in stats.items() if isinstance(v, float)},
+                **last_eval,
+            }
+            _checkpoint(engine, stream, mems, step, rank, metrics, Checkpoint)
+    if step >= spec.max_steps:
+        _export(lm, corpus.vocab, cfg, spec, phase_dir / "model", rank)
+    monitor.close()
+
+
+def _checkpoint(engine, stream, mems, step, rank, metrics, checkpoint_cls) -> None:
+    """All ranks save their DeepSpeed shards into a local dir that Ray merges and persists."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="allatt-ckpt-") as d:
+        engine.save_checkpoint(d, tag=CKPT_TAG, client_state={"step": step, "stream": stream.state_dict()})
+        _save_mems(Path(d) / f"mems_rank{rank}.safetensors", mems)
+        if rank == 0:
+            (Path(d) / "metrics.json").write_text(json.dumps(metrics))
+        ray.train.report(metrics, checkpoint=checkpoint_cls.from_directory(d))
+
+
+def _export(lm: LanguageModel, vocab, cfg: RunConfig, spec: PhaseSpec, out: Path, rank: int) -> None:
+    """Consolidate the (possibly ZeRO-3 partitioned) weights and write model.safetensors on rank 0."""
+    import deepspeed
+
+    from allatt_dist.modelio import save_model_dir
+
+    with deepspeed.zero.GatheredParameters(list(lm.parameters()), modifier_rank=None):
+        if rank == 0:
+            state = {k: v.detach().float().cpu().clone() for k, v in lm.state_dict().items()}
+            copy = LanguageModel(cfg.model, lm.vocab_size, spec.gates, lm.heads_per_layer)
+            copy.load_state_dict(state)
+            save_model_dir(copy, vocab, out, gates=spec.gates, extra={"phase": spec.phase})
+    if dist.is_initialized():
+        dist.barrier()
