@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from allatt_dist.config import GateConfig, ModelConfig
 from allatt_dist.data.vocab import Vocab
-from allatt_dist.errors import CheckpointError
+from allatt_dist.errors import CheckpointError, DataError
 from allatt_dist.model.pruning import sparsity
 from allatt_dist.model.transformer import LanguageModel, count_params
 
@@ -86,6 +86,8 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         meta = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_file}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{cfg_file}: not valid JSON (not UTF-8 text, byte {e.start})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{cfg_file}: not an allatt-dist model (format must be {FORMAT!r})")
     return meta
@@ -114,7 +116,12 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> tupl
         raise CheckpointError(
             f"{weights}: tensors do not match config.json ({str(e).splitlines()[1].strip()})"
         ) from None
-    vocab = Vocab.load(d / "vocab.txt")
+    try:
+        vocab = Vocab.load(d / "vocab.txt")
+    except DataError as e:  # missing or malformed; the message already names the file
+        raise CheckpointError(str(e)) from None
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{d / 'vocab.txt'}: not UTF-8 text (byte {e.start})") from None
     if len(vocab) != model.vocab_size or vocab.fingerprint() != meta.get("vocab_fingerprint"):
         raise CheckpointError(f"{d / 'vocab.txt'}: does not match the model's vocabulary")
     return model.to(device).eval(), vocab, meta

@@ -53,8 +53,7 @@ class HeadGate(nn.Module):
         u = torch.rand_like(self.log_alpha).clamp(eps, 1 - eps)  # (H,)
         s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / self.beta)  # (H,)
         soft = self._stretch(s)  # (H,)
-        hard = (soft > 0.5).to(soft.dtype)  # (H,)
-        return hard + soft - soft.detach()  # straight-through
+        return _HardThreshold.apply(soft)  # (H,) exactly 0/1, straight-through gradient
 
     def open_probability(self) -> torch.Tensor:
         """P(s_bar > 0) under the Hard Concrete distribution, (H,): the L0 term of one head.
@@ -87,6 +86,19 @@ def warmup_factor(step: int, cfg: GateConfig) -> float:
     if cfg.warmup_steps <= 0:
         return 1.0
     return min(1.0, (step - cfg.warmup_start + 1) / cfg.warmup_steps)
+
+
+class _HardThreshold(torch.autograd.Function):
+    """1[s_bar > 0.5] forward, identity backward (straight-through). Unlike `hard + soft - soft.detach()`,
+    which rounds an open gate to 0.99999994 for some samples, the forward value is exactly 0 or 1."""
+
+    @staticmethod
+    def forward(ctx, soft: torch.Tensor) -> torch.Tensor:
+        return (soft > 0.5).to(soft.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
 
 
 class _FlipGrad(torch.autograd.Function):

@@ -1,0 +1,157 @@
+"""Typed configuration: YAML files, `--set` overrides, and one-line `ConfigError`s for bad input.
+
+(That docs/configuration.md names exactly these keys is checked in test_config_doc.py.)"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from allatt_dist.config import (
+    GateConfig,
+    ModelConfig,
+    RunConfig,
+    build_config,
+    config_to_dict,
+    load_config,
+    parse_overrides,
+)
+from allatt_dist.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def config_error(path, overrides=None) -> str:
+    with pytest.raises(ConfigError) as err:
+        load_config(path, overrides)
+    msg = str(err.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+# ---- loading -------------------------------------------------------------------------------------
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = write(
+        tmp_path,
+        "model:\n  num_layers: 2\n  hidden_dim: 64\n  num_heads: 4\n"
+        "gates:\n  sparsity_target: 0.5\n  temperature: 0.25\ntrain:\n  lr: 0.01\n",
+    )
+    cfg = load_config(path, ["gates.temperature=0.5", "model.adaptive_cutoffs=[100, 1000]", "train.max_steps=7"])
+    assert isinstance(cfg, RunConfig)
+    assert (cfg.model.num_layers, cfg.model.hidden_dim, cfg.model.head_dim) == (2, 64, 16)
+    assert cfg.gates.temperature == 0.5  # --set wins over the file
+    assert cfg.gates.sparsity_target == 0.5 and cfg.gates.mode == "target"
+    assert cfg.model.adaptive_cutoffs == [100, 1000] and cfg.train.max_steps == 7 and cfg.train.lr == 0.01
+    assert cfg.model.num_persistent == ModelConfig().num_persistent  # untouched keys keep defaults
+    assert build_config(config_to_dict(cfg)) == cfg  # the dump is a valid config again
+
+
+def test_defaults_and_overrides_without_file():
+    cfg = load_config(None, ["gates.l0_coefficient=0.01", "model.architecture=transformer_xl"])
+    assert cfg.gates.mode == "l0" and cfg.model.architecture == "transformer_xl"
+    assert load_config(None).gates.mode == "none"
+    assert GateConfig(l0_coefficient=0.0).mode == "none"
+
+
+def test_empty_file_gives_defaults(tmp_path):
+    assert load_config(write(tmp_path, "")) == RunConfig()
+
+
+def test_parse_overrides():
+    tree = parse_overrides(["a.b=1", "a.c=x y", "d=[1, 2]", "e.f.g=true", "h="])
+    assert tree == {"a": {"b": 1, "c": "x y"}, "d": [1, 2], "e": {"f": {"g": True}}, "h": None}
+
+
+@pytest.mark.parametrize(
+    "overrides,key", [(["gates.temperature"], "gates.temperature"), (["model=1", "model.num_layers=2"], "model")]
+)
+def test_bad_override_syntax(overrides, key):
+    msg = config_error(None, overrides)
+    assert key in msg and "--set" in msg
+
+
+# ---- one-line errors that name the file and the key ----------------------------------------------
+
+BAD = [
+    ("model: [1, 2\n", "malformed YAML"),
+    ("bogus: 1\n", "bogus"),
+    ("model:\n  num_layer: 2\n", "model.num_layer"),
+    ("gates:\n  temprature: 0.5\n", "gates.temprature"),
+    ("model:\n  hidden_dim: 30\n  num_heads: 4\n", "hidden_dim"),
+    ("gates:\n  temperature: 0\n", "gates.temperature"),
+    ("gates:\n  temperature: -0.5\n", "gates.temperature"),
+    ("gates:\n  sparsity_target: 1.0\n", "gates.sparsity_target"),
+    ("gates:\n  sparsity_target: -0.1\n", "gates.sparsity_target"),
+    ("model:\n  num_layers: 0\n", "model.num_layers"),
+    ("model:\n  seq_len: -1\n", "model.seq_len"),
+    ("model:\n  num_heads: many\n", "model.num_heads"),
+    ("gates:\n  l0_coefficient: 0.1\n  sparsity_target: 0.5\n", "gates.sparsity_target"),
+    ("train:\n  batch_size: 10\nscaling:\n  num_workers: 4\n", "train.batch_size"),
+    ("train:\n  batch_size: 8\ndeepspeed:\n  grad_accum_steps: 3\n", "train.batch_size"),
+    ("model:\n  architecture: all_attention\n  num_persistent: 0\n", "model.num_persistent"),
+    ("model:\n  adaptive_cutoffs: [200, 100]\n", "model.adaptive_cutoffs"),
+    ("- model\n- gates\n", "top level must be a mapping"),
+    ("just a string\n", "top level must be a mapping"),
+]
+
+
+@pytest.mark.parametrize("text,needle", BAD)
+def test_bad_file(tmp_path, text, needle):
+    path = write(tmp_path, text)
+    msg = config_error(path)
+    assert str(path) in msg and needle in msg, msg
+
+
+def test_malformed_yaml_names_line(tmp_path):
+    path = write(tmp_path, "model:\n  num_layers: 2\n  hidden_dim: [64\ngates: {}\n")
+    msg = config_error(path)
+    assert re.search(r"line \d+", msg), msg
+
+
+def test_both_modes_message(tmp_path):
+    msg = config_error(write(tmp_path, "gates:\n  l0_coefficient: 0.1\n  sparsity_target: 0.5\n"))
+    assert "gates.l0_coefficient" in msg and "gates.sparsity_target" in msg
+
+
+def test_batch_message_names_the_divisor(tmp_path):
+    msg = config_error(write(tmp_path, "train:\n  batch_size: 10\nscaling:\n  num_workers: 4\n"))
+    assert "scaling.num_workers" in msg and "(4)" in msg
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope.yaml"
+    msg = config_error(path)
+    assert str(path) in msg and "not found" in msg
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("gates.temperature=-1", "gates.temperature"),
+        ("gates.sparsity_target=1.0", "gates.sparsity_target"),
+        ("model.num_layers=0", "model.num_layers"),
+        ("model.bogus=1", "model.bogus"),
+    ],
+)
+def test_bad_override_value(override, key):
+    msg = config_error(None, [override])
+    assert msg.startswith("--set: ") and key in msg, msg
+
+
+def test_bad_override_on_top_of_file(tmp_path):
+    path = write(tmp_path, "model:\n  num_layers: 2\n")
+    msg = config_error(path, ["gates.temperature=0"])
+    assert str(path) in msg and "gates.temperature" in msg
+
+
+def test_micro_batch():
+    cfg = load_config(None, ["train.batch_size=24", "scaling.num_workers=2", "deepspeed.grad_accum_steps=3"])
+    assert cfg.micro_batch == 4
