@@ -111,7 +111,12 @@ def test_per_head_params_from_shapes(arch):
     layer = LanguageModel(cfg, 50).layers[1]
     shapes = {name: tuple(p.shape) for name, p in layer.attn.named_parameters()}
     d, dh, n = cfg.hidden_dim, cfg.head_dim, cfg.num_persistent
-    expected = {"qkv.weight": (3 * H * dh, d), "r_proj.weight": (H * dh, d), "out.weight": (d, H * dh)}
+    expected = {
+        "q.weight": (H * dh, d),
+        "kv.weight": (2 * H * dh, d),
+        "r_proj.weight": (H * dh, d),
+        "out.weight": (d, H * dh),
+    }
     expected |= {"r_w_bias": (H, dh), "r_r_bias": (H, dh)}
     if arch == "all_attention":
         expected |= {"pk": (H, n, dh), "pv": (H, n, dh)}

@@ -39,8 +39,9 @@ def kept_heads(model: LanguageModel) -> list[torch.Tensor]:
 def _slice_attention(src: RelPersistentAttention, dst: RelPersistentAttention, idx: torch.Tensor, scale: float):
     h, dh = src.h, src.dh
     cols = (idx[:, None] * dh + torch.arange(dh)[None]).flatten()  # (H'*dh,) rows of each head
-    q, k, v = src.qkv.weight.detach().view(3, h * dh, -1)  # 3 x (H*dh, D)
-    dst.qkv.weight.copy_(torch.cat([q[cols], k[cols], v[cols]], dim=0))  # (3*H'*dh, D)
+    dst.q.weight.copy_(src.q.weight.detach()[cols])  # (H'*dh, D)
+    k, v = src.kv.weight.detach().view(2, h * dh, -1)  # 2 x (H*dh, D)
+    dst.kv.weight.copy_(torch.cat([k[cols], v[cols]], dim=0))  # (2*H'*dh, D)
     dst.r_proj.weight.copy_(src.r_proj.weight.detach()[cols])  # (H'*dh, D)
     dst.out.weight.copy_(src.out.weight.detach()[:, cols] * scale)  # (D, H'*dh)
     dst.r_w_bias.copy_(src.r_w_bias.detach()[idx])  # (H', dh)

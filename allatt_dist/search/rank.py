@@ -1,0 +1,200 @@
+"""`allatt-dist rank EXPERIMENT_DIR`: prune every finished trial for real, score it, rank them.
+
+For each finished trial: load its final gated model, cut the closed heads out, evaluate test
+perplexity over the whole test split (memory carried), count parameters from the pruned tensors.
+The dense model is a reference row. Writes leaderboard.{json,csv,md}, pareto.png, and
+models/<name>/ for every model on the perplexity/parameter Pareto front. Trials that were stopped
+by the scheduler or failed are listed with their status, never dropped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+
+from allatt_dist.errors import UserError
+
+FIELDS = [
+    "name",
+    "status",
+    "architecture",
+    "gate_temperature",
+    "sparsity_target",
+    "l0_coefficient",
+    "heads_per_layer",
+    "sparsity",
+    "params",
+    "valid_ppl",
+    "test_ppl",
+    "pareto",
+    "model_dir",
+]
+
+
+def pareto_flags(points: list[tuple[float, float] | None]) -> list[bool]:
+    """(ppl, params) per model (None = not scored): True when no other point is <= in both, < in one."""
+    flags = []
+    for i, p in enumerate(points):
+        if p is None:
+            flags.append(False)
+            continue
+        dominated = any(
+            q is not None and j != i and q[0] <= p[0] and q[1] <= p[1] and (q[0] < p[0] or q[1] < p[1])
+            for j, q in enumerate(points)
+        )
+        flags.append(not dominated)
+    return flags
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def collect(exp_dir: Path) -> list[dict]:
+    """One row per trial directory (plus the dense reference), with what is known before scoring."""
+    if not (exp_dir / "trials").is_dir() and not (exp_dir / "tune").is_dir():
+        raise UserError(f"{exp_dir}: not an experiment directory (no trials/ or tune/; run `allatt-dist tune` first)")
+    rows = []
+    for run_dir in [exp_dir, *sorted(exp_dir.glob("dense-*"))]:
+        dense = run_dir / "dense" / "model"
+        if (dense / "config.json").is_file():
+            arch = _read(dense / "config.json").get("architecture")
+            rows.append(
+                {
+                    "name": f"dense-{arch}",
+                    "status": "reference",
+                    "source": dense,
+                    "gated": False,
+                    "valid_ppl": _read(run_dir / "dense" / "result.json").get("valid_ppl"),
+                }
+            )
+    for trial in sorted(p for p in (exp_dir / "trials").glob("*") if p.is_dir()):
+        run = yaml.safe_load((trial / "run.yaml").read_text()) if (trial / "run.yaml").is_file() else {}
+        gates = run.get("gates", {})
+        status = _read(trial / "status.json")
+        result = _read(trial / "prune" / "result.json")
+        finished = status.get("status") == "finished" and (trial / "prune" / "model" / "config.json").is_file()
+        rows.append(
+            {
+                "name": f"{run.get('model', {}).get('architecture', 'model')}-{trial.name}",
+                "status": "finished" if finished else status.get("status", "incomplete"),
+                "source": trial / "prune" / "model" if finished else None,
+                "gated": True,
+                "architecture": run.get("model", {}).get("architecture"),
+                "gate_temperature": gates.get("temperature"),
+                "sparsity_target": gates.get("sparsity_target"),
+                "l0_coefficient": gates.get("l0_coefficient"),
+                "valid_ppl": result.get("valid_ppl", (status.get("last") or {}).get("valid_ppl")),
+            }
+        )
+    if not any(r["status"] == "finished" for r in rows):
+        raise UserError(f"{exp_dir}: no finished trial to rank ({len(rows)} trial(s) found)")
+    return rows
+
+
+def score(rows: list[dict], exp_dir: Path, data_cfg, progress: bool) -> None:
+    """Prune and evaluate every scorable row in place (test_ppl, params, heads, sparsity)."""
+    from tqdm import tqdm
+
+    from allatt_dist.data.corpus import load_corpus
+    from allatt_dist.evaluate import evaluate
+    from allatt_dist.model.pruning import prune_model
+    from allatt_dist.modelio import load_model_dir, save_model_dir
+
+    corpus = load_corpus(data_cfg, splits=("train", "test"))
+    work = exp_dir / ".rank-work"
+    shutil.rmtree(work, ignore_errors=True)
+    todo = [r for r in rows if r["source"] is not None]
+    for row in tqdm(todo, desc="rank", unit="model", disable=not progress):
+        model, vocab, meta = load_model_dir(row["source"])
+        if vocab.fingerprint() != corpus.vocab.fingerprint():
+            raise UserError(f"{row['source']}: vocabulary differs from the experiment's corpus")
+        model = prune_model(model) if row["gated"] else model
+        res = evaluate(model, corpus.tokens("test"), batch_size=8)
+        saved = save_model_dir(model, vocab, work / row["name"], extra={"pruned": row["gated"]})
+        row.update(
+            test_ppl=res.ppl,
+            params=saved["params"],
+            heads_per_layer=saved["heads_per_layer"],
+            sparsity=saved["sparsity"],
+            architecture=saved["architecture"],
+            work=work / row["name"],
+        )
+
+
+def write_outputs(rows: list[dict], exp_dir: Path, budget: int | None) -> dict:
+    flags = pareto_flags([(r["test_ppl"], r["params"]) if r.get("test_ppl") is not None else None for r in rows])
+    models = exp_dir / "models"
+    shutil.rmtree(models, ignore_errors=True)
+    for r, front in zip(rows, flags, strict=True):
+        r["pareto"] = front
+        r["model_dir"] = None
+        if front:
+            dest = models / r["name"]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(r["work"], dest)
+            r["model_dir"] = str(dest.relative_to(exp_dir))
+    shutil.rmtree(exp_dir / ".rank-work", ignore_errors=True)
+    rows.sort(key=lambda r: (r.get("test_ppl") is None, r.get("test_ppl") or 0.0, r["name"]))
+    table = [{k: r.get(k) for k in FIELDS} for r in rows]
+    out = {"models": table}
+    if budget is not None:
+        fits = [r for r in table if r.get("test_ppl") is not None and r["params"] <= budget]
+        out["budget"] = {"params": budget, "best": fits[0]["name"] if fits else None}
+    (exp_dir / "leaderboard.json").write_text(json.dumps(out, indent=2) + "\n")
+    with open(exp_dir / "leaderboard.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        for r in table:
+            w.writerow({k: json.dumps(v) if isinstance(v, list) else v for k, v in r.items()})
+    (exp_dir / "leaderboard.md").write_text(markdown(table, out.get("budget")))
+    from allatt_dist.search.plot import pareto_plot
+
+    pareto_plot(table, exp_dir / "pareto.png")
+    return out
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, list):
+        return "/".join(str(x) for x in v)
+    return str(v)
+
+
+def markdown(table: list[dict], budget: dict | None) -> str:
+    cols = [
+        "name",
+        "status",
+        "architecture",
+        "gate_temperature",
+        "sparsity_target",
+        "heads_per_layer",
+        "sparsity",
+        "params",
+        "valid_ppl",
+        "test_ppl",
+        "pareto",
+    ]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in table]
+    if budget:
+        lines += ["", f"Best under {budget['params']:,} parameters: {budget['best'] or 'none'}"]
+    return "\n".join(lines) + "\n"
+
+
+def rank(exp_dir: Path, budget: int | None = None, progress: bool = True) -> dict:
+    from allatt_dist.config import DataConfig
+
+    exp_dir = Path(exp_dir)
+    rows = collect(exp_dir)
+    run = yaml.safe_load((exp_dir / "run.yaml").read_text()) if (exp_dir / "run.yaml").is_file() else {}
+    data_cfg = DataConfig.model_validate(run.get("data", {}))
+    score(rows, exp_dir, data_cfg, progress)
+    return write_outputs(rows, exp_dir, budget)
