@@ -89,6 +89,39 @@ def cmd_evaluate(a: argparse.Namespace) -> dict:
     }
 
 
+def cmd_tune(a: argparse.Namespace) -> list:
+    from allatt_dist.cluster.session import connect
+    from allatt_dist.config import load_config
+    from allatt_dist.search.space import parse_tune
+    from allatt_dist.search.tune import tune_search
+
+    cfg = load_config(a.config, a.overrides)
+    parse_tune(cfg, a.config)
+    out = Path(a.out) if a.out else _default_out(a.config, "experiments")
+    dense = Path(a.dense) if a.dense else None
+    connect(a.address, a.verbose)
+    return tune_search(cfg, out, dense, a.verbose, a.config)
+
+
+def cmd_rank(a: argparse.Namespace) -> dict:
+    from allatt_dist.search.rank import rank
+
+    return rank(Path(a.experiment), a.budget, progress=sys.stderr.isatty())
+
+
+def cmd_run(a: argparse.Namespace) -> dict:
+    from allatt_dist.cluster.session import connect
+    from allatt_dist.config import load_config
+    from allatt_dist.search.pipeline import run_pipeline
+    from allatt_dist.search.space import parse_tune
+
+    cfg = load_config(a.config, a.overrides)
+    parse_tune(cfg, a.config)
+    out = Path(a.out) if a.out else _default_out(a.config, "experiments")
+    connect(a.address, a.verbose)
+    return run_pipeline(cfg, out, a.budget, a.force, a.verbose, not a.no_progress, a.config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="allatt-dist", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -100,6 +133,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="reuse a run directory that holds another config's run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("run", help="the whole pipeline: dense -> Ray Tune search -> rank (resumable)")
+    _add_config_args(p)
+    p.add_argument("--out", default=None, help="experiment directory (default experiments/<config name>)")
+    p.add_argument("--budget", type=int, default=None, help="also report the best model under this many params")
+    p.add_argument("--force", action="store_true", help="reuse a directory that holds another config's run")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("tune", help="Ray Tune search over gate temperature / sparsity targets (prune phase)")
+    _add_config_args(p)
+    p.add_argument("--out", default=None, help="experiment directory (default experiments/<config name>)")
+    p.add_argument("--dense", default=None, help="dense model dir to start from (default OUT/dense/model)")
+    p.set_defaults(fn=cmd_tune)
+
+    p = sub.add_parser("rank", help="prune, evaluate and rank the finished trials of an experiment")
+    p.add_argument("experiment", help="experiment directory")
+    p.add_argument("--budget", type=int, default=None, help="also report the best model under this many params")
+    p.set_defaults(fn=cmd_rank)
 
     p = sub.add_parser("prune", help="physically remove closed heads from a gated model")
     p.add_argument("checkpoint", help="gated model directory (e.g. RUN/prune/model)")
@@ -119,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="data options, e.g. data.path=DIR",
     )
     p.set_defaults(fn=cmd_evaluate)
+    from allatt_dist.cluster.commands import register as register_cluster_commands
+
+    register_cluster_commands(sub)
+    from allatt_dist.bench import register as register_bench
+
+    register_bench(sub)
     return ap
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 from allatt_dist.config import ScalingConfig
 from allatt_dist.errors import UserError
@@ -24,6 +25,8 @@ def connect(address: str | None = None, verbose: bool = False, num_cpus: int | N
     quiet = logging.INFO if verbose else logging.ERROR
     kwargs = dict(logging_level=quiet, log_to_driver=verbose, configure_logging=True)
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if address:
+        _check_reachable(address)
     try:
         if address:
             ray.init(address=address, **kwargs)
@@ -32,6 +35,23 @@ def connect(address: str | None = None, verbose: bool = False, num_cpus: int | N
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = address or "a local Ray instance"
         raise UserError(f"could not connect to Ray at {where}: {str(e).splitlines()[0]}") from None
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds when nothing listens at a `host:port` address: `ray.init` would retry for minutes."""
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto", "local", ...: left to ray.init, which fails fast on those
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise UserError(
+            f"could not connect to Ray at {address}: nothing answers at {host}:{port} ({reason}); "
+            "check the address and that the cluster is up (`ray status` on its head node)"
+        ) from None
 
 
 def check_fits(scaling: ScalingConfig, label: str = "scaling") -> None:

@@ -4,9 +4,17 @@ For head h, a query at absolute position i attends, under one softmax, to
   - context keys j (memory + current segment): (q_i + u_h)·k_j + (q_i + v_h)·r_{i-j}
   - its own N persistent keys p_n:             (q_i + u_h)·(sqrt(d_h) p_n)
 with values v_j and sqrt(N)·pv_n (the All-attention reparameterisation, Sukhbaatar et al. 2019).
-The position term is computed once as a (B, H, T, K) bias; persistent slots get a zero bias, so the
-whole thing is a single `scaled_dot_product_attention` call. `reference_attention` spells the same
-math out with an explicit softmax and is what the tests compare the fast path against.
+Three implementations of the same math, chosen per module by `impl`:
+  - "split" (default): heads-first layout, the biased context part and the unbiased persistent part
+    scored separately and joined under one softmax normaliser (`fastattn.SplitAttention`); no
+    (B, H, T, K+N) bias and no per-batch copy of the persistent vectors.
+  - "split_kernel": the same, but the persistent part goes through torch's fused CPU attention
+    kernel and is merged by log-sum-exp (CPU only; slower than "split" on CPU, kept to measure).
+  - "dense_bias": the position term padded with zeros to a (B, H, T, K+N) bias and one
+    `scaled_dot_product_attention` call over context and persistent keys (the first version; kept
+    as the benchmark baseline, and used whenever attention dropout is active in training).
+`reference_attention` spells the math out with an explicit softmax; the tests compare all three
+implementations against it.
 
 Heads may differ in number per layer (a pruned layer keeps `num_heads` <= the config's).
 """
@@ -18,6 +26,10 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from allatt_dist.model.fastattn import SplitAttention, SplitAttentionKernel
+
+IMPLS = ("split", "split_kernel", "dense_bias")
 
 
 def rel_shift(x: torch.Tensor) -> torch.Tensor:
@@ -61,11 +73,16 @@ def sinusoid(positions: torch.Tensor, dim: int) -> torch.Tensor:
 class RelPersistentAttention(nn.Module):
     """One layer's heads: q/k/v/r/o projections, u/v biases, persistent vectors (N may be 0)."""
 
+    impl = "split"  # or "split_kernel", "dense_bias"; see the module docstring and `set_attention_impl`
+
     def __init__(self, hidden_dim: int, num_heads: int, head_dim: int, num_persistent: int, dropatt: float):
         super().__init__()
         self.d, self.h, self.dh, self.n = hidden_dim, num_heads, head_dim, num_persistent
         inner = num_heads * head_dim
-        self.qkv = nn.Linear(hidden_dim, 3 * inner, bias=False)
+        # q and kv are separate modules, each called as a module: ZeRO-3 gathers a module's weights only
+        # around its own forward, so no weight is read directly from outside its module.
+        self.q = nn.Linear(hidden_dim, inner, bias=False)
+        self.kv = nn.Linear(hidden_dim, 2 * inner, bias=False)
         self.r_proj = nn.Linear(hidden_dim, inner, bias=False)
         self.out = nn.Linear(inner, hidden_dim, bias=False)
         self.r_w_bias = nn.Parameter(torch.zeros(num_heads, head_dim))  # u, (H, dh)
@@ -78,7 +95,8 @@ class RelPersistentAttention(nn.Module):
             self.register_parameter("pk", None)
             self.register_parameter("pv", None)
         self.dropatt = dropatt
-        nn.init.normal_(self.qkv.weight, std=0.02)
+        nn.init.normal_(self.q.weight, std=0.02)
+        nn.init.normal_(self.kv.weight, std=0.02)
         nn.init.normal_(self.r_proj.weight, std=0.02)
         nn.init.normal_(self.out.weight, std=0.02)
 
@@ -86,9 +104,8 @@ class RelPersistentAttention(nn.Module):
         """x: (B,T,D) normed segment; cat: (B,K,D) normed memory+segment; pos: (K,D) embeddings."""
         b, t, _ = x.shape
         k_len = cat.shape[1]
-        w_q, w_kv = self.qkv.weight.split([self.h * self.dh, 2 * self.h * self.dh], dim=0)
-        q = F.linear(x, w_q).view(b, t, self.h, self.dh).transpose(1, 2)  # (B,H,T,dh)
-        kv = F.linear(cat, w_kv).view(b, k_len, 2, self.h, self.dh)  # (B,K,2,H,dh)
+        q = self.q(x).view(b, t, self.h, self.dh).transpose(1, 2)  # (B,H,T,dh)
+        kv = self.kv(cat).view(b, k_len, 2, self.h, self.dh)  # (B,K,2,H,dh)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # (B,H,K,dh) each
         r = self.r_proj(pos).view(k_len, self.h, self.dh).transpose(0, 1)  # (H,K,dh)
         return q, k, v, r
@@ -106,6 +123,36 @@ class RelPersistentAttention(nn.Module):
 
     def forward(self, x, cat, pos, mask, gate=None, scale=None) -> torch.Tensor:
         """Returns the layer's attention output (B,T,D); `gate` (H,) multiplies each head."""
+        if self.impl == "dense_bias" or (self.training and self.dropatt > 0):
+            return self.dense_bias_forward(x, cat, pos, mask, gate, scale)
+        return self.split_forward(x, cat, pos, mask, gate, scale)
+
+    def split_forward(self, x, cat, pos, mask, gate=None, scale=None) -> torch.Tensor:
+        """Heads-first split attention (no dropout on the attention weights)."""
+        b, t, _ = x.shape
+        h, dh, k_len = self.h, self.dh, cat.shape[1]
+        inv = 1.0 / math.sqrt(dh)
+        q = self.q(x).view(b, t, h, dh).permute(2, 0, 1, 3).contiguous()  # (H,B,T,dh)
+        kv = self.kv(cat).view(b, k_len, 2, h, dh).permute(2, 3, 0, 1, 4).contiguous()  # (2,H,B,K,dh)
+        k, v = kv.unbind(0)  # (H,B,K,dh) each
+        r = self.r_proj(pos).view(k_len, h, dh).transpose(0, 1)  # (H,K,dh)
+        qu = (q + self.r_w_bias.to(q.dtype)[:, None, None, :]).mul_(inv)  # (H,B,T,dh)
+        qv = (q + self.r_r_bias.to(q.dtype)[:, None, None, :]).mul_(inv)  # (H,B,T,dh)
+        bd = torch.bmm(qv.view(h, b * t, dh), r.transpose(1, 2))  # (H,B*T,K)
+        bias = rel_shift(bd.view(h, b, t, k_len)).masked_fill(mask, float("-inf"))  # (H,B,T,K)
+        if self.n:
+            pk, pv = self.persistent(q.dtype)  # (H,N,dh) each
+            fn = SplitAttentionKernel if self.impl == "split_kernel" else SplitAttention
+            o = fn.apply(qu, k, v, bias, pk, pv)  # (H,B,T,dh)
+        else:
+            o = F.scaled_dot_product_attention(qu, k, v, attn_mask=bias, scale=1.0)  # (H,B,T,dh)
+        if gate is not None:
+            o = o * gate.to(o.dtype)[:, None, None, None]  # (H,B,T,dh)
+        y = self.out(o.permute(1, 2, 0, 3).reshape(b, t, h * dh))  # (B,T,D)
+        return y * scale if scale is not None else y
+
+    def dense_bias_forward(self, x, cat, pos, mask, gate=None, scale=None) -> torch.Tensor:
+        """One SDPA call over [context; persistent] keys with a zero-padded (B,H,T,K+N) bias."""
         b, t, _ = x.shape
         q, k, v, r = self.project(x, cat, pos)
         bias = self.position_bias(q, r, mask)  # (B,H,T,K)
@@ -150,3 +197,12 @@ def reference_attention(attn: RelPersistentAttention, x, cat, pos, mask, gate=No
         values = torch.cat([v, pv[None].expand(b, -1, -1, -1)], dim=2)  # (B,H,K+N,dh)
     o = torch.matmul(torch.softmax(scores, dim=-1), values)  # (B,H,T,dh)
     return attn.merge_heads(o, gate, scale)
+
+
+def set_attention_impl(model: nn.Module, impl: str) -> None:
+    """Switch every attention layer of `model` to `impl` (one of `IMPLS`)."""
+    if impl not in IMPLS:
+        raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
+    for mod in model.modules():
+        if isinstance(mod, RelPersistentAttention):
+            mod.impl = impl

@@ -17,7 +17,67 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would give a matmul on `x`'s device (x's own dtype when autocast is off)."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
+def _linear_nll(h, weight, bias, target, keep_probs: bool):
+    """(nll (N,) fp32, softmax (V,N) or None) of the logits h W^T + b, in the compute dtype."""
+    dtype = _compute_dtype(h)
+    with torch.autocast(h.device.type, enabled=False):
+        h, weight, bias = h.to(dtype), weight.to(dtype), bias.to(dtype)
+        # Logits transposed, (V, N): the GEMM with the long vocabulary dimension first runs
+        # markedly faster on CPU, and the per-row reductions become cheap reductions over dim 0.
+        logits = torch.addmm(bias[:, None], weight, h.t())  # (V,N)
+        picked = logits.gather(0, target[None, :]).float()  # (1,N)
+        m = logits.amax(dim=0, keepdim=True)  # (1,N)
+        e = logits.sub_(m).exp_()  # (V,N), in place
+        z = e.sum(dim=0, keepdim=True).float()  # (1,N), accumulated in fp32 by torch
+        nll = (m.float() + z.log() - picked).squeeze(0)  # (N,) fp32
+        probs = e.mul_(z.reciprocal().to(dtype)) if keep_probs else None  # (V,N) softmax of each column
+    return nll, probs, h, weight
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Per-row NLL of softmax(h W^T + b) at `target`, the logits never leaving the compute dtype.
+
+    Same math as `cross_entropy(linear(h, W, b).float(), target)`. The forward keeps only the
+    softmax probabilities (written over the logits buffer); the backward turns them in place into
+    (softmax - onehot) * g and runs the three products. The normaliser is accumulated in fp32
+    (torch's reductions do that for bf16 too).
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, target):
+        nll, probs, h_c, w_c = _linear_nll(h, weight, bias, target, keep_probs=True)
+        ctx.save_for_backward(h_c, w_c, probs, target)
+        return nll
+
+    @staticmethod
+    def backward(ctx, g):
+        h, weight, probs, target = ctx.saved_tensors
+        gd = g.to(probs.dtype)  # (N,)
+        d = probs.mul_(gd[None, :])  # (V,N), in place: the probabilities are not needed again
+        cols = torch.arange(d.shape[1], device=d.device)  # (N,)
+        d[target, cols] -= gd  # (V,N) (softmax - onehot) * g; one entry per column (scatter_add_ copies bf16)
+        d_h = d.t() @ weight if ctx.needs_input_grad[0] else None  # (N,D)
+        d_w = d @ h if ctx.needs_input_grad[1] else None  # (V,D)
+        d_b = d.sum(1) if ctx.needs_input_grad[2] else None  # (V,)
+        return d_h, d_w, d_b, None
+
+
+def linear_cross_entropy(h, weight, bias, target) -> torch.Tensor:
+    """(N,) fp32 NLL; through `LinearCrossEntropy` when a gradient is wanted, else forward only."""
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad or bias.requires_grad):
+        return LinearCrossEntropy.apply(h, weight, bias, target)
+    return _linear_nll(h, weight, bias, target, keep_probs=False)[0]
+
+
 class TiedSoftmax(nn.Module):
+    fused = True  # False: the plain linear + cross_entropy (the benchmark baseline)
+
     def __init__(self, vocab_size: int, dim: int):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(vocab_size, dim) * 0.02)  # (V, D)
@@ -33,6 +93,8 @@ class TiedSoftmax(nn.Module):
 
     def nll(self, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """h: (N, D), target: (N,) -> (N,) negative log-likelihood (fp32)."""
+        if self.fused:
+            return linear_cross_entropy(h, self.weight, self.bias, target)  # (N,)
         logits = F.linear(h, self.weight, self.bias)  # (N,V)
         return F.cross_entropy(logits.float(), target, reduction="none")
 

@@ -15,9 +15,15 @@ import torch
 from torch import nn
 
 from allatt_dist.config import GateConfig, ModelConfig
-from allatt_dist.model.attention import RelPersistentAttention, attention_mask, reference_attention, sinusoid
+from allatt_dist.model.attention import (
+    RelPersistentAttention,
+    attention_mask,
+    reference_attention,
+    set_attention_impl,
+    sinusoid,
+)
 from allatt_dist.model.gates import HeadGate
-from allatt_dist.model.output import make_output
+from allatt_dist.model.output import TiedSoftmax, make_output
 
 
 class Block(nn.Module):
@@ -127,9 +133,10 @@ class LanguageModel(nn.Module):
         if target is None:
             return LMOutput(None, self.io.log_probs(h), new_mems)
         flat, tgt = h.reshape(b * t, -1), target.reshape(b * t)  # (B*T,D), (B*T,)
-        keep = tgt != -100
-        nll = flat.new_zeros(b * t, dtype=torch.float)  # (B*T,)
-        nll[keep] = self.io.nll(flat[keep], tgt[keep])
+        keep = tgt != -100  # (B*T,)
+        # Every row is scored (ignored ones against id 0) and the ignored ones zeroed afterwards:
+        # no data-dependent shapes, so no host sync and no graph break under torch.compile.
+        nll = torch.where(keep, self.io.nll(flat, tgt.masked_fill(~keep, 0)), 0.0)  # (B*T,) fp32
         return LMOutput(nll.view(b, t), None, new_mems)
 
     def _next_mem(self, mem: torch.Tensor | None, h: torch.Tensor) -> torch.Tensor:
@@ -150,3 +157,13 @@ class LanguageModel(nn.Module):
 def count_params(model: nn.Module, include_gates: bool = False) -> int:
     """Parameters of the language model proper (gate logits only when asked)."""
     return sum(p.numel() for name, p in model.named_parameters() if include_gates or not name.endswith("log_alpha"))
+
+
+def use_fast_paths(model: nn.Module, enabled: bool = True) -> None:
+    """Fast paths on (the default) or off: off means the first, straightforward versions, that is
+    one dense-bias SDPA call per attention layer and an unfused linear + cross-entropy output (the
+    benchmark's baseline). Both compute the same function."""
+    set_attention_impl(model, "split" if enabled else "dense_bias")
+    for mod in model.modules():
+        if isinstance(mod, TiedSoftmax):
+            mod.fused = enabled

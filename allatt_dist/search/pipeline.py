@@ -22,6 +22,7 @@ def run_pipeline(
     from allatt_dist.train.trainer import train
 
     tc = parse_tune(cfg, origin)  # a bad search space fails before any training
+    exp_dir = Path(exp_dir).resolve()
     for arch, model_dir in dense_dirs_for(exp_dir, cfg, searched_architectures(cfg, tc)).items():
         arch_cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"architecture": arch})})
         run_dir = model_dir.parent.parent  # EXP or EXP/dense-<arch>

@@ -253,6 +253,7 @@ def tune_search(
 
     tc = parse_tune(cfg, origin)
     cfg = with_resolved_data(cfg)
+    exp_dir = Path(exp_dir).resolve()  # trial functions run in Ray's own working directories
     dirs = dense_dirs_for(exp_dir, cfg, searched_architectures(cfg, tc))
     if dense_dir is not None:
         dirs[cfg.model.architecture] = dense_dir

@@ -39,28 +39,29 @@ class TrainingFailed(UserError):
     """A Ray Train run that ended in an error (the worker's last error line is the message)."""
 
 
+IDENTITY = ("model", "data", "gates")  # what makes two runs different runs (step counts may change)
+
+
 def prepare_run_dir(cfg: RunConfig, run_dir: Path, force: bool) -> None:
     """Refuse a run directory that holds another config's run; otherwise write run.yaml."""
     spec = config_to_dict(cfg)
-    spec.pop("tune", None)
     saved = run_dir / "run.yaml"
-    if saved.is_file():
+    if saved.is_file() and not force:
         old = yaml.safe_load(saved.read_text()) or {}
-        old.pop("tune", None)
-        if old != spec and not force:
-            diff = sorted(
-                f"{s}.{k}"
-                for s in set(old) | set(spec)
-                for k in set(old.get(s) or {}) | set(spec.get(s) or {})
-                if (old.get(s) or {}).get(k) != (spec.get(s) or {}).get(k)
-            )
+        diff = sorted(
+            f"{s}.{k}"
+            for s in IDENTITY
+            for k in set(old.get(s) or {}) | set(spec[s])
+            if (old.get(s) or {}).get(k) != spec[s].get(k)
+        )
+        if diff:
             raise UserError(
                 f"{run_dir}: holds a run of another config (differs in {', '.join(diff[:4])}); "
                 "use another --out or --force to reuse it"
             )
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = saved.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    tmp.write_text(yaml.safe_dump(spec, sort_keys=False))
     tmp.replace(saved)
 
 
@@ -79,6 +80,11 @@ def init_dir_for(run_dir: Path, phase: Phase, cfg: RunConfig) -> Path | None:
     return d
 
 
+def with_resolved_data(cfg: RunConfig) -> RunConfig:
+    """The config with its data folder checked and made absolute (workers run elsewhere)."""
+    return cfg.model_copy(update={"data": resolve_data(cfg.data, ("train", "valid"))})
+
+
 def phase_done(run_dir: Path, phase: Phase, cfg: RunConfig) -> bool:
     res = run_dir / phase / "result.json"
     if not res.is_file():
@@ -86,7 +92,7 @@ def phase_done(run_dir: Path, phase: Phase, cfg: RunConfig) -> bool:
     return json.loads(res.read_text()).get("step", 0) >= phase_spec(cfg, phase).max_steps
 
 
-def _trainer(cfg: RunConfig, run_dir: Path, phase: Phase, init_dir: Path | None, board, verbose: bool):
+def _trainer(cfg: RunConfig, run_dir: Path, phase: Phase, init_dir: Path | None, board, verbose: bool, callbacks):
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchTrainer
@@ -121,6 +127,7 @@ def _trainer(cfg: RunConfig, run_dir: Path, phase: Phase, init_dir: Path | None,
             failure_config=FailureConfig(max_failures=sc.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             worker_runtime_env={"env_vars": env},
+            callbacks=callbacks or None,
         ),
     )
 
@@ -151,16 +158,29 @@ def _last_line(err: BaseException) -> str:
     return (errs or lines or [type(err).__name__])[-1][:400]
 
 
-def run_phase(cfg: RunConfig, run_dir: Path, phase: Phase, verbose: bool = False, progress: bool = True) -> dict:
-    """Train one phase through Ray Train; returns (and writes) its result.json."""
+def run_phase(
+    cfg: RunConfig,
+    run_dir: Path,
+    phase: Phase,
+    verbose: bool = False,
+    progress: bool = True,
+    init_dir: Path | None = None,
+    callbacks: list | None = None,
+) -> dict:
+    """Train one phase through Ray Train; returns (and writes) its result.json.
+
+    `init_dir` overrides the model the phase starts from (a Tune trial starts from a shared dense
+    model); `callbacks` are Ray Train callbacks (Tune's report callback in a trial).
+    """
     from allatt_dist.model.pruning import prune_model
     from allatt_dist.modelio import load_model_dir, save_model_dir
 
+    cfg = with_resolved_data(cfg)
     check_fits(cfg.scaling)
     deepspeed_config(cfg, cfg.scaling.use_gpu)  # validates precision / optimizer before any worker starts
-    init_dir = init_dir_for(run_dir, phase, cfg)
+    init_dir = init_dir or init_dir_for(run_dir, phase, cfg)
     board = RemoteProgressBoard.remote()
-    trainer = _trainer(cfg, run_dir, phase, init_dir, board, verbose)
+    trainer = _trainer(cfg, run_dir, phase, init_dir, board, verbose, callbacks)
     result = fit_with_progress(trainer, board, f"{run_dir.name}/{phase}", progress)
     metrics = dict(result.metrics or {})
     metrics["checkpoint"] = result.checkpoint.path if result.checkpoint else None
@@ -170,7 +190,7 @@ def run_phase(cfg: RunConfig, run_dir: Path, phase: Phase, verbose: bool = False
         pruned = prune_model(gated)
         meta = save_model_dir(pruned, vocab, phase_dir / "pruned", extra={"phase": "prune", "pruned": True})
         metrics.update({k: meta[k] for k in ("heads_per_layer", "sparsity", "params")})
-        metrics["dense_params"] = json.loads((run_dir / "dense/model/config.json").read_text())["params"]
+        metrics["dense_params"] = json.loads((init_dir / "config.json").read_text())["params"]
     tmp = phase_dir / "result.json.tmp"
     tmp.write_text(json.dumps(metrics, indent=2, default=str) + "\n")
     tmp.replace(phase_dir / "result.json")
@@ -187,7 +207,8 @@ def train(
 ) -> dict[str, dict]:
     """Run the requested phases in order (all three by default), skipping the finished ones."""
     phases = phases or list(PHASES)
-    cfg = cfg.model_copy(update={"data": resolve_data(cfg.data, ("train", "valid"))})
+    run_dir = Path(run_dir).resolve()
+    cfg = with_resolved_data(cfg)
     check_fits(cfg.scaling)
     deepspeed_config(cfg, cfg.scaling.use_gpu)
     if not phase_done(run_dir, phases[0], cfg):

@@ -86,6 +86,48 @@ def _gate_probs(lm: LanguageModel) -> np.ndarray | None:
         return np.stack([blk.gate.probabilities().detach().float().cpu().numpy() for blk in lm.layers])
 
 
+def _register_io_params(module: TrainModule) -> None:
+    """ZeRO-3: keep the tied embedding/softmax matrices gathered wherever they are read.
+
+    ZeRO-3 gathers a parameter only around the forward and backward of the module that owns it, and
+    `lm.io` is never called itself (the model reads it through `io.embed()` / `io.nll()`). DeepSpeed
+    would attach these matrices to `LanguageModel` on first use, but it cannot hook the backward of a
+    module that returns a dataclass (`LMOutput`), so the backward pass found them partitioned (size 0).
+    Registering them with `TrainModule` (tuple output: training forward and backward) and with the
+    language model (evaluation calls it directly) keeps them available.
+    """
+    import deepspeed
+
+    for p in module.lm.io.parameters():
+        deepspeed.zero.register_external_parameter(module, p)
+        deepspeed.zero.register_external_parameter(module.lm, p)
+
+
+def _optimizer_state_bytes(engine) -> int:
+    """Bytes of the optimizer state (Adam moments, step) this rank holds: under ZeRO 1-3 only its partition."""
+    opt = engine.optimizer
+    while opt is not None and not isinstance(opt, torch.optim.Optimizer):
+        opt = getattr(opt, "optimizer", None)  # DeepSpeed's ZeRO optimizers wrap a torch optimizer
+    if opt is None:
+        return 0
+    return sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values() if torch.is_tensor(t))
+
+
+def _memory_stats(engine, world: int) -> dict[str, list[int]]:
+    """Per rank (index = rank): optimizer-state bytes and peak resident memory of the worker process."""
+    import resource
+
+    mine = (_optimizer_state_bytes(engine), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # KiB on Linux
+    every = [mine] * world
+    if dist.is_initialized() and world > 1:
+        every = [None] * world
+        dist.all_gather_object(every, mine)
+    return {
+        "optimizer_state_bytes": [int(o) for o, _ in every],
+        "peak_rss_bytes": [int(r) for _, r in every],
+    }
+
+
 def _save_mems(path: Path, chunks: list[list[torch.Tensor] | None]) -> None:
     state = {f"c{c}_l{i}": m.contiguous().cpu() for c, ms in enumerate(chunks) if ms for i, m in enumerate(ms)}
     if state:
@@ -134,6 +176,8 @@ def train_loop_per_worker(job: dict) -> None:
         config=ds_cfg,
         dist_init_required=False,
     )
+    if cfg.deepspeed.zero_stage == 3:
+        _register_io_params(module)
     stream = LMStream(corpus.tokens("train"), cfg.train.batch_size, cfg.model.seq_len, rank, world)
     accum = cfg.deepspeed.grad_accum_steps
     mems: list[list[torch.Tensor] | None] = [None] * accum
@@ -148,6 +192,8 @@ def train_loop_per_worker(job: dict) -> None:
 
     node_ids = [None] * world
     dist.all_gather_object(node_ids, ray.get_runtime_context().get_node_id())
+    if rank == 0:
+        _record_placement_group(phase_dir)
     monitor = Monitor(
         phase_dir / "tb" if rank == 0 else None,
         job.get("board") if rank == 0 else None,
@@ -159,11 +205,13 @@ def train_loop_per_worker(job: dict) -> None:
     last_eval: dict = {}
     tokens_per_s = 0.0
 
+    exported = False
     while step < spec.max_steps:
         x, y, reset = stream.next_batch()  # (b,T) this rank's rows
         if reset:
             mems = [None] * accum
         lm_losses, stats = [], {}
+        lr = scheduler.get_last_lr()[0]  # the rate this step's update uses (the scheduler steps after it)
         for c, (xc, yc) in enumerate(zip(x.chunk(accum), y.chunk(accum), strict=True)):
             torch.manual_seed(cfg.train.seed * 1_000_003 + step * accum + c)  # same gate sample on every rank
             loss, lm_loss, mems[c], stats = engine(xc.to(device), yc.to(device), mems[c], step)
@@ -174,7 +222,7 @@ def train_loop_per_worker(job: dict) -> None:
         if step % cfg.train.log_every == 0 or step == spec.max_steps:
             (mean_loss,) = _all_mean([float(np.mean(lm_losses))])
             gn = engine.get_global_grad_norm()
-            logged = monitor.train_step(step, mean_loss, stats, scheduler.get_last_lr()[0], gn)
+            logged = monitor.train_step(step, mean_loss, stats, lr, gn)
             tokens_per_s = logged["perf/tokens_per_s"]
         final = step == spec.max_steps
         if step % cfg.train.eval_every == 0 or final:
@@ -189,23 +237,40 @@ def train_loop_per_worker(job: dict) -> None:
             if probs is not None:
                 last_eval["hard_sparsity"] = float((probs <= 0.5).mean())
                 last_eval["open_heads"] = [int(n) for n in (probs > 0.5).sum(axis=1)]
+                last_eval["gate_probs"] = probs.tolist()  # (layers, heads), as logged in gates/heatmap
             monitor.progress(step)
         if step % cfg.train.checkpoint_every == 0 or final:
+            (train_loss,) = _all_mean([float(np.mean(lm_losses))])  # the global batch's loss, not rank 0's rows
             metrics = {
                 "step": step,
                 "phase": spec.phase,
-                "train_loss": float(np.mean(lm_losses)),
+                "train_loss": train_loss,
                 "tokens_per_s": tokens_per_s,
                 "params": n_params,
                 "world_size": world,
                 "node_ids": node_ids,
                 **{k: v for k, v in stats.items() if isinstance(v, float)},
                 **last_eval,
+                **_memory_stats(engine, world),
             }
+            if final:  # export first: a Tune scheduler may stop the trial at its last report
+                _export(lm, corpus.vocab, cfg, spec, phase_dir / "model", rank, step)
+                exported = True
             _checkpoint(engine, stream, mems, step, rank, metrics, Checkpoint)
-    if step >= spec.max_steps:
-        _export(lm, corpus.vocab, cfg, spec, phase_dir / "model", rank)
+    if not exported:
+        _export(lm, corpus.vocab, cfg, spec, phase_dir / "model", rank, step)  # resumed after the last report
     monitor.close()
+
+
+def _record_placement_group(phase_dir: Path) -> None:
+    """Leave the id of this run's placement group where the Tune driver can find it: a trial stopped by
+    the scheduler is killed with its Train controller, and its workers' group would otherwise leak."""
+    from ray.util import get_current_placement_group
+
+    pg = get_current_placement_group()
+    if pg is not None:
+        phase_dir.mkdir(parents=True, exist_ok=True)
+        (phase_dir / "placement_group.txt").write_text(pg.id.hex())
 
 
 def _checkpoint(engine, stream, mems, step, rank, metrics, checkpoint_cls) -> None:
@@ -220,7 +285,7 @@ def _checkpoint(engine, stream, mems, step, rank, metrics, checkpoint_cls) -> No
         ray.train.report(metrics, checkpoint=checkpoint_cls.from_directory(d))
 
 
-def _export(lm: LanguageModel, vocab, cfg: RunConfig, spec: PhaseSpec, out: Path, rank: int) -> None:
+def _export(lm: LanguageModel, vocab, cfg: RunConfig, spec: PhaseSpec, out: Path, rank: int, step: int) -> None:
     """Consolidate the (possibly ZeRO-3 partitioned) weights and write model.safetensors on rank 0."""
     import deepspeed
 
@@ -231,6 +296,6 @@ def _export(lm: LanguageModel, vocab, cfg: RunConfig, spec: PhaseSpec, out: Path
             state = {k: v.detach().float().cpu().clone() for k, v in lm.state_dict().items()}
             copy = LanguageModel(cfg.model, lm.vocab_size, spec.gates, lm.heads_per_layer)
             copy.load_state_dict(state)
-            save_model_dir(copy, vocab, out, gates=spec.gates, extra={"phase": spec.phase})
+            save_model_dir(copy, vocab, out, gates=spec.gates, extra={"phase": spec.phase, "step": step})
     if dist.is_initialized():
         dist.barrier()

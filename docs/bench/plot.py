@@ -1,0 +1,94 @@
+"""Draw docs/img/bench_cpu.png from the JSON results of `allatt-dist bench` under docs/bench/results/.
+
+    python docs/bench/plot.py            # reads docs/bench/results/{fp32,bf16}_*.json
+
+Left: inference latency per segment against sparsity (median over runs, bars from the fastest to
+the slowest run), with the FLOPs-proportional line (dense latency x pruned/dense FLOPs) and its
+1.1x bound. Right: training tokens/s of each variant (median over runs, same bars).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+OUT = HERE.parent / "img" / "bench_cpu.png"
+
+
+def load(prefix: str) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(RESULTS.glob(f"{prefix}_*.json"))]
+
+
+def spread(values: list[float]) -> tuple[float, float, float]:
+    """(median, median - min, max - median), for error bars."""
+    med = statistics.median(values)
+    return med, med - min(values), max(values) - med
+
+
+def main() -> None:
+    runs = {"fp32": load("fp32"), "bf16": load("bf16")}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for dtype, marker in (("fp32", "o"), ("bf16", "s")):
+        rs = runs[dtype]
+        if not rs:
+            continue
+        keys = list(rs[0]["infer_ms"])
+        xs = [float(k) for k in keys]
+        stats = [spread([r["infer_ms"][k] for r in rs]) for k in keys]
+        meds = [s[0] for s in stats]
+        left.errorbar(
+            xs,
+            meds,
+            yerr=[[s[1] for s in stats], [s[2] for s in stats]],
+            marker=marker,
+            capsize=3,
+            label=f"pruned, {dtype} (median of {len(rs)} runs)",
+        )
+        ratio = [statistics.median(r["infer_check"][k]["flops_ratio"] for r in rs) for k in keys]
+        left.plot(xs, [meds[0] * f for f in ratio], ":", color="grey")
+        left.plot(xs, [1.1 * meds[0] * f for f in ratio], "--", color="grey", linewidth=0.8)
+    left.plot([], [], ":", color="grey", label="dense x FLOPs ratio")
+    left.plot([], [], "--", color="grey", linewidth=0.8, label="1.1 x that (target bound)")
+    left.set_xlabel("sparsity (fraction of heads removed)")
+    left.set_ylabel("eval forward per segment (ms)")
+    left.set_title("Inference latency, batch 8 x 64 tokens, memory 64")
+    left.set_ylim(bottom=0)
+    left.legend(fontsize=8)
+
+    names, meds, lo, hi = [], [], [], []
+    for dtype in ("fp32", "bf16"):
+        rs = runs[dtype]
+        if not rs:
+            continue
+        for label, get in (
+            ("baseline", lambda r: r["baseline"]["train_tokens_per_s"]),
+            ("fast", lambda r: r["train_tokens_per_s"]),
+        ):
+            m, a, b = spread([get(r) for r in rs])
+            names.append(f"{label}\n{dtype}")
+            meds.append(m)
+            lo.append(a)
+            hi.append(b)
+    colors = ["#999999", "#1f77b4"] * (len(names) // 2)
+    right.bar(names, meds, yerr=[lo, hi], capsize=4, color=colors)
+    for i, m in enumerate(meds):
+        right.text(i, m, f"{m:.0f}", ha="center", va="bottom", fontsize=8)
+    right.set_ylabel("training tokens/s")
+    right.set_title("One train step (fwd + bwd + Adam), batch 8 x 64")
+    fig.suptitle("allatt-dist bench docs/bench/small.yaml, 2-core CPU VM (AMD EPYC), no GPU", fontsize=10)
+    fig.tight_layout()
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(OUT, dpi=110)
+    print(OUT)
+
+
+if __name__ == "__main__":
+    main()

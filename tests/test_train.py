@@ -1,0 +1,525 @@
+"""`allatt-dist train` end to end on a local Ray (CPU workers, gloo, DeepSpeed ZeRO) with real WikiText-2.
+
+One Ray instance serves the whole module, and three runs of the same tiny recipe are shared by the tests
+(a training phase costs ~30 s here, most of it starting worker processes, so runs are few and reused):
+
+  zero2       2 workers, ZeRO-2: dense then prune, undisturbed.
+  one_worker  1 worker, same global batch: dense only. Its loss curve must be zero2's.
+  zero3       2 workers, ZeRO-3: dense started by the CLI in a subprocess; one training worker is
+              SIGKILLed once the step-20 checkpoint is recorded (Ray Train restarts the group,
+              scaling.max_failures=1), then the driver itself once step 30's is; the same `train` call
+              again resumes the dense phase from its last checkpoint and runs prune. Exact resumption
+              means the merged loss curve is zero2's too.
+
+The bad-input tests run the CLI in a subprocess joined to the module's Ray (`--address`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from allatt_dist.cluster.session import connect
+from allatt_dist.config import RunConfig, build_config, config_to_dict, deep_merge
+from allatt_dist.errors import UserError
+from allatt_dist.train.setup import lr_multiplier
+from allatt_dist.train.trainer import prepare_run_dir, train
+
+pytestmark = pytest.mark.ray
+
+DENSE_STEPS, PRUNE_STEPS, CKPT_EVERY = 60, 20, 10
+
+
+def tiny_config(data_path: Path, **sections) -> RunConfig:
+    """A model small enough that a phase's training steps take seconds."""
+    base = {
+        "model": {
+            "architecture": "all_attention",
+            "num_layers": 2,
+            "hidden_dim": 32,
+            "num_heads": 4,
+            "num_persistent": 16,
+            "seq_len": 16,
+            "mem_len": 16,
+            "dropout": 0.0,
+            "dropatt": 0.0,
+        },
+        # The last eval of a phase scores the whole valid split; 32 rows keep that to ~230 segments.
+        "data": {"path": str(data_path), "eval_batch_size": 32, "eval_max_segments": 4},
+        "train": {
+            "max_steps": DENSE_STEPS,
+            "batch_size": 4,
+            "lr": 0.005,
+            "warmup_steps": 5,
+            "eval_every": 20,
+            "checkpoint_every": CKPT_EVERY,
+            "log_every": 1,
+            "seed": 0,
+        },
+        # Gates start barely open, with fast logits and a high target, so heads close within 20 steps.
+        "gates": {"sparsity_target": 0.6, "warmup_steps": 5, "init": 0.3, "lr": 0.2},
+        "prune": {"max_steps": PRUNE_STEPS},
+        "finetune": {"max_steps": 10},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 0.99},
+        "deepspeed": {"zero_stage": 2, "precision": "fp32"},
+    }
+    return build_config(deep_merge(base, sections))
+
+
+def with_changes(cfg: RunConfig, **sections) -> RunConfig:
+    return build_config(deep_merge(config_to_dict(cfg), sections))
+
+
+# ---- TensorBoard / run-dir helpers -------------------------------------------------------------
+
+
+def event_files(tb_dir: Path) -> list[Path]:
+    """Oldest first: the file names start with the writer's creation time."""
+    return sorted(tb_dir.glob("events.out.tfevents.*"))
+
+
+def load_events(path: Path) -> EventAccumulator:
+    acc = EventAccumulator(str(path), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return acc
+
+
+def file_scalars(path: Path, tag: str) -> dict[int, float]:
+    acc = load_events(path)
+    return {e.step: e.value for e in acc.Scalars(tag)} if tag in acc.Tags()["scalars"] else {}
+
+
+def scalars(tb_dir: Path, tag: str) -> dict[int, float]:
+    """step -> value over all events files of a run; a later file (a resumed run) wins on a step."""
+    out: dict[int, float] = {}
+    for f in event_files(tb_dir):
+        out.update(file_scalars(f, tag))
+    return out
+
+
+def curve(tb_dir: Path, tag: str = "train/loss") -> np.ndarray:
+    """Values of `tag` at steps 1..N (asserting that no step is missing)."""
+    by_step = scalars(tb_dir, tag)
+    assert sorted(by_step) == list(range(1, len(by_step) + 1)), f"{tag}: steps missing in {sorted(by_step)}"
+    return np.array([by_step[s] for s in sorted(by_step)])
+
+
+def registered_checkpoint_step(phase_dir: Path) -> int:
+    """Step of the newest checkpoint in Ray Train's own record, the one a restart resumes from.
+
+    Ray Train's controller registers a reported checkpoint when it next polls the workers (every 2 s),
+    so this lags the checkpoint folders on disk; a kill before the registration loses that checkpoint."""
+    try:
+        snap = json.loads((phase_dir / "checkpoints/checkpoint_manager_snapshot.json").read_text())
+        return max((int(r["metrics"]["step"]) for r in snap["checkpoint_results"]), default=0)
+    except (OSError, ValueError, KeyError):
+        return 0  # none yet (or being replaced)
+
+
+def wait_for_registered_checkpoint(phase_dir: Path, step: int, alive, timeout: float = 300.0) -> int:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout and alive():
+        seen = registered_checkpoint_step(phase_dir)
+        if seen >= step:
+            return seen
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint at step >= {step} in Ray Train's record after {time.monotonic() - t0:.0f}s")
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every path under `root` with (size, mtime_ns): equal snapshots mean nothing was written."""
+    if not root.exists():
+        return {}
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+def alive_train_workers(address: str) -> list:
+    """The Ray Train V2 worker actors (class RayTrainWorker) now alive, with their pids."""
+    from ray.util.state import list_actors
+
+    return list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+
+
+def cli_train(cfg_file: Path, out: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "allatt_dist.cli", "train", str(cfg_file), "--out", str(out), *args]
+
+
+# ---- fixtures -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    """One local Ray (with its dashboard) for the module; its GCS address lets CLI subprocesses join it."""
+    if ray.is_initialized():
+        ray.shutdown()
+    connect()
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def base_cfg(wt2_path: Path) -> RunConfig:
+    return tiny_config(wt2_path)
+
+
+def _train(cfg: RunConfig, run_dir: Path, phases: list[str]) -> dict:
+    t0 = time.monotonic()
+    results = train(cfg, run_dir, phases, progress=False)
+    print(f"[{run_dir.name}: {'+'.join(phases)} in {time.monotonic() - t0:.0f}s]", end=" ", flush=True)
+    return results
+
+
+@pytest.fixture(scope="module")
+def zero2(ray_address, base_cfg, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("zero2")
+    return base_cfg, run_dir, _train(base_cfg, run_dir, ["dense", "prune"])
+
+
+@pytest.fixture(scope="module")
+def one_worker(ray_address, base_cfg, tmp_path_factory):
+    cfg = with_changes(base_cfg, scaling={"num_workers": 1})
+    run_dir = tmp_path_factory.mktemp("one_worker")
+    return cfg, run_dir, _train(cfg, run_dir, ["dense"])
+
+
+@pytest.fixture(scope="module")
+def zero3(ray_address, base_cfg, tmp_path_factory):
+    """ZeRO-3 run through a worker kill and a driver kill (see the module docstring)."""
+    cfg = with_changes(base_cfg, deepspeed={"zero_stage": 3}, scaling={"max_failures": 1})
+    root = tmp_path_factory.mktemp("zero3")
+    cfg_file, run_dir = root / "zero3.yaml", root / "run"
+    cfg_file.write_text(yaml.safe_dump(config_to_dict(cfg)))
+    cmd = cli_train(cfg_file, run_dir, "--phase", "dense", "--no-progress", "--address", ray_address)
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    faults: dict = {}
+    try:
+        running = lambda: proc.poll() is None  # noqa: E731
+        faults["worker_kill_after"] = wait_for_registered_checkpoint(run_dir / "dense", 20, running)
+        workers = alive_train_workers(ray_address)
+        assert len(workers) == 2, workers
+        os.kill(workers[-1].pid, signal.SIGKILL)
+        faults["driver_kill_after"] = wait_for_registered_checkpoint(run_dir / "dense", 30, running)
+        proc.send_signal(signal.SIGKILL)
+    except AssertionError as e:
+        proc.kill()
+        raise AssertionError(f"{e}; the driver said: {proc.communicate()[1][-3000:]}") from None
+    _, faults["driver_stderr"] = proc.communicate()
+    faults["driver_returncode"] = proc.returncode
+    t1 = time.monotonic()
+    while alive_train_workers(ray_address) and time.monotonic() - t1 < 60:  # Ray ends a dead driver's actors
+        time.sleep(0.5)
+    faults["result_before_rerun"] = (run_dir / "dense/result.json").exists()
+    faults["registered_at_driver_kill"] = registered_checkpoint_step(run_dir / "dense")
+    print(f"[zero3: dense killed twice in {time.monotonic() - t0:.0f}s]", end=" ", flush=True)
+    return cfg, run_dir, _train(cfg, run_dir, ["dense", "prune"]), faults
+
+
+# ---- 1. phases, model directories and gates under ZeRO-2 and ZeRO-3 -------------------------------
+
+
+@pytest.mark.parametrize("run", ["zero2", "zero3"])
+def test_dense_then_prune_with_two_workers(run, request):
+    from allatt_dist.data.corpus import load_corpus
+    from allatt_dist.evaluate import evaluate
+    from allatt_dist.modelio import load_model_dir
+
+    cfg, run_dir, results, *_ = request.getfixturevalue(run)
+    dense, prune = results["dense"], results["prune"]
+    assert dense["step"] == DENSE_STEPS and prune["step"] == PRUNE_STEPS
+    assert dense["world_size"] == prune["world_size"] == 2
+    for phase in ("dense", "prune"):
+        saved = json.loads((run_dir / phase / "result.json").read_text())
+        assert saved["step"] == results[phase]["step"]
+        assert math.isfinite(saved["valid_ppl"]) and saved["valid_ppl"] > 1
+        assert saved["valid_tokens"] == 118_885  # the last eval of a phase scores the whole valid split
+    assert yaml.safe_load((run_dir / "run.yaml").read_text())["deepspeed"]["zero_stage"] == cfg.deepspeed.zero_stage
+
+    dense_model, vocab, dense_meta = load_model_dir(run_dir / "dense/model")
+    assert not dense_model.gates and dense_meta["phase"] == "dense"
+    assert dense_meta["params"] == dense["params"]
+    gated, _, _ = load_model_dir(run_dir / "prune/model")
+    pruned, _, pruned_meta = load_model_dir(run_dir / "prune/pruned")
+    assert len(gated.gates) == cfg.model.num_layers and not pruned.gates
+
+    # The gate probabilities of the last eval (what gates/heatmap shows) are those of the exported
+    # model, under ZeRO-3 too, where the logits were partitioned across the two ranks in training.
+    probs = np.stack([g.probabilities().detach().numpy() for g in gated.gates])  # (layers, heads)
+    np.testing.assert_allclose(np.array(prune["gate_probs"]), probs, atol=1e-6)
+    open_heads = [int(n) for n in (probs > 0.5).sum(axis=1)]
+    assert prune["open_heads"] == open_heads
+    assert prune["heads_per_layer"] == pruned_meta["heads_per_layer"] == pruned.heads_per_layer == open_heads
+    assert prune["hard_sparsity"] == pytest.approx(1 - sum(open_heads) / probs.size)
+    assert pruned_meta["params"] == prune["params"] <= prune["dense_params"] == dense["params"]
+    tb = run_dir / "prune/tb"
+    for i, n in enumerate(open_heads):
+        assert scalars(tb, f"gates/open_heads/layer_{i}")[PRUNE_STEPS] == n
+    assert scalars(tb, "gates/hard_sparsity")[PRUNE_STEPS] == pytest.approx(prune["hard_sparsity"])
+
+    # The physically pruned model scores text exactly like the gated one in eval mode.
+    valid = load_corpus(cfg.data, splits=("train", "valid")).tokens("valid")
+    a = evaluate(gated, valid, 8, max_segments=3)
+    b = evaluate(pruned, valid, 8, max_segments=3)
+    assert a.tokens == b.tokens and a.nll == pytest.approx(b.nll, rel=1e-5)
+    assert len(vocab) == gated.vocab_size
+
+
+def test_zero3_trains_like_zero2(zero2, zero3):
+    """Partitioning parameters changes where they live, not the maths: same loss curves, same gates
+    (and the ZeRO-3 dense phase survived two kills, so this is also the check of exact resumption)."""
+    for phase in ("dense", "prune"):
+        np.testing.assert_allclose(
+            curve(zero3[1] / phase / "tb"), curve(zero2[1] / phase / "tb"), rtol=1e-3, err_msg=phase
+        )
+    np.testing.assert_allclose(zero3[2]["prune"]["gate_probs"], zero2[2]["prune"]["gate_probs"], atol=1e-3)
+    assert zero3[2]["dense"]["valid_ppl"] == pytest.approx(zero2[2]["dense"]["valid_ppl"], rel=1e-3)
+
+
+# ---- 2. data parallelism ------------------------------------------------------------------------
+
+
+def test_two_workers_match_one_worker_at_the_same_global_batch(zero2, one_worker):
+    """Each of 2 ranks takes half of the global batch's rows; averaged gradients make the same updates."""
+    two, one = zero2[1] / "dense/tb", one_worker[1] / "dense/tb"
+    loss2, loss1 = curve(two), curve(one)
+    assert len(loss1) == len(loss2) == DENSE_STEPS
+    np.testing.assert_allclose(loss2, loss1, rtol=1e-3)
+    np.testing.assert_allclose(curve(two, "train/grad_norm"), curve(one, "train/grad_norm"), rtol=1e-2)
+    # Validation rows are split across the ranks and the totals summed: the same perplexity.
+    v2, v1 = scalars(two, "valid/ppl"), scalars(one, "valid/ppl")
+    assert sorted(v2) == sorted(v1) == [20, 40, 60]
+    np.testing.assert_allclose([v2[s] for s in sorted(v2)], [v1[s] for s in sorted(v2)], rtol=1e-3)
+    d2, d1 = zero2[2]["dense"], one_worker[2]["dense"]
+    assert d2["world_size"] == 2 and d1["world_size"] == 1
+    assert d2["valid_tokens"] == d1["valid_tokens"]
+    assert d2["train_loss"] == pytest.approx(d1["train_loss"], rel=1e-3)  # the global batch's loss on both
+    # Each rank holds half of the Adam state under ZeRO-2 (one rank: all of it).
+    assert d2["optimizer_state_bytes"][0] == pytest.approx(d1["optimizer_state_bytes"][0] / 2, rel=0.01)
+    assert loss2[-5:].mean() < loss2[:5].mean() - 1.0  # it trained: not two equal flat lines
+
+
+# ---- 4. TensorBoard ------------------------------------------------------------------------------
+
+
+def test_tensorboard_tags_and_values(zero2):
+    cfg, run_dir, _ = zero2
+    dense_files, prune_files = event_files(run_dir / "dense/tb"), event_files(run_dir / "prune/tb")
+    assert len(dense_files) == len(prune_files) == 1  # rank 0 writes, one writer per phase
+    dense, prune = load_events(dense_files[0]), load_events(prune_files[0])
+    train_tags = {
+        "train/loss",
+        "train/ppl",
+        "train/lr",
+        "train/grad_norm",
+        "perf/tokens_per_s",
+        "perf/step_time_s",
+        "valid/ppl",
+    }
+    gate_tags = {
+        "gates/l0_penalty",
+        "gates/expected_sparsity",
+        "gates/target",
+        "gates/lambda_1",
+        "gates/lambda_2",
+        "gates/hard_sparsity",
+        "gates/open_heads/layer_0",
+        "gates/open_heads/layer_1",
+    }
+    assert train_tags <= set(dense.Tags()["scalars"])
+    assert not [t for t in dense.Tags()["scalars"] if t.startswith("gates/")] and not dense.Tags()["images"]
+    assert train_tags | gate_tags <= set(prune.Tags()["scalars"])
+    assert prune.Tags()["images"] == ["gates/heatmap"]
+
+    for acc, max_steps in ((dense, cfg.train.max_steps), (prune, cfg.prune.max_steps)):
+        s = {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+        steps = list(range(1, max_steps + 1))
+        assert sorted(s["train/loss"]) == steps  # log_every=1
+        loss = np.array([s["train/loss"][i] for i in steps])
+        assert np.isfinite(loss).all() and (loss > 0).all() and loss[0] < math.log(30_000)
+        np.testing.assert_allclose([s["train/ppl"][i] for i in steps], np.exp(loss), rtol=1e-5)
+        # The rate each step's update used: linear warm-up from lr/warmup_steps up to lr, then cosine decay.
+        expected_lr = [cfg.train.lr * lr_multiplier(i - 1, cfg, max_steps) for i in steps]
+        np.testing.assert_allclose([s["train/lr"][i] for i in steps], expected_lr, rtol=1e-5)
+        assert s["train/lr"][1] == pytest.approx(cfg.train.lr / cfg.train.warmup_steps, rel=1e-5)
+        assert s["train/lr"][cfg.train.warmup_steps] == pytest.approx(cfg.train.lr, rel=1e-5)
+        assert s["train/lr"][max_steps] < s["train/lr"][max_steps // 2] < cfg.train.lr
+        for tag in ("train/grad_norm", "perf/tokens_per_s", "perf/step_time_s"):
+            vals = np.array(list(s[tag].values()))
+            assert sorted(s[tag]) == steps and np.isfinite(vals).all() and (vals > 0).all(), tag
+        assert sorted(s["valid/ppl"]) == [20, 40, 60][: max_steps // 20]
+        assert all(1 < v < 1e5 for v in s["valid/ppl"].values())
+
+    s = {tag: {e.step: e.value for e in prune.Scalars(tag)} for tag in prune.Tags()["scalars"]}
+    g, total = cfg.gates, cfg.model.num_layers * cfg.model.num_heads
+    for step, target in s["gates/target"].items():  # the target ramps in over the gate warm-up
+        assert target == pytest.approx(g.sparsity_target * min(1.0, step / g.warmup_steps), rel=1e-5)
+    assert all(0.0 <= v <= 1.0 for v in s["gates/expected_sparsity"].values())
+    for step, penalty in s["gates/l0_penalty"].items():  # expected open heads = (1 - sparsity) * heads
+        assert penalty == pytest.approx((1 - s["gates/expected_sparsity"][step]) * total, rel=1e-4)
+    assert s["gates/lambda_1"][1] == 0.0 and s["gates/lambda_1"][PRUNE_STEPS] != 0.0  # the multiplier moves
+    assert sorted(s["gates/hard_sparsity"]) == [20]  # written at each eval
+    for step, hard in s["gates/hard_sparsity"].items():
+        heads = [s[f"gates/open_heads/layer_{i}"][step] for i in range(cfg.model.num_layers)]
+        assert all(0 <= h <= cfg.model.num_heads for h in heads)
+        assert hard == pytest.approx(1 - sum(heads) / total)
+
+    from PIL import Image
+
+    images = prune.Images("gates/heatmap")
+    assert [im.step for im in images] == [20]
+    img = Image.open(io.BytesIO(images[0].encoded_image_string))
+    assert img.format == "PNG" and img.size == (images[0].width, images[0].height) and min(img.size) > 20
+
+
+# ---- 3. faults and re-runs ------------------------------------------------------------------------
+
+
+def test_rerun_of_a_finished_run_skips(zero2):
+    cfg, run_dir, _ = zero2
+    before = snapshot(run_dir)
+    t0 = time.monotonic()
+    again = train(cfg, run_dir, ["dense", "prune"], progress=False)
+    assert time.monotonic() - t0 < 20
+    assert again["dense"]["step"] == DENSE_STEPS and again["prune"]["step"] == PRUNE_STEPS
+    after = snapshot(run_dir)
+    assert after.keys() == before.keys()
+    after.pop("run.yaml"), before.pop("run.yaml")  # rewritten, with the same content
+    assert after == before  # no new checkpoint, events file, model or result
+
+
+def _restart_segments(tb_dir: Path) -> list[dict[int, float]]:
+    """train/loss of each events file of a run, oldest first: one file per (re)start of the workers."""
+    return [file_scalars(f, "train/loss") for f in event_files(tb_dir)]
+
+
+def _check_restart(before: dict[int, float], after: dict[int, float], killed_after: int, reference) -> int:
+    """`after` is the curve of the restarted workers: it starts right after the checkpoint Ray Train had
+    recorded when the process was killed (not at step 1), and its first step gives the loss of the
+    uninterrupted run `reference` (and of the killed run, if that step's events reached the disk before
+    the kill). Returns that checkpoint's step."""
+    first = min(after)
+    assert (first - 1) % CKPT_EVERY == 0, sorted(after)
+    assert killed_after <= first - 1 <= killed_after + CKPT_EVERY, (killed_after, sorted(after))
+    assert after[first] == pytest.approx(reference[first - 1], rel=1e-3)
+    if first in before:
+        assert after[first] == pytest.approx(before[first], rel=1e-3)
+    assert after[first] < reference[0] - 0.5  # not back at the initial loss
+    return first - 1
+
+
+def test_worker_killed_mid_run_recovers(zero3, zero2):
+    """A training worker SIGKILLed after step 20: with max_failures=1 the group restarts from the checkpoint."""
+    _, run_dir, results, faults = zero3
+    segments = _restart_segments(run_dir / "dense/tb")
+    assert len(segments) == 3, [sorted(s) for s in segments]  # start, restart after the worker kill, re-run
+    first, second, _ = segments
+    assert max(first) >= faults["worker_kill_after"]
+    _check_restart(first, second, faults["worker_kill_after"], curve(zero2[1] / "dense/tb"))
+    assert results["dense"]["step"] == DENSE_STEPS
+
+
+def test_driver_killed_then_rerun_resumes(zero3, zero2):
+    """`allatt-dist train` SIGKILLed after step 30 (no clean-up at all); the same call again resumes."""
+    _, run_dir, _, faults = zero3
+    assert faults["driver_returncode"] == -signal.SIGKILL, faults["driver_stderr"][-3000:]
+    assert not faults["result_before_rerun"]
+    _, second, third = _restart_segments(run_dir / "dense/tb")
+    resumed_from = _check_restart(second, third, faults["driver_kill_after"], curve(zero2[1] / "dense/tb"))
+    assert resumed_from == faults["registered_at_driver_kill"]  # the newest checkpoint Ray Train had recorded
+    assert max(third) == DENSE_STEPS
+    assert json.loads((run_dir / "dense/result.json").read_text())["step"] == DENSE_STEPS
+
+
+# ---- 5. bad input: one line on stderr, exit 2, nothing written ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cli_files(base_cfg, tmp_path_factory):
+    """A config file, a run dir holding another config's run, and one holding a Transformer-XL dense model."""
+    from allatt_dist.data.corpus import load_corpus, resolve_data
+    from allatt_dist.model.transformer import LanguageModel
+    from allatt_dist.modelio import save_model_dir
+
+    root = tmp_path_factory.mktemp("cli")
+    cfg_file = root / "tiny.yaml"
+    cfg_file.write_text(yaml.safe_dump(config_to_dict(base_cfg)))
+    other = root / "other_run"
+    other_cfg = with_changes(base_cfg, model={"hidden_dim": 64})
+    other_cfg = other_cfg.model_copy(update={"data": resolve_data(other_cfg.data, ("train", "valid"))})
+    prepare_run_dir(other_cfg, other, force=False)  # as `train` writes it: with the data folder resolved
+    txl = root / "txl_run"
+    xl_cfg = with_changes(base_cfg, model={"architecture": "transformer_xl", "ffn_dim": 64})
+    vocab = load_corpus(base_cfg.data, splits=("train",)).vocab
+    save_model_dir(LanguageModel(xl_cfg.model, len(vocab)), vocab, txl / "dense/model", extra={"phase": "dense"})
+    return {"cfg": cfg_file, "other": other, "txl": txl, "root": root}
+
+
+BAD_INPUT = {
+    # case: (extra arguments, run dir (None: a fresh path), what the error line must say)
+    "too_many_workers": (["--set", "scaling.num_workers=8", "--set", "train.batch_size=8"], None, "never be placed"),
+    "unreachable_address": (["--address", "127.0.0.1:1"], None, "could not connect to Ray at 127.0.0.1:1"),
+    "prune_without_dense": (["--phase", "prune"], None, "--phase prune needs"),
+    "dense_of_another_architecture": (["--phase", "prune"], "txl", "a transformer_xl model"),
+    "fp16_on_cpu": (["--set", "deepspeed.precision=fp16"], None, "fp16 needs a GPU"),
+    "run_dir_of_another_config": ([], "other", "holds a run of another config (differs in model.hidden_dim)"),
+    "unknown_key": (["--set", "train.learning_rate=0.1"], None, "train.learning_rate: unknown key"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_fails_fast_with_one_line(case, ray_address, cli_files):
+    args, where, words = BAD_INPUT[case]
+    out = cli_files[where] if where else cli_files["root"] / f"fresh_{case}"
+    before = snapshot(out)
+    if "--address" not in args:
+        args = [*args, "--address", ray_address]  # join the module's Ray rather than start another
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        cli_train(cli_files["cfg"], out, *args), cwd=cli_files["root"], capture_output=True, text=True, env=env
+    )
+    elapsed = time.monotonic() - t0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("allatt-dist train: error: ") and words in lines[0], lines[0]
+    assert proc.stdout == ""
+    assert elapsed < 60, f"took {elapsed:.0f}s"
+    assert snapshot(out) == before  # no run dir created, an existing one untouched
+
+
+def test_force_reuses_a_run_dir_of_another_config(base_cfg, tmp_path):
+    prepare_run_dir(with_changes(base_cfg, model={"hidden_dim": 64}), tmp_path, force=False)
+    with pytest.raises(UserError, match="holds a run of another config"):
+        prepare_run_dir(base_cfg, tmp_path, force=False)
+    prepare_run_dir(base_cfg, tmp_path, force=True)
+    assert yaml.safe_load((tmp_path / "run.yaml").read_text())["model"]["hidden_dim"] == 32
+
+
+def test_checks_run_before_anything_is_written(ray_address, base_cfg, tmp_path):
+    """The library call itself refuses bad input before it creates the run dir."""
+    cases = {
+        "num_workers=8": with_changes(base_cfg, scaling={"num_workers": 8}, train={"batch_size": 8}),
+        "fp16 needs a GPU": with_changes(base_cfg, deepspeed={"precision": "fp16"}),
+    }
+    for words, cfg in cases.items():
+        t0 = time.monotonic()
+        with pytest.raises(UserError, match=words):
+            train(cfg, tmp_path / "run", ["dense"], progress=False)
+        assert time.monotonic() - t0 < 10
+    with pytest.raises(UserError, match="--phase finetune needs"):
+        train(base_cfg, tmp_path / "run", ["finetune"], progress=False)
+    assert not (tmp_path / "run").exists()
