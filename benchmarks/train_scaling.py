@@ -66,6 +66,7 @@ def run_case(name: str, base_overrides: list[str], config: str, steps: int, skip
         "train.log_every=1",
     ]
     cfg = load_config(config, overrides)
+    load_before = os.getloadavg()[0]
     t0 = time.monotonic()
     res = train(cfg, run_dir, ["dense"], progress=False)["dense"]
     wall = time.monotonic() - t0
@@ -88,6 +89,7 @@ def run_case(name: str, base_overrides: list[str], config: str, steps: int, skip
         "peak_rss_bytes": res["peak_rss_bytes"],
         "final_train_loss": res["train_loss"],
         "wall_s": wall,
+        "load_avg_1min": [load_before, os.getloadavg()[0]],  # before / after: other work on the machine
     }
 
 
@@ -159,7 +161,9 @@ def main() -> None:
                     shutil.rmtree(run_dir)
                 runs.append(run_case(name, a.overrides, a.config, a.steps, a.skip, run_dir))
                 r = runs[-1]
-                print(f"{name} (run {i + 1}): {r['tokens_per_s']:.0f} tokens/s, {r['wall_s']:.0f}s", flush=True)
+                load = "/".join(f"{x:.1f}" for x in r["load_avg_1min"])
+                tps, wall = r["tokens_per_s"], r["wall_s"]
+                print(f"{name} (run {i + 1}): {tps:.0f} tokens/s, {wall:.0f}s, load {load}", flush=True)
     finally:
         ray.shutdown()
         if not a.keep:

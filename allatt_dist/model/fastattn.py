@@ -14,8 +14,9 @@ normaliser written out). Tensors are laid out heads first, (H, B, T, .), so that
 part is one (B*T, dh) x (dh, N) GEMM per head, with no copy of the persistent vectors per batch row.
 
 `SplitAttention` is a custom autograd function: the backward is written by hand from the saved
-probabilities (dS = P * (dP - rowsum(dO * O)), the usual softmax backward), which keeps the saved
-state to the two probability tensors and avoids every concatenation.
+exponentials (dS = P * (dP - rowsum(dO * O)), the usual softmax backward), which keeps the saved
+state to the two exponential tensors and avoids every concatenation. In bf16 the exponentials stay
+bf16 and the normaliser is accumulated in fp32.
 
 The persistent part can instead go through torch's fused CPU attention kernel, which returns the
 part's log-sum-exp and, given the merged output and merged log-sum-exp in its backward, yields
@@ -54,35 +55,37 @@ class SplitAttention(torch.autograd.Function):
         m = _row_max(s_c, s_p, h)  # (H,B*T,1)
         e_c = s_c.view(h, b * t, k_len).sub_(m).exp_()  # (H,B*T,K), in place
         e_p = s_p.sub_(m).exp_()  # (H,B*T,N), in place
-        z = e_c.sum(-1, keepdim=True, dtype=torch.float32) + e_p.sum(-1, keepdim=True, dtype=torch.float32)  # (H,BT,1)
+        # Z in fp32 (torch accumulates bf16 sums in fp32; the two partial sums are added in fp32).
+        z = e_c.sum(-1, keepdim=True).float() + e_p.sum(-1, keepdim=True).float()  # (H,B*T,1)
         inv = z.reciprocal().to(qs.dtype)  # (H,B*T,1)
-        p_c = e_c.mul_(inv)  # (H,B*T,K) probabilities of the context keys
-        p_p = e_p.mul_(inv)  # (H,B*T,N) probabilities of the persistent keys
-        o = torch.bmm(p_c.view(h * b, t, k_len), v.reshape(h * b, k_len, dh))  # (HB,T,dh)
-        o = torch.baddbmm(o.view(h, b * t, dh), p_p, pv)  # (H,B*T,dh)
-        ctx.save_for_backward(qs, k, v, pk, pv, p_c, p_p, o)
+        # The exponentials stay unnormalised: dividing the (T, dh) output by Z is cheaper than
+        # dividing the (T, K+N) weights, and the backward folds 1/Z into dO the same way.
+        o = torch.bmm(e_c.view(h * b, t, k_len), v.reshape(h * b, k_len, dh)).view(h, b * t, dh)  # (H,B*T,dh)
+        o = o.baddbmm_(e_p, pv).mul_(inv)  # (H,B*T,dh) softmax-weighted values
+        ctx.save_for_backward(qs, k, v, pk, pv, e_c, e_p, o, inv)
         return o.view(h, b, t, dh)
 
     @staticmethod
     def backward(ctx, d_o):
-        qs, k, v, pk, pv, p_c, p_p, o = ctx.saved_tensors
+        qs, k, v, pk, pv, e_c, e_p, o, inv = ctx.saved_tensors
         h, b, t, dh = qs.shape
         k_len = k.shape[2]
-        d_o = d_o.contiguous().view(h, b * t, dh)  # (H,B*T,dh)
-        dd = (d_o * o).sum(-1, keepdim=True, dtype=torch.float32).to(d_o.dtype)  # (H,B*T,1) rowsum(dO*O)
+        d_o = (d_o * inv.view(h, b, t, 1)).contiguous().view(h, b * t, dh)  # (H,B*T,dh) dO / Z
+        dd = (d_o * o).sum(-1, keepdim=True)  # (H,B*T,1) rowsum(dO*O) / Z
         do3 = d_o.view(h * b, t, dh)  # (HB,T,dh)
         v3, k3, q3 = (x.reshape(h * b, -1, dh) for x in (v, k, qs))  # (HB,K,dh), (HB,K,dh), (HB,T,dh)
-        ds_c = torch.bmm(do3, v3.transpose(1, 2)).view(h, b * t, k_len)  # (H,B*T,K) dP_c
-        ds_c = ds_c.sub_(dd).mul_(p_c).view(h * b, t, k_len)  # (HB,T,K) dS_c
-        ds_p = torch.bmm(d_o, pv.transpose(1, 2)).sub_(dd).mul_(p_p)  # (H,B*T,N) dS_p
+        # dS = P * (dP - rowsum(dO*O)) = E * (dP/Z - rowsum(dO*O)/Z), with P = E/Z
+        ds_c = torch.bmm(do3, v3.transpose(1, 2)).view(h, b * t, k_len)  # (H,B*T,K) dP_c / Z
+        ds_c = ds_c.sub_(dd).mul_(e_c).view(h * b, t, k_len)  # (HB,T,K) dS_c
+        ds_p = torch.bmm(d_o, pv.transpose(1, 2)).sub_(dd).mul_(e_p)  # (H,B*T,N) dS_p
         d_bias = ds_c.view(h, b, t, k_len) if ctx.needs_input_grad[3] else None  # (H,B,T,K)
         d_q = torch.bmm(ds_c, k3).view(h, b * t, dh)  # (H,B*T,dh)
-        d_q = torch.baddbmm(d_q, ds_p, pk).view(h, b, t, dh)  # (H,B,T,dh)
+        d_q = d_q.baddbmm_(ds_p, pk).view(h, b, t, dh)  # (H,B,T,dh)
         d_k = torch.bmm(ds_c.transpose(1, 2), q3).view(h, b, k_len, dh)  # (H,B,K,dh)
-        d_v = torch.bmm(p_c.view(h * b, t, k_len).transpose(1, 2), do3).view(h, b, k_len, dh)  # (H,B,K,dh)
+        d_v = torch.bmm(e_c.view(h * b, t, k_len).transpose(1, 2), do3).view(h, b, k_len, dh)  # (H,B,K,dh)
         q2 = qs.reshape(h, b * t, dh)  # (H,B*T,dh)
         d_pk = torch.bmm(ds_p.transpose(1, 2), q2)  # (H,N,dh)
-        d_pv = torch.bmm(p_p.transpose(1, 2), d_o)  # (H,N,dh)
+        d_pv = torch.bmm(e_p.transpose(1, 2), d_o)  # (H,N,dh)
         return d_q, d_k, d_v, d_bias, d_pk, d_pv
 
 

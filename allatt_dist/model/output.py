@@ -23,8 +23,10 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
 
 
-def _linear_nll(h, weight, bias, target, keep_probs: bool):
-    """(nll (N,) fp32, softmax (V,N) or None) of the logits h W^T + b, in the compute dtype."""
+def _linear_nll(h, weight, bias, target, keep: bool):
+    """nll (N,) fp32 of the logits h W^T + b, computed in the compute dtype; with `keep`, also what
+    the backward needs: the unnormalised exponentials (V,N), the normaliser (1,N) fp32, and h, W
+    as used."""
     dtype = _compute_dtype(h)
     with torch.autocast(h.device.type, enabled=False):
         h, weight, bias = h.to(dtype), weight.to(dtype), bias.to(dtype)
@@ -36,30 +38,29 @@ def _linear_nll(h, weight, bias, target, keep_probs: bool):
         e = logits.sub_(m).exp_()  # (V,N), in place
         z = e.sum(dim=0, keepdim=True).float()  # (1,N), accumulated in fp32 by torch
         nll = (m.float() + z.log() - picked).squeeze(0)  # (N,) fp32
-        probs = e.mul_(z.reciprocal().to(dtype)) if keep_probs else None  # (V,N) softmax of each column
-    return nll, probs, h, weight
+    return nll, ((e, z, h, weight) if keep else None)
 
 
 class LinearCrossEntropy(torch.autograd.Function):
     """Per-row NLL of softmax(h W^T + b) at `target`, the logits never leaving the compute dtype.
 
     Same math as `cross_entropy(linear(h, W, b).float(), target)`. The forward keeps only the
-    softmax probabilities (written over the logits buffer); the backward turns them in place into
-    (softmax - onehot) * g and runs the three products. The normaliser is accumulated in fp32
-    (torch's reductions do that for bf16 too).
+    exponentials (written over the logits buffer) and the normaliser Z; the backward turns them in
+    place into (softmax - onehot) * g, i.e. exp * (g / Z) minus g at the target, and runs the
+    three products. Z is accumulated in fp32 (torch's reductions do that for bf16 too).
     """
 
     @staticmethod
     def forward(ctx, h, weight, bias, target):
-        nll, probs, h_c, w_c = _linear_nll(h, weight, bias, target, keep_probs=True)
-        ctx.save_for_backward(h_c, w_c, probs, target)
+        nll, (e, z, h_c, w_c) = _linear_nll(h, weight, bias, target, keep=True)
+        ctx.save_for_backward(h_c, w_c, e, z, target)
         return nll
 
     @staticmethod
     def backward(ctx, g):
-        h, weight, probs, target = ctx.saved_tensors
-        gd = g.to(probs.dtype)  # (N,)
-        d = probs.mul_(gd[None, :])  # (V,N), in place: the probabilities are not needed again
+        h, weight, e, z, target = ctx.saved_tensors
+        gd = g.to(e.dtype)  # (N,)
+        d = e.mul_((g[None, :] / z).to(e.dtype))  # (V,N) softmax * g, in place: e is not needed again
         cols = torch.arange(d.shape[1], device=d.device)  # (N,)
         d[target, cols] -= gd  # (V,N) (softmax - onehot) * g; one entry per column (scatter_add_ copies bf16)
         d_h = d.t() @ weight if ctx.needs_input_grad[0] else None  # (N,D)
@@ -72,7 +73,7 @@ def linear_cross_entropy(h, weight, bias, target) -> torch.Tensor:
     """(N,) fp32 NLL; through `LinearCrossEntropy` when a gradient is wanted, else forward only."""
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad or bias.requires_grad):
         return LinearCrossEntropy.apply(h, weight, bias, target)
-    return _linear_nll(h, weight, bias, target, keep_probs=False)[0]
+    return _linear_nll(h, weight, bias, target, keep=False)[0]
 
 
 class TiedSoftmax(nn.Module):
