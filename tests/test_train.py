@@ -367,8 +367,11 @@ def test_tensorboard_tags_and_values(zero2):
     for step, target in s["gates/target"].items():  # the target ramps in over the gate warm-up
         assert target == pytest.approx(g.sparsity_target * min(1.0, step / g.warmup_steps), rel=1e-5)
     assert all(0.0 <= v <= 1.0 for v in s["gates/expected_sparsity"].values())
-    for step, penalty in s["gates/l0_penalty"].items():  # expected open heads = (1 - sparsity) * heads
-        assert penalty == pytest.approx((1 - s["gates/expected_sparsity"][step]) * total, rel=1e-4)
+    for step, penalty in s["gates/l0_penalty"].items():
+        # L0 = expected heads with a non-zero stretched gate, P(s > 0); expected sparsity counts the heads
+        # the hard gate closes, P(s <= 0.5): so L0 >= expected open heads, and both stay within the model
+        assert (1 - s["gates/expected_sparsity"][step]) * total <= penalty + 1e-4
+        assert 0.0 < penalty <= total
     assert s["gates/lambda_1"][1] == 0.0 and s["gates/lambda_1"][PRUNE_STEPS] != 0.0  # the multiplier moves
     assert sorted(s["gates/hard_sparsity"]) == [20]  # written at each eval
     for step, hard in s["gates/hard_sparsity"].items():
