@@ -99,14 +99,16 @@ def test_flops_formula_matches_torch_counter(arch, heads):
     mems = [torch.randn(b, cfg.mem_len, cfg.hidden_dim) for _ in range(cfg.num_layers)]
     formula = flops_per_token(cfg, vocab, model.heads_per_layer, batch=b) * b * cfg.seq_len
     # torch's counter has no entry for the fused CPU SDPA kernel (used without persistent vectors)
-    cpu_sdpa = {
-        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, **kw: sdpa_flop_count(q, k, v)
+    # nor for the in-place baddbmm_ (split attention accumulates the persistent part with it)
+    extra = {
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, **kw: sdpa_flop_count(q, k, v),
+        torch.ops.aten.baddbmm_: lambda c, a, b, *args, **kw: 2 * a[0] * a[1] * a[2] * b[2],
     }
-    with FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as fwd:
+    with FlopCounterMode(display=False, custom_mapping=extra) as fwd:
         with torch.no_grad():
             model(x, mems, x)
     assert fwd.get_total_flops() == pytest.approx(formula, rel=1e-9)
-    with FlopCounterMode(display=False) as train:
+    with FlopCounterMode(display=False, custom_mapping=extra) as train:
         model.loss(x, x, mems)[0].backward()
     k = cfg.mem_len + cfg.seq_len
     pos_input_grad = sum(2 * k * cfg.hidden_dim * h * cfg.head_dim for h in model.heads_per_layer)

@@ -1,6 +1,6 @@
 """Draw docs/img/bench_cpu.png from the JSON results of `allatt-dist bench` under docs/bench/results/.
 
-    python docs/bench/plot.py            # reads docs/bench/results/{fp32,bf16}_*.json
+    python docs/bench/plot.py            # reads docs/bench/results/cpu1-{fp32,bf16}_*.json
 
 Left: inference latency per segment against sparsity (median over runs, bars from the fastest to
 the slowest run), with the FLOPs-proportional line (dense latency x pruned/dense FLOPs) and its
@@ -34,7 +34,7 @@ def spread(values: list[float]) -> tuple[float, float, float]:
 
 
 def main() -> None:
-    runs = {"fp32": load("fp32"), "bf16": load("bf16")}
+    runs = {"fp32": load("cpu1-fp32"), "bf16": load("cpu1-bf16")}
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for dtype, marker in (("fp32", "o"), ("bf16", "s")):
         rs = runs[dtype]
@@ -58,8 +58,8 @@ def main() -> None:
     left.plot([], [], ":", color="grey", label="dense x FLOPs ratio")
     left.plot([], [], "--", color="grey", linewidth=0.8, label="1.1 x that (target bound)")
     left.set_xlabel("sparsity (fraction of heads removed)")
-    left.set_ylabel("eval forward per segment (ms)")
-    left.set_title("Inference latency, batch 8 x 64 tokens, memory 64")
+    left.set_ylabel("eval forward per segment (ms of CPU time)")
+    left.set_title("Inference latency, batch 8 x 64 tokens, memory 64, 1 thread")
     left.set_ylim(bottom=0)
     left.legend(fontsize=8)
 
@@ -80,10 +80,14 @@ def main() -> None:
     colors = ["#999999", "#1f77b4"] * (len(names) // 2)
     right.bar(names, meds, yerr=[lo, hi], capsize=4, color=colors)
     for i, m in enumerate(meds):
-        right.text(i, m, f"{m:.0f}", ha="center", va="bottom", fontsize=8)
-    right.set_ylabel("training tokens/s")
-    right.set_title("One train step (fwd + bwd + Adam), batch 8 x 64")
-    fig.suptitle("allatt-dist bench docs/bench/small.yaml, 2-core CPU VM (AMD EPYC), no GPU", fontsize=10)
+        right.text(i, m + hi[i] + 0.01 * max(meds), f"{m:.0f}", ha="center", va="bottom", fontsize=8)
+    right.set_ylabel("training tokens per CPU second")
+    right.set_title("One train step (fwd + bwd + Adam), batch 8 x 64, 1 thread")
+    fig.suptitle(
+        "allatt-dist bench docs/bench/small.yaml --baseline --clock cpu --threads 1 [--dtype bf16]; "
+        "2-core CPU VM (AMD EPYC), 2026-11-27",
+        fontsize=9,
+    )
     fig.tight_layout()
     OUT.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(OUT, dpi=110)
