@@ -25,15 +25,6 @@ def corpus(wt2_path) -> Corpus:
     return load_corpus(DataConfig(path=str(wt2_path)))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is as fast and does not stall on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def record_stretch(gate: HeadGate) -> list[torch.Tensor]:
     """Keep every stretched sample s_bar the gate computes (the code's own values, not a re-derivation)."""
     seen: list[torch.Tensor] = []

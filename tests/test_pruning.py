@@ -31,15 +31,6 @@ def corpus(wt2_path) -> Corpus:
     return load_corpus(DataConfig(path=str(wt2_path)))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is as fast and does not stall on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def segments(corpus: Corpus) -> list[tuple[torch.Tensor, torch.Tensor]]:
     n = 2 * T + 1
