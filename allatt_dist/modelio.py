@@ -56,6 +56,7 @@ def save_model_dir(
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = model_meta(model, vocab, gates, extra)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a model directory is meant to be shared
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
