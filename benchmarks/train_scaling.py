@@ -3,9 +3,11 @@
 Each case trains the dense phase of a recipe (default: tune_configs/quickstart.yaml) for --steps
 steps at the recipe's global batch, on a local Ray started in this process, and reads back:
 
-  tokens/s        global training throughput, from the median of the per-step times that rank 0
-                  logs to TensorBoard (perf/step_time_s), after --skip warm-up steps; steps that
-                  ran an eval or a checkpoint are not timed (the only ones are at the very end).
+  tokens/s        global training throughput, from the median of the step times that rank 0
+                  logs to TensorBoard (perf/step_time_s: the mean step time of each window of
+                  --log-every steps, as in a real run, where logging is amortised over a window),
+                  leaving out windows that end within the first --skip steps (warm-up) and the
+                  last window (the final step also evaluates and checkpoints).
                   With --repeat N the cases run N times, interleaved, and the table shows each
                   case's fastest run (the one least disturbed by other load on the machine).
   opt state       bytes of optimizer state (Adam moments) each rank holds, measured in the worker
@@ -14,7 +16,7 @@ steps at the recipe's global batch, on a local Ray started in this process, and 
 
 Usage:
     python benchmarks/train_scaling.py [--config tune_configs/quickstart.yaml] [--steps 60]
-        [--cases w1z0,w2z0,w2z2,w2z3] [--repeat N] [--set section.key=value ...] [--json out.json]
+        [--cases w1z0,w2z0,w2z2,w2z3] [--repeat N] [--log-every N] [--set section.key=value ...] [--json out.json]
         [--keep DIR]
 """
 
@@ -49,7 +51,9 @@ def step_times(tb_dir: Path) -> dict[int, float]:
     return out
 
 
-def run_case(name: str, base_overrides: list[str], config: str, steps: int, skip: int, run_dir: Path) -> dict:
+def run_case(
+    name: str, base_overrides: list[str], config: str, steps: int, skip: int, run_dir: Path, log_every: int
+) -> dict:
     from allatt_dist.config import load_config
     from allatt_dist.train.trainer import train
 
@@ -63,7 +67,7 @@ def run_case(name: str, base_overrides: list[str], config: str, steps: int, skip
         f"train.max_steps={steps}",
         f"train.eval_every={steps}",
         f"train.checkpoint_every={steps}",
-        "train.log_every=1",
+        f"train.log_every={log_every}",
     ]
     cfg = load_config(config, overrides)
     load_before = os.getloadavg()[0]
@@ -71,7 +75,8 @@ def run_case(name: str, base_overrides: list[str], config: str, steps: int, skip
     res = train(cfg, run_dir, ["dense"], progress=False)["dense"]
     wall = time.monotonic() - t0
     times = step_times(run_dir / "dense/tb")
-    timed = [times[s] for s in sorted(times) if skip < s < steps]  # the last step also evaluates
+    # windows of log_every steps that start after the warm-up; the last one also evaluates
+    timed = [times[s] for s in sorted(times) if s - log_every >= skip and s < steps]
     step_s = statistics.median(timed)
     tokens_per_step = cfg.train.batch_size * cfg.model.seq_len
     return {
@@ -131,6 +136,7 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     ap.add_argument("--steps", type=int, default=60, help="training steps per case")
     ap.add_argument("--skip", type=int, default=10, help="first steps left out of the timing (warm-up)")
+    ap.add_argument("--log-every", type=int, default=10, help="train.log_every: steps per timed window")
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
     ap.add_argument("--repeat", type=int, default=1, help="run every case this many times (interleaved)")
     ap.add_argument("--json", default=None, help="also write the results here")
@@ -140,8 +146,8 @@ def main() -> None:
     unknown = [c for c in cases if c not in CASES]
     if unknown:
         ap.error(f"unknown case(s) {unknown}; known: {', '.join(CASES)}")
-    if a.steps <= a.skip + 5:
-        ap.error("--steps must exceed --skip by more than 5")
+    if a.log_every < 1 or a.steps < a.skip + 3 * a.log_every:
+        ap.error("--steps must leave at least 3 windows of --log-every steps after --skip")
     if a.repeat < 1:
         ap.error("--repeat must be at least 1")
 
@@ -159,7 +165,7 @@ def main() -> None:
                 run_dir = root / f"{name}_{i}"
                 if run_dir.exists():
                     shutil.rmtree(run_dir)
-                runs.append(run_case(name, a.overrides, a.config, a.steps, a.skip, run_dir))
+                runs.append(run_case(name, a.overrides, a.config, a.steps, a.skip, run_dir, a.log_every))
                 r = runs[-1]
                 load = "/".join(f"{x:.1f}" for x in r["load_avg_1min"])
                 tps, wall = r["tokens_per_s"], r["wall_s"]
@@ -173,6 +179,7 @@ def main() -> None:
         "overrides": a.overrides,
         "steps": a.steps,
         "skip": a.skip,
+        "log_every": a.log_every,
         "repeat": a.repeat,
         "cpus": os.cpu_count(),
         "machine": platform.platform(),

@@ -157,9 +157,7 @@ def test_missing_split_file(tmp_path: Path) -> None:
 
 
 def test_empty_split(tmp_path: Path) -> None:
-    folder = _write_folder(
-        tmp_path / "wt", {**{f"{s}.txt": t for s, t in TINY.items()}, "valid.txt": "\n \n"}
-    )
+    folder = _write_folder(tmp_path / "wt", {**{f"{s}.txt": t for s, t in TINY.items()}, "valid.txt": "\n \n"})
     with pytest.raises(DataError, match="empty") as err:
         load_corpus(DataConfig(path=str(folder)))
     assert str(folder.resolve() / "valid.txt") in str(err.value)

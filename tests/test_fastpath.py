@@ -248,3 +248,35 @@ def test_bf16_attention_keeps_activations_in_bf16(impl):
         assert not big_fp32, big_fp32[:5]
     else:  # the first version does round-trip (SDPA's math path on CPU): the check does see it
         assert big_fp32
+
+
+# ---- bf16 weights (DeepSpeed's bf16 mode casts the whole model) --------------------------------
+
+
+@pytest.mark.parametrize("cutoffs", [None, [500, 3000]])
+@pytest.mark.parametrize("gated", [False, True])
+def test_model_with_bf16_weights_trains(corpus, cutoffs, gated):
+    """With `deepspeed.precision: bf16` the engine casts every parameter to bf16 (no autocast): the
+    position embeddings, memory and output layer must follow the weights' dtype. Loss and gradients
+    land near the fp32 model's, within bf16 rounding."""
+    torch.manual_seed(9)
+    model = LanguageModel(model_cfg("all_attention", cutoffs), len(corpus.vocab), GateConfig() if gated else None)
+    half = LanguageModel(model_cfg("all_attention", cutoffs), len(corpus.vocab), GateConfig() if gated else None)
+    half.load_state_dict(model.state_dict())
+    half.to(torch.bfloat16)
+    (x0, y0), (x1, y1) = text_segments(corpus)
+    losses = []
+    for m in (model, half):
+        torch.manual_seed(10)  # the same gate sample
+        _, mems = m.loss(x0, y0)
+        assert all(t.dtype == next(m.parameters()).dtype for t in mems)
+        loss, _ = m.loss(x1, y1, mems)
+        loss.backward()
+        losses.append(loss.float())
+    assert losses[1].dtype == torch.float32 and torch.isfinite(losses[1])
+    assert abs(losses[1] - losses[0]) / losses[0] < 0.02, losses
+    g32 = model.io.weight.grad if not cutoffs else model.io.asm.head.weight.grad
+    g16 = half.io.weight.grad if not cutoffs else half.io.asm.head.weight.grad
+    assert g16.dtype == torch.bfloat16
+    cos = F.cosine_similarity(g32.flatten(), g16.float().flatten(), dim=0)
+    assert cos > 0.99, float(cos)

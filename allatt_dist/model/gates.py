@@ -39,9 +39,10 @@ class HeadGate(nn.Module):
     def _stretch(self, s: torch.Tensor) -> torch.Tensor:
         return (s * (self.zeta - self.gamma) + self.gamma).clamp(0.0, 1.0)
 
-    def probabilities(self) -> torch.Tensor:
-        """Deterministic stretched gate value in [0, 1], (H,); a head is open when it is > 0.5."""
-        return self._stretch(torch.sigmoid(self.log_alpha))
+    def probabilities(self, log_alpha: torch.Tensor | None = None) -> torch.Tensor:
+        """Deterministic stretched gate value in [0, 1], (H,); a head is open when it is > 0.5.
+        `log_alpha`: other values of this gate's logits (e.g. the optimizer's fp32 master copy)."""
+        return self._stretch(torch.sigmoid(self.log_alpha if log_alpha is None else log_alpha))
 
     def forward(self) -> torch.Tensor:
         if not self.training:

@@ -135,11 +135,12 @@ class AdaptiveIO(nn.Module):
 
     def log_probs(self, h: torch.Tensor) -> torch.Tensor:
         b, t, d = h.shape
-        return self.asm.log_prob(h.reshape(b * t, d).float()).view(b, t, -1)  # (B,T,V)
+        h = h.reshape(b * t, d).to(self.asm.head.weight.dtype)  # (B*T,D) the weights' dtype (fp32 under autocast)
+        return self.asm.log_prob(h).float().view(b, t, -1)  # (B,T,V)
 
     def nll(self, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """h: (N, D), target: (N,) -> (N,) negative log-likelihood (fp32)."""
-        return -self.asm(h.float(), target).output
+        return -self.asm(h.to(self.asm.head.weight.dtype), target).output.float()
 
 
 def make_output(vocab_size: int, dim: int, cutoffs: list[int], div: int) -> nn.Module:

@@ -120,10 +120,10 @@ class LanguageModel(nn.Module):
         b, t = x.shape
         m = 0 if not mems else mems[0].shape[1]
         k = m + t
-        pos = sinusoid(torch.arange(k - 1, -1, -1, device=x.device), self.cfg.hidden_dim)  # (K,D)
+        h = self.drop(self.io.embed(x))  # (B,T,D), in the weights' dtype (bf16/fp16 under DeepSpeed's)
+        pos = sinusoid(torch.arange(k - 1, -1, -1, device=x.device), self.cfg.hidden_dim).to(h.dtype)  # (K,D)
         pos = self.drop(pos)
         mask = attention_mask(t, m, self.cfg.mem_len, self.cfg.same_length, x.device)  # (T,K)
-        h = self.drop(self.io.embed(x))  # (B,T,D)
         new_mems = []
         for i, layer in enumerate(self.layers):
             mem = mems[i] if mems else None

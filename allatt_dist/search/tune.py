@@ -170,8 +170,12 @@ def _progress_callback(total: int):
             if not tty:
                 ppl = trial.last_result.get("valid_ppl")
                 step = trial.last_result.get("step")
-                print(f"search: {self.done}/{total} trials done; {trial} ended at step {step}, valid ppl {ppl}",
-                      file=sys.stderr, flush=True)
+                ppl = f"{ppl:.1f}" if isinstance(ppl, float) else "n/a"
+                print(
+                    f"search: {self.done}/{total} trials done; {trial} ended at step {step}, valid ppl {ppl}",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
         on_trial_error = on_trial_complete
 

@@ -75,15 +75,28 @@ def _eval(lm: LanguageModel, tokens: np.ndarray, cfg: RunConfig, rank: int, worl
     return float(np.exp(min(nll, 50.0))), int(total[1])
 
 
-def _gate_probs(lm: LanguageModel) -> np.ndarray | None:
-    """(layers, heads) eval gate probabilities, gathered under ZeRO-3 (closed/pruned heads as 0)."""
-    import deepspeed
+def _master_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`module`'s parameters as the optimizer holds them, fp32 on CPU: DeepSpeed's fp32 master copies
+    under bf16/fp16 (the module itself is then low precision), gathered under ZeRO-3. Collective:
+    every rank must call it, in the same order."""
+    from deepspeed.utils import safe_get_full_fp32_param
 
+    out = {}
+    for name, p in module.named_parameters():
+        full = safe_get_full_fp32_param(p)  # None when the engine keeps no separate master (fp32, ZeRO-0)
+        out[name] = (p if full is None else full).detach().float().cpu().clone()
+    return out
+
+
+def _gate_probs(lm: LanguageModel) -> np.ndarray | None:
+    """(layers, heads) eval gate probabilities from the fp32 gate logits (those the exported model gets)."""
     if not lm.gates:
         return None
-    params = [g.log_alpha for g in lm.gates]
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        return np.stack([blk.gate.probabilities().detach().float().cpu().numpy() for blk in lm.layers])
+    probs = []
+    for blk in lm.layers:
+        logits = _master_weights(blk.gate)["log_alpha"]  # (H,) gathered under ZeRO-3
+        probs.append(blk.gate.probabilities(logits).numpy())
+    return np.stack(probs)
 
 
 def _register_io_params(module: TrainModule) -> None:
@@ -286,16 +299,14 @@ def _checkpoint(engine, stream, mems, step, rank, metrics, checkpoint_cls) -> No
 
 
 def _export(lm: LanguageModel, vocab, cfg: RunConfig, spec: PhaseSpec, out: Path, rank: int, step: int) -> None:
-    """Consolidate the (possibly ZeRO-3 partitioned) weights and write model.safetensors on rank 0."""
-    import deepspeed
-
+    """Consolidate the (possibly ZeRO-3 partitioned, possibly bf16) weights and write model.safetensors
+    on rank 0 from the fp32 master copies."""
     from allatt_dist.modelio import save_model_dir
 
-    with deepspeed.zero.GatheredParameters(list(lm.parameters()), modifier_rank=None):
-        if rank == 0:
-            state = {k: v.detach().float().cpu().clone() for k, v in lm.state_dict().items()}
-            copy = LanguageModel(cfg.model, lm.vocab_size, spec.gates, lm.heads_per_layer)
-            copy.load_state_dict(state)
-            save_model_dir(copy, vocab, out, gates=spec.gates, extra={"phase": spec.phase, "step": step})
+    state = _master_weights(lm)  # every rank: a collective under ZeRO-3
+    if rank == 0:
+        copy = LanguageModel(cfg.model, lm.vocab_size, spec.gates, lm.heads_per_layer)
+        copy.load_state_dict(state)  # strict: the model has no buffers, its state is its parameters
+        save_model_dir(copy, vocab, out, gates=spec.gates, extra={"phase": spec.phase, "step": step})
     if dist.is_initialized():
         dist.barrier()
