@@ -23,7 +23,9 @@ or with `--vocab-size V` seeded uniform ids over V words (for a machine without 
 
 `--baseline` also times the first, straightforward implementation (`use_fast_paths(model, False)`:
 one dense-bias SDPA call per layer, unfused output cross-entropy, torch's default Adam, eager), its
-steps interleaved with the fast ones, so the ratio holds under the same machine load.
+steps interleaved with the fast ones, so the ratio holds under the same machine load. It runs in
+the `--dtype` precision unless `--baseline-dtype` says otherwise (e.g. `--dtype bf16 --baseline-dtype
+fp32`: the fast recipe against the plain fp32 version a first implementation would be).
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plain-adam", action="store_true", help="ablation: torch's default Adam, not the fused one")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (falls back to eager)")
     p.add_argument("--baseline", action="store_true", help="also time the straightforward eager version")
+    p.add_argument(
+        "--baseline-dtype", choices=["fp32", "bf16"], default=None, help="the baseline's precision (default: --dtype)"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="cpu: process CPU time (CPU device)")
@@ -90,6 +95,7 @@ def cmd_bench(a: argparse.Namespace) -> dict | None:
         plain_adam=a.plain_adam,
         compile_model=a.compile,
         baseline=a.baseline,
+        baseline_dtype=a.baseline_dtype,
         threads=a.threads,
         seed=a.seed,
         train=not a.no_train,
@@ -120,6 +126,7 @@ def run_bench(
     plain_adam: bool = False,
     compile_model: bool = False,
     baseline: bool = False,
+    baseline_dtype: str | None = None,
     threads: int | None = None,
     seed: int = 0,
     train: bool = True,
@@ -174,11 +181,13 @@ def run_bench(
         vocab = len(corpus.vocab)
     fill = math.ceil(mc.mem_len / mc.seq_len) if mc.mem_len else 0  # steps until the memory is full
     n_warm = warmup + fill
-    amp = (
-        (lambda: torch.autocast(dev.type, dtype=torch.bfloat16))
-        if dtype == "bf16"
-        else (lambda: contextlib.nullcontext())
-    )
+    baseline_dtype = baseline_dtype or dtype
+
+    def amp(fast: bool = True):
+        """The precision of the fast model, or of the baseline (--baseline-dtype)."""
+        bf16 = (dtype if fast else baseline_dtype) == "bf16"
+        return torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
     note: dict[str, Any] = {}
     sparsities = sorted({0.0, *(sparsities or [])})
     res: dict[str, Any] = {
@@ -234,7 +243,7 @@ def run_bench(
                 x, y, reset = stream.next_batch()
                 x, y = x.to(dev), y.to(dev)  # (B,T) each
                 opt.zero_grad(set_to_none=True)
-                with amp():
+                with amp(fast):
                     loss, mems = loss_fn(x, y, None if reset else state["mems"])
                 loss.backward()
                 opt.step()
@@ -273,6 +282,7 @@ def run_bench(
             out["train_peak_mem_bytes"] = pm.peak
             out["train_state_bytes"] = state_bytes
             out["optimizer"] = kind
+            out["dtype"] = dtype if name == "fast" else baseline_dtype
         del variants
         res["train_tflops"] = res["train_flops_per_token"] * res["train_tokens_per_s"] / 1e12
         peak = peak_tflops(res["device"], dtype) if dev.type == "cuda" else None
@@ -289,13 +299,13 @@ def run_bench(
         model.to(dev).eval()
         fast_paths(model, fast)
         mems = None
-        with torch.no_grad(), amp():
+        with torch.no_grad(), amp(fast):
             for x, y in segs[:-1]:
                 mems = model(x.to(dev), mems, y.to(dev)).mems
 
         def make_fwd(fn):
             def fwd():
-                with torch.no_grad(), amp():
+                with torch.no_grad(), amp(fast):
                     fn(x_t, mems, y_t)
 
             return fwd
@@ -375,7 +385,8 @@ def format_table(res: dict[str, Any]) -> str:
         if "baseline" in res:
             b = res["baseline"]
             lines.append(
-                f"  baseline: {b['train_tokens_per_s']:.0f} tokens/s, step {b['train_step_ms']['median']:.1f} ms, "
+                f"  baseline ({b['dtype']}): {b['train_tokens_per_s']:.0f} tokens/s, "
+                f"step {b['train_step_ms']['median']:.1f} ms, "
                 f"peak {mib(b['train_peak_mem_bytes'])}; speed-up {res['train_speedup']:.2f}x"
             )
     lines.append(f"inference (batch {c['eval_batch']}), per segment:")

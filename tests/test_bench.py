@@ -70,9 +70,10 @@ def test_bench_table_bf16_random_ids(tmp_path, capsys):
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(TINY.format(path=tmp_path / "no-such-corpus"))
     args = ["--dtype", "bf16", "--repeats", "1", "--warmup", "0", "--sparsities", "0.5", "--vocab-size", "500"]
-    assert main(["bench", str(cfg), *args]) == 0
+    assert main(["bench", str(cfg), *args, "--baseline", "--baseline-dtype", "fp32"]) == 0
     text = capsys.readouterr().out
     assert "dtype bf16" in text and "V=500" in text and "tokens/s" in text and "0.50" in text
+    assert "baseline (fp32):" in text
 
 
 def test_bench_rejects_bad_sparsity(tmp_path, wt2_path, capsys):
