@@ -1,6 +1,7 @@
-"""Draw docs/img/bench_cpu.png from the JSON results of `allatt-dist bench` under docs/bench/results/.
+"""Draw docs/img/bench_cpu.png from the JSON results of `allatt-dist bench` under docs/bench/results/,
+and docs/img/dp_scaling.png from those of benchmarks/train_scaling.py under docs/bench/results/scaling/.
 
-    python docs/bench/plot.py            # reads docs/bench/results/cpu1-{fp32,bf16}_*.json
+    python docs/bench/plot.py            # reads cpu1-{fp32,bf16}_*.json and scaling/small_b*.json
 
 Left: inference latency per segment against sparsity (median over runs, bars from the fastest to
 the slowest run), with the FLOPs-proportional line (dense latency x pruned/dense FLOPs) and its
@@ -21,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 OUT = HERE.parent / "img" / "bench_cpu.png"
+OUT_SCALING = HERE.parent / "img" / "dp_scaling.png"
 
 
 def load(prefix: str) -> list[dict]:
@@ -92,6 +94,52 @@ def main() -> None:
     OUT.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(OUT, dpi=110)
     print(OUT)
+    scaling()
+
+
+def scaling() -> None:
+    """Training tokens/s (left) and speed-up over one worker (right) against the global batch."""
+    rows = [r for p in sorted((RESULTS / "scaling").glob("small_b*.json")) for r in json.loads(p.read_text())["best"]]
+    if not rows:
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    one = {r["global_batch"]: r["tokens_per_s"] for r in rows if r["workers"] == 1}
+    cases = (((1, 0), "o-", "#7f7f7f"), ((2, 0), "s-", "#1f77b4"), ((2, 2), "^--", "#2ca02c"))
+    for (workers, stage), style, color in cases:
+        pts = sorted(
+            (r["global_batch"], r["tokens_per_s"]) for r in rows if (r["workers"], r["zero_stage"]) == (workers, stage)
+        )
+        if not pts:
+            continue
+        label = f"{workers} worker{'s' if workers > 1 else ''}, ZeRO-{stage}"
+        left.plot([b for b, _ in pts], [t for _, t in pts], style, color=color, label=label)
+        if workers > 1:
+            right.plot([b for b, _ in pts], [t / one[b] for b, t in pts], style, color=color, label=label)
+            for b, t in pts:
+                right.annotate(
+                    f"{t / one[b]:.2f}x", (b, t / one[b]), textcoords="offset points", xytext=(4, -12), fontsize=8
+                )
+    right.axhline(1.7, color="grey", linestyle=":", label="1.7x (target)")
+    right.axhline(2.0, color="grey", linewidth=0.6)
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(one), [str(b) for b in sorted(one)])
+        ax.set_xlabel("global batch (rows of 64 tokens)")
+        ax.legend(fontsize=8)
+    left.set_ylabel("training tokens/s (whole job)")
+    left.set_ylim(bottom=0)
+    right.set_ylabel("speed-up over 1 worker")
+    right.set_ylim(1.0, 2.05)
+    left.set_title("Throughput, small configuration (5.9 M params)")
+    right.set_title("2 workers against 1, same global batch")
+    fig.suptitle(
+        "benchmarks/train_scaling.py --config docs/bench/small.yaml; Ray Train + DeepSpeed, gloo; "
+        "2-core CPU VM (AMD EPYC), 2026-11-27",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(OUT_SCALING, dpi=110)
+    print(OUT_SCALING)
 
 
 if __name__ == "__main__":
