@@ -280,3 +280,33 @@ def test_model_with_bf16_weights_trains(corpus, cutoffs, gated):
     assert g16.dtype == torch.bfloat16
     cos = F.cosine_similarity(g32.flatten(), g16.float().flatten(), dim=0)
     assert cos > 0.99, float(cos)
+
+
+# ---- adaptive softmax: torch's value, and the same graph for every batch ----------------------
+
+
+def test_adaptive_nll_matches_torch_and_uses_every_cluster():
+    from allatt_dist.model.output import AdaptiveIO
+
+    torch.manual_seed(11)
+    io = AdaptiveIO(1000, 32, [100, 400], 2)
+    h = torch.randn(64, 32, requires_grad=True)
+    target = torch.randint(0, 1000, (64,))
+    target[:5] = torch.tensor([0, 99, 100, 399, 999])  # both edges of every cluster
+    params = [h, *io.parameters()]
+    got, want = io.nll(h, target), -io.asm(h, target).output
+    assert_close(got, want, "nll")
+    for a, b in zip(grads(got, params), grads(want, params), strict=True):
+        assert_close(a, b, "grad")
+    # A batch with no target in the last tail: that tail still takes part (a zero gradient), so the
+    # backward graph, and with it DeepSpeed's gradient buckets, is the same for every batch.
+    short = torch.randint(0, 400, (64,))
+    g = torch.autograd.grad(io.nll(h, short).sum(), list(io.asm.tail[1].parameters()), allow_unused=True)
+    assert all(x is not None and not x.any() for x in g)
+    # bf16 weights: products in bf16, log-softmax in fp32
+    io16 = AdaptiveIO(1000, 32, [100, 400], 2)
+    io16.load_state_dict(io.state_dict())
+    io16.to(torch.bfloat16)
+    got16 = io16.nll(h.detach(), target)
+    assert got16.dtype == torch.float32
+    assert (got16 - want.detach()).abs().max() < 0.01  # torch's module in bf16: 0.074 here; this path: 0.0013

@@ -1,11 +1,12 @@
 """Word embeddings and the output distribution, with tied weights.
 
 - No cutoffs: a plain embedding and a full softmax whose weight is the embedding matrix.
-- With cutoffs: torch's `AdaptiveLogSoftmaxWithLoss` (Grave et al. 2017) for the output, and an
-  adaptive input (Baevski & Auli 2019) that reads the same matrices: the shortlist rows of the
-  softmax head are the frequent-word embeddings, and each tail cluster's (down-projection,
-  word matrix) pair is reused transposed as the cluster's (embedding, up-projection). torch has
-  no adaptive *input* module, which is why this one is written here.
+- With cutoffs: torch's `AdaptiveLogSoftmaxWithLoss` (Grave et al. 2017) holds the output's
+  parameters and gives full distributions (`log_prob`), and an adaptive input (Baevski & Auli
+  2019) reads the same matrices: the shortlist rows of the softmax head are the frequent-word
+  embeddings, and each tail cluster's (down-projection, word matrix) pair is reused transposed as
+  the cluster's (embedding, up-projection). torch has no adaptive *input* module, which is why
+  this one is written here; the training NLL is also computed here (`AdaptiveIO.nll` says why).
 """
 
 from __future__ import annotations
@@ -139,8 +140,30 @@ class AdaptiveIO(nn.Module):
         return self.asm.log_prob(h).float().view(b, t, -1)  # (B,T,V)
 
     def nll(self, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """h: (N, D), target: (N,) -> (N,) negative log-likelihood (fp32)."""
-        return -self.asm(h.to(self.asm.head.weight.dtype), target).output.float()
+        """h: (N, D), target: (N,) -> (N,) negative log-likelihood (fp32).
+
+        The same value as `AdaptiveLogSoftmaxWithLoss.forward`, computed differently in two ways.
+        Every tail cluster is evaluated on every call, on the rows whose target falls in it (none
+        included), so the autograd graph does not depend on the batch: DeepSpeed's ZeRO reduces
+        gradients bucket by bucket as backward hooks fire (stages 1-2) and gathers weights module by
+        module (stage 3), and both need the same graph on every rank (torch's module skips clusters
+        with no target, and the ranks' collectives then mismatch). And the products run in the
+        weights' dtype (or autocast's) while every log-softmax runs in fp32 (torch's module keeps the
+        weights' dtype throughout: bf16 log-probabilities under `deepspeed.precision: bf16`)."""
+        asm = self.asm
+        h = h.to(asm.head.weight.dtype)  # (N,D); bf16 under DeepSpeed's bf16, fp32 under autocast
+        short = self.cutoffs[0]
+        bounds = torch.tensor(self.cutoffs[:-1], device=target.device)  # (C,) first id of each tail
+        cluster = torch.bucketize(target, bounds, right=True)  # (N,) 0: shortlist, i: tail i
+        head_lp = torch.log_softmax(asm.head(h).float(), dim=-1)  # (N, short + C) fp32
+        head_idx = torch.where(cluster == 0, target, short + cluster - 1)  # (N,) word or its cluster
+        lp = head_lp.gather(1, head_idx[:, None]).squeeze(1)  # (N,)
+        for i, tail in enumerate(asm.tail, start=1):
+            rows = (cluster == i).nonzero().squeeze(1)  # (n_i,) may be empty
+            tail_lp = torch.log_softmax(tail(h.index_select(0, rows)).float(), dim=-1)  # (n_i, size_i) fp32
+            rel = target.index_select(0, rows) - self.cutoffs[i - 1]  # (n_i,) id within the cluster
+            lp = lp.index_add(0, rows, tail_lp.gather(1, rel[:, None]).squeeze(1))  # (N,)
+        return -lp
 
 
 def make_output(vocab_size: int, dim: int, cutoffs: list[int], div: int) -> nn.Module:

@@ -99,20 +99,6 @@ def _gate_probs(lm: LanguageModel) -> np.ndarray | None:
     return np.stack(probs)
 
 
-def _mark_zero3_leaves(module: TrainModule) -> None:
-    """ZeRO-3: gather torch's adaptive softmax as one unit (before `deepspeed.initialize`).
-
-    ZeRO-3 all-gathers a module's weights in hooks around its forward, and every rank must run the
-    same gathers in the same order. `AdaptiveLogSoftmaxWithLoss` calls a tail cluster only when the
-    batch has a target in it, which differs between ranks: one rank gathers a cluster the other
-    skips, and gloo aborts on the mismatched collective. As a ZeRO-3 leaf module the adaptive softmax
-    gathers all its clusters when it is entered, on every rank alike.
-    """
-    from deepspeed.utils import set_z3_leaf_modules
-
-    set_z3_leaf_modules(module, [torch.nn.AdaptiveLogSoftmaxWithLoss], raise_if_not_found=False)
-
-
 def _register_io_params(module: TrainModule) -> None:
     """ZeRO-3: keep the tied embedding/softmax matrices gathered wherever they are read.
 
@@ -195,8 +181,6 @@ def train_loop_per_worker(job: dict) -> None:
     module = TrainModule(lm, objective)
     groups = param_groups(module, cfg, spec)
     ds_cfg = deepspeed_config(cfg, on_gpu)
-    if cfg.deepspeed.zero_stage == 3:
-        _mark_zero3_leaves(module)
     engine, _, _, scheduler = deepspeed.initialize(
         model=module,
         model_parameters=groups,
