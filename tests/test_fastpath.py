@@ -310,3 +310,19 @@ def test_adaptive_nll_matches_torch_and_uses_every_cluster():
     got16 = io16.nll(h.detach(), target)
     assert got16.dtype == torch.float32
     assert (got16 - want.detach()).abs().max() < 0.01  # torch's module in bf16: 0.074 here; this path: 0.0013
+
+
+@pytest.mark.parametrize("cutoffs", [None, [500, 3000]])
+def test_model_trains_under_bf16_autocast(corpus, cutoffs):
+    """`allatt-dist bench --dtype bf16` (fp32 weights, bf16 autocast), with the full and the adaptive
+    output layer: a training step runs and its loss is within bf16 rounding of fp32's."""
+    torch.manual_seed(12)
+    model = LanguageModel(model_cfg("all_attention", cutoffs), len(corpus.vocab))
+    (x0, y0), (x1, y1) = text_segments(corpus)
+    with torch.no_grad():
+        want = model.loss(x1, y1, model(x0).mems)[0].item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = model.loss(x1, y1, model(x0).mems)
+    loss.backward()
+    assert loss.dtype == torch.float32 and abs(loss.item() - want) / want < 0.02
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

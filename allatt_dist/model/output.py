@@ -130,7 +130,7 @@ class AdaptiveIO(nn.Module):
                 else:
                     proj, words = self.asm.tail[i - 1]
                     small = F.embedding(ids, words.weight)  # (n, D/div^i)
-                    out[sel] = F.linear(small, proj.weight.t())  # (n,D)
+                    out[sel] = F.linear(small, proj.weight.t()).to(out.dtype)  # (n,D); autocast: bf16 product
             lo = hi
         return out * self.scale
 
