@@ -8,7 +8,8 @@ reach Tune through `TuneReportCallback`, so ASHA sees validation perplexity at e
     EXP_DIR/
       run.yaml, dense/              the shared dense model (from `allatt-dist run`)
       tune/                         Ray Tune's experiment state (what `Tuner.restore` reads)
-      trials/<trial_id>/            run.yaml, params.json, status.json, prune/{tb,model,pruned,...}
+      trials/<trial_id>/            run.yaml, params.json, status.json (final: written by the driver),
+                                    error.txt (when the trial function raised), prune/{tb,model,...}
       hparams/<trial_id>/           TensorBoard HParams events (temperature, target -> ppl, params)
 """
 
@@ -63,7 +64,10 @@ def run_trial(params: dict[str, Any], base: dict, exp_dir: str, dense_dirs: dict
             cfg, run_dir, "prune", verbose, progress=False, init_dir=Path(dense_dir), callbacks=[TuneReportCallback()]
         )
     except Exception as e:
-        _write_json(run_dir / "status.json", {"status": "error", "error": str(e).splitlines()[0][:400]})
+        # Not status.json: the driver writes the final status of every trial after the search
+        # (`record_statuses`), and a trial the scheduler stops also ends up here, in a process that
+        # may outlive the search and would overwrite "stopped" with this error.
+        (run_dir / "error.txt").write_text(str(e)[:4000] + "\n")
         raise
     _write_json(run_dir / "status.json", {"status": "finished"})
     _hparams(exp, trial_id, params, metrics)
