@@ -64,16 +64,44 @@ def test_train_samples_are_binary_with_straight_through_gradient():
     assert (gate.log_alpha.grad[~inside] == 0).all()
 
 
-@pytest.mark.parametrize("gamma,zeta", [(-0.1, 1.1), (-0.2, 1.1), (-0.1, 1.5)])
+@pytest.mark.parametrize("gamma,zeta", [(-0.1, 1.1), (-0.2, 1.2), (-0.05, 1.05)])
 def test_eval_gate_is_open_exactly_when_log_alpha_positive(gamma, zeta):
     values = [0.0, 1e-8, -1e-8, 1e-7, 0.05, 0.15, -0.05, 5.0, -5.0]
     gate = HeadGate(len(values), GateConfig(gamma=gamma, zeta=zeta)).eval()
+    assert gate.threshold == 0.0  # a symmetric stretch
     set_log_alpha(gate, values)
     z = gate()
     assert torch.equal(z, (torch.tensor(values) > 0).float())
     assert torch.equal(z.bool(), gate.open_mask())  # what pruning keeps
     torch.manual_seed(1)
     assert torch.equal(gate(), z)  # deterministic
+
+
+@pytest.mark.parametrize("gamma,zeta,temperature", [(-0.1, 1.5, 2 / 3), (-0.5, 1.1, 2 / 3), (-0.2, 1.1, 1 / 3)])
+def test_one_threshold_for_sampling_eval_pruning_and_the_objective(gamma, zeta, temperature):
+    """With an asymmetric stretch the sampled gate opens with P = sigmoid(log_alpha - theta), theta =
+    beta * logit((0.5 - gamma) / (zeta - gamma)); eval, pruning, P(z = 1) and the target objective all
+    use that theta, so a head counted open in training statistics is the one pruning keeps."""
+    cfg = GateConfig(gamma=gamma, zeta=zeta, temperature=temperature, sparsity_target=0.5)
+    c = (0.5 - gamma) / (zeta - gamma)
+    theta = temperature * math.log(c / (1 - c))
+    levels = torch.tensor([-2.0, -0.5, 0.0, 0.3, 1.0, 2.0]) + theta
+    reps = 20_000
+    gate = HeadGate(len(levels) * reps, cfg).train()
+    assert gate.threshold == pytest.approx(theta, abs=1e-12) and abs(theta) > 0.05
+    set_log_alpha(gate, levels.repeat_interleave(reps))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        freq = gate().view(len(levels), reps).mean(1)  # how often the sampled gate is open
+    p_open = gate.probabilities().view(len(levels), reps)[:, 0]
+    assert torch.allclose(freq, p_open, atol=0.015), (freq, p_open)
+    assert torch.allclose(p_open, torch.sigmoid(levels - theta))
+    small = HeadGate(len(levels), cfg).eval()
+    set_log_alpha(small, levels.tolist())
+    assert torch.equal(small().bool(), levels > theta) and torch.equal(small.open_mask(), levels > theta)
+    assert torch.equal(small.open_mask(), small.probabilities() > 0.5)  # away from the boundary they agree
+    _, stats = SparsityObjective(cfg)([small], step=0)
+    assert stats["expected_sparsity"] == pytest.approx(float(1 - torch.sigmoid(levels - theta).mean()), rel=1e-6)
 
 
 @pytest.mark.parametrize("temperature", [1 / 3, 2 / 3])
@@ -95,6 +123,7 @@ def test_open_frequency_matches_l0_formula(temperature):
     # The hard 0/1 gate thresholds s_bar at 0.5: with gamma + zeta = 1 it opens with P = sigmoid(log_alpha),
     # less often than the L0 term counts.
     assert torch.allclose(z.mean(1), torch.sigmoid(levels), atol=0.015)
+    assert torch.allclose(gate.probabilities().view(len(levels), reps)[:, 0], torch.sigmoid(levels))
     assert (z.mean(1) <= nonzero).all()
 
 

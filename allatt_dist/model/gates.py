@@ -5,9 +5,13 @@ One gate per head per layer, with a trainable logit `log_alpha`. In training a g
     u ~ U(0, 1);  s = sigmoid((log u - log(1 - u) + log_alpha) / beta)
     s_bar = clamp(s * (zeta - gamma) + gamma, 0, 1);  z = 1[s_bar > 0.5]   (straight-through)
 
-In eval the gate is deterministic: open exactly when log_alpha > 0 (for the default stretch,
-gamma + zeta = 1, that is s_bar from sigmoid(log_alpha) above 0.5). The test is made on log_alpha
-itself, so it agrees bit for bit with `open_mask()` and physical pruning is exact.
+The sampled gate opens when s > c = (0.5 - gamma) / (zeta - gamma), i.e. when the logistic noise
+L = log u - log(1 - u) satisfies L + log_alpha > theta with theta = beta * logit(c). So a head is open in
+training with probability sigmoid(log_alpha - theta), and one threshold serves everywhere: the eval gate
+is open exactly when log_alpha > theta (the head is open more often than not), the Lagrangian counts a
+head as kept with probability sigmoid(log_alpha - theta), and pruning keeps the heads with log_alpha >
+theta. For the default stretch, gamma + zeta = 1, c = 1/2 and theta = 0. The eval test is made on
+log_alpha itself, so it agrees bit for bit with `open_mask()` and physical pruning is exact.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ class HeadGate(nn.Module):
     def __init__(self, num_heads: int, cfg: GateConfig):
         super().__init__()
         self.beta, self.gamma, self.zeta = cfg.temperature, cfg.gamma, cfg.zeta
+        self.threshold = open_threshold(cfg)  # theta: open when log_alpha + noise > theta
         self.log_alpha = nn.Parameter(torch.empty(num_heads))  # (H,)
         self.reset_parameters(cfg)
 
@@ -40,15 +45,15 @@ class HeadGate(nn.Module):
         return (s * (self.zeta - self.gamma) + self.gamma).clamp(0.0, 1.0)
 
     def probabilities(self, log_alpha: torch.Tensor | None = None) -> torch.Tensor:
-        """Deterministic stretched gate value in [0, 1], (H,); a head is open when it is > 0.5.
+        """P(z = 1), the probability that the sampled gate is open, (H,); the eval gate is open where it
+        is above 1/2 (decide that with `open_mask`, which does not round).
         `log_alpha`: other values of this gate's logits (e.g. the optimizer's fp32 master copy)."""
-        return self._stretch(torch.sigmoid(self.log_alpha if log_alpha is None else log_alpha))
+        return torch.sigmoid((self.log_alpha if log_alpha is None else log_alpha) - self.threshold)
 
     def forward(self) -> torch.Tensor:
         if not self.training:
-            # Same decision as open_mask(): thresholding sigmoid(log_alpha) in floating point would
-            # close heads with 0 < log_alpha < ~1e-7, and any head below logit((0.5-gamma)/(zeta-gamma))
-            # when gamma + zeta != 1, so the pruned model would not match the gated one.
+            # Same decision as open_mask(): thresholding sigmoid(log_alpha - theta) in floating point
+            # would close heads just above theta, so the pruned model would not match the gated one.
             return self.open_mask().to(self.log_alpha.dtype)  # (H,)
         eps = 1e-6
         u = torch.rand_like(self.log_alpha).clamp(eps, 1 - eps)  # (H,)
@@ -61,14 +66,22 @@ class HeadGate(nn.Module):
 
         This is Louizos et al.'s expected L0 norm: the probability that the stretched sample is
         non-zero. The hard gate used in the forward pass thresholds s_bar at 0.5, so it is open less
-        often (P = sigmoid(log_alpha) for the default gamma, zeta); the penalty counts a head until
+        often (P = sigmoid(log_alpha - theta), `probabilities()`); the penalty counts a head until
         its stretched sample is clamped to exactly 0.
         """
         return torch.sigmoid(self.log_alpha - self.beta * math.log(-self.gamma / self.zeta))
 
-    def open_mask(self) -> torch.Tensor:
-        """Heads kept by pruning, (H,) bool: exactly those the eval gate leaves open."""
-        return self.log_alpha.detach() > 0
+    def open_mask(self, log_alpha: torch.Tensor | None = None) -> torch.Tensor:
+        """Heads kept by pruning, (H,) bool: exactly those the eval gate leaves open (log_alpha > theta)."""
+        return (self.log_alpha if log_alpha is None else log_alpha).detach() > self.threshold
+
+
+def open_threshold(cfg: GateConfig) -> float:
+    """theta = beta * logit((0.5 - gamma) / (zeta - gamma)): the sampled gate is open when the logistic
+    noise plus log_alpha exceeds it. Exactly 0 for a symmetric stretch (gamma + zeta = 1)."""
+    if math.isclose(cfg.gamma + cfg.zeta, 1.0, rel_tol=0.0, abs_tol=1e-12):
+        return 0.0
+    return cfg.temperature * (math.log(0.5 - cfg.gamma) - math.log(cfg.zeta - 0.5))
 
 
 def expected_open(gates: list[HeadGate]) -> torch.Tensor:
@@ -123,7 +136,8 @@ class SparsityObjective(nn.Module):
       ascent (their gradient is flipped, so the same optimizer step maximises over them).
 
     "Closed" means what pruning removes: the hard gate z = 0, i.e. the stretched sample <= 0.5,
-    which has probability 1 - sigmoid(log_alpha) whatever the temperature. (The L0 term's P(s_bar > 0)
+    which has probability 1 - sigmoid(log_alpha - theta) (theta = 0 for the default stretch, at any
+    temperature). (The L0 term's P(s_bar > 0)
     is larger, by a margin that grows with beta: driving *it* to t left the pruned models of hot
     gates far sparser than asked, 44% for a 25% target at beta = 0.66 in the quickstart.)
     """
@@ -138,7 +152,7 @@ class SparsityObjective(nn.Module):
 
     def forward(self, gates: list[HeadGate], step: int) -> tuple[torch.Tensor, dict[str, float]]:
         n_open = expected_open(gates)  # scalar, the L0 penalty
-        keep = torch.cat([torch.sigmoid(g.log_alpha) for g in gates])  # (L*H,) P(z = 1)
+        keep = torch.cat([g.probabilities() for g in gates])  # (L*H,) P(z = 1)
         sparsity = 1.0 - keep.mean()  # scalar, expected fraction of heads pruning removes
         stats = {"l0_penalty": float(n_open.detach()), "expected_sparsity": float(sparsity.detach())}
         if self.cfg.mode == "target":

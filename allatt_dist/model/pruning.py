@@ -1,11 +1,11 @@
 """Physical head pruning: cut closed heads out of a gated model, layer by layer.
 
-A head is kept when its eval gate is open (log_alpha > 0). For each layer the kept heads' slices of
-the q/k/v, position and output projections, their u/v biases and their persistent vectors are
-copied into a smaller, ungated model. With attention output scaling the layer's eval output is
-multiplied by H / open; that constant is folded into the output projection, so the pruned model's
-logits equal the gated model's eval logits. Removing one head removes exactly
-`per_head_params(cfg)` parameters (see docs/pruning.md).
+A head is kept when its eval gate is open (log_alpha > theta, 0 for the default stretch; see
+gates.py). For each layer the kept heads' slices of the q/k/v, position and output projections,
+their u/v biases and their persistent vectors are copied into a smaller, ungated model. With
+attention output scaling the layer's eval output is multiplied by H / open; that constant is folded
+into the output projection, so the pruned model's logits equal the gated model's eval logits.
+Removing one head removes exactly `per_head_params(cfg)` parameters (see docs/model.md, "Pruning").
 """
 
 from __future__ import annotations

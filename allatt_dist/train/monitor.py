@@ -91,15 +91,15 @@ class Monitor:
         self.progress(step, loss=loss, sparsity=stats.get("expected_sparsity"), tokens_per_s=tps)
         return values
 
-    def gates(self, step: int, probs: np.ndarray) -> None:
-        """probs: (layers, heads) eval gate probabilities; also logs open heads per layer."""
+    def gates(self, step: int, probs: np.ndarray, opened: np.ndarray) -> None:
+        """probs: (layers, heads) P(z = 1); opened: (layers, heads) bool, the eval gate (what pruning keeps)."""
         if self.writer is None:
             return
-        open_heads = (probs > 0.5).sum(axis=1)
+        open_heads = opened.sum(axis=1)
         for i, n in enumerate(open_heads):
             self.writer.add_scalar(f"gates/open_heads/layer_{i}", int(n), step)
         self.writer.add_scalar("gates/hard_sparsity", 1.0 - float(open_heads.sum()) / probs.size, step)
-        img = gate_heatmap_png(probs, f"{self.phase}: gate probability, step {step}")
+        img = gate_heatmap_png(probs, f"{self.phase}: P(gate open), step {step}")
         self.writer.add_image("gates/heatmap", img, step, dataformats="HWC")
 
     def progress(self, step: int, **fields) -> None:

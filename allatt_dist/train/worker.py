@@ -88,15 +88,17 @@ def _master_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _gate_probs(lm: LanguageModel) -> np.ndarray | None:
-    """(layers, heads) eval gate probabilities from the fp32 gate logits (those the exported model gets)."""
+def _gate_probs(lm: LanguageModel) -> tuple[np.ndarray, np.ndarray] | None:
+    """(P(z = 1), eval-open mask), each (layers, heads), from the fp32 gate logits (those the exported
+    model gets): the mask is what pruning will keep, decided on the logits, not on rounded probabilities."""
     if not lm.gates:
         return None
-    probs = []
+    probs, opened = [], []
     for blk in lm.layers:
         logits = _master_weights(blk.gate)["log_alpha"]  # (H,) gathered under ZeRO-3
         probs.append(blk.gate.probabilities(logits).numpy())
-    return np.stack(probs)
+        opened.append(blk.gate.open_mask(logits).numpy())
+    return np.stack(probs), np.stack(opened)
 
 
 def _register_io_params(module: TrainModule) -> None:
@@ -241,15 +243,15 @@ def train_loop_per_worker(job: dict) -> None:
         if step % cfg.train.eval_every == 0 or final:
             limit = None if final else cfg.data.eval_max_segments
             ppl, n_tok = _eval(lm, valid, cfg, rank, world, limit)
-            probs = _gate_probs(lm)
+            gate_state = _gate_probs(lm)
             monitor.valid_ppl = ppl
             monitor.scalars(step, {"valid/ppl": ppl})
-            if probs is not None:
-                monitor.gates(step, probs)
             last_eval = {"valid_ppl": ppl, "valid_tokens": n_tok}
-            if probs is not None:
-                last_eval["hard_sparsity"] = float((probs <= 0.5).mean())
-                last_eval["open_heads"] = [int(n) for n in (probs > 0.5).sum(axis=1)]
+            if gate_state is not None:
+                probs, opened = gate_state
+                monitor.gates(step, probs, opened)
+                last_eval["hard_sparsity"] = float(1.0 - opened.mean())
+                last_eval["open_heads"] = [int(n) for n in opened.sum(axis=1)]
                 last_eval["gate_probs"] = probs.tolist()  # (layers, heads), as logged in gates/heatmap
             monitor.progress(step)
         if step % cfg.train.checkpoint_every == 0 or final:
