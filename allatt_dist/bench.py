@@ -6,7 +6,7 @@ as the median over `--repeats` (CUDA-synchronised on a GPU):
 - one training step of the dense model on real text (forward with the Transformer-XL memory,
   backward, torch Adam step): tokens/s and peak memory;
 - one eval forward of a segment (targets scored, memory carried in) for the dense model and for
-  physically pruned models at each `--sparsity`: latency, peak memory, parameters. The pruned
+  physically pruned models at each of `--sparsities`: latency, peak memory, parameters. The pruned
   models come from a gated copy whose log_alpha is set to a seeded random open/closed pattern (the
   same heads each run; a higher sparsity closes a superset of the heads of a lower one);
 - model FLOPs per token from the formula in `perf.flops_per_token` (docs/performance.md), the achieved
@@ -36,11 +36,13 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from allatt_dist.config import add_override_arg
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="model speed: train tokens/s, (pruned) inference latency, FLOPs, MFU")
     p.add_argument("config", help="recipe YAML; its model, data, train.batch_size and gates sections are used")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    add_override_arg(p)
     p.add_argument("--json", action="store_true", help="print the full result as JSON (default: a short table)")
     p.add_argument("--out", default=None, help="also write the JSON result to this file")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")

@@ -13,19 +13,13 @@ import sys
 import warnings
 from pathlib import Path
 
+from allatt_dist.config import add_override_arg
 from allatt_dist.errors import UserError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="recipe YAML (e.g. tune_configs/quickstart.yaml)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a config key (repeatable)",
-    )
+    add_override_arg(p)
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     p.add_argument("--verbose", action="store_true", help="show Ray's and DeepSpeed's own logs")
 
@@ -65,14 +59,14 @@ def cmd_prune(a: argparse.Namespace) -> dict:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> dict:
-    from allatt_dist.config import DataConfig, parse_overrides
+    from allatt_dist.config import data_config
     from allatt_dist.data.corpus import load_corpus
     from allatt_dist.errors import CheckpointError
     from allatt_dist.evaluate import evaluate
     from allatt_dist.modelio import load_model_dir
 
     model, vocab, meta = load_model_dir(a.model_dir)
-    data = DataConfig.model_validate(parse_overrides(a.overrides).get("data", {}))
+    data = data_config({}, a.overrides, "--set")
     corpus = load_corpus(data, splits=("train", a.split))
     if corpus.vocab.fingerprint() != vocab.fingerprint():
         raise CheckpointError(
@@ -106,7 +100,7 @@ def cmd_tune(a: argparse.Namespace) -> list:
 def cmd_rank(a: argparse.Namespace) -> dict:
     from allatt_dist.search.rank import rank
 
-    return rank(Path(a.experiment), a.budget, progress=sys.stderr.isatty())
+    return rank(Path(a.experiment), a.budget, progress=sys.stderr.isatty(), data_overrides=a.overrides)
 
 
 def cmd_run(a: argparse.Namespace) -> dict:
@@ -151,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rank", help="prune, evaluate and rank the finished trials of an experiment")
     p.add_argument("experiment", help="experiment directory")
     p.add_argument("--budget", type=int, default=None, help="also report the best model under this many params")
+    add_override_arg(p, "data options over the experiment's run.yaml, e.g. data.path=DIR", "data.KEY=VALUE")
     p.set_defaults(fn=cmd_rank)
 
     p = sub.add_parser("prune", help="physically remove closed heads from a gated model")
@@ -162,14 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir")
     p.add_argument("--split", choices=["train", "valid", "test"], default="test")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="data.KEY=VALUE",
-        help="data options, e.g. data.path=DIR",
-    )
+    add_override_arg(p, "data options, e.g. data.path=DIR", "data.KEY=VALUE")
     p.set_defaults(fn=cmd_evaluate)
     from allatt_dist.cluster.commands import register as register_cluster_commands
 
@@ -180,8 +168,28 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; what follows the first `--` is kept verbatim in `extra` (submit's pass-through).
+
+    argparse alone would fill a trailing `nargs="*"` positional right after CONFIG and then refuse a `--`
+    that comes after other options, so the split is done here, before parsing.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    tail = None
+    if "--" in argv:
+        i = argv.index("--")
+        argv, tail = argv[:i], argv[i + 1 :]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if tail is not None:
+        if not hasattr(args, "extra"):
+            parser.error(f"{args.command} takes no arguments after '--' (only submit passes them on)")
+        args.extra = tail
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     if not getattr(args, "verbose", False):
         warnings.filterwarnings("ignore")
         os.environ.setdefault("RAY_DEDUP_LOGS", "1")

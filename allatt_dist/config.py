@@ -1,6 +1,6 @@
 """Typed configuration: one pydantic model per component, loaded from YAML with `--set` overrides.
 
-Every user-facing key is documented in docs/configuration.md; tests/test_config.py checks that the
+Every user-facing key is documented in docs/configuration.md; tests/test_config_doc.py checks that the
 doc and these classes name the same keys. Errors are raised as `ConfigError` with one line that
 names the file, the key and what is allowed.
 """
@@ -94,6 +94,12 @@ class DataConfig(_Section):
     eval_batch_size: int = Field(8, gt=0)
     eval_max_segments: int | None = Field(None, gt=0)
 
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if self.source == "hub" and self.path:
+            raise ValueError("source is hub but path is set; drop data.path, or use source auto/local for a folder")
+        return self
+
 
 class PhaseConfig(_Section):
     max_steps: int = Field(200, gt=0)
@@ -132,7 +138,7 @@ class DeepSpeedConfig(_Section):
 
 
 class RunConfig(_Section):
-    """The whole recipe. Later sections (tune, cluster) are added by their own modules."""
+    """The whole recipe. The `tune` section is kept raw here and validated by `search/space.py`."""
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     gates: GateConfig = Field(default_factory=GateConfig)
@@ -171,6 +177,13 @@ def _format_error(err: ValidationError, origin: str) -> str:
     return f"{where}{key}: {msg}" if key else f"{where}{msg}"
 
 
+def add_override_arg(
+    parser: Any, help: str = "override a config key (repeatable)", metavar: str = "SECTION.KEY=VALUE"
+) -> None:
+    """The `--set SECTION.KEY=VALUE` option every recipe-reading command takes (parsed by `parse_overrides`)."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar=metavar, help=help)
+
+
 def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
     """Turn ["a.b=1", "c.d=[1,2]"] into a nested dict; values are parsed as YAML scalars/lists."""
     tree: dict[str, Any] = {}
@@ -190,6 +203,18 @@ def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
                 raise ConfigError(f"--set {item!r}: {p} is not a section")
         node[parts[-1]] = value
     return tree
+
+
+def data_config(base: dict[str, Any] | None, overrides: list[str] | None, origin: str) -> DataConfig:
+    """The data section of a saved run (`base`, e.g. from run.yaml) with `--set data.KEY=VALUE` applied.
+
+    For the commands that read a finished model or experiment: only the data may change there.
+    """
+    tree = parse_overrides(overrides)
+    other = sorted(k for k in tree if k != "data")
+    if other:
+        raise ConfigError(f"--set {other[0]}.*: only data.KEY=VALUE applies here (the model's config is fixed)")
+    return build_config({"data": deep_merge(base or {}, tree.get("data", {}))}, origin).data
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

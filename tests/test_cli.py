@@ -77,3 +77,13 @@ def test_missing_data_folder_is_one_line(gated_dir, tmp_path):
     src, _, _ = gated_dir
     p = cli("evaluate", str(src), "--set", f"data.path={tmp_path / 'missing'}")
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "data folder not found" in p.stderr
+
+
+@pytest.mark.parametrize(
+    "item, needle",
+    [("model.num_heads=2", "only data.KEY=VALUE applies here"), ("data.pth=/x", "data.pth: unknown key")],
+)
+def test_evaluate_takes_only_known_data_keys(gated_dir, item, needle):
+    src, _, _ = gated_dir
+    p = cli("evaluate", str(src), "--set", item)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and needle in p.stderr, p.stderr

@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from allatt_dist.cli import main
+from allatt_dist.cli import main, parse_args
 from allatt_dist.cluster import submit as js
 
 REPO = Path(__file__).resolve().parents[1]
@@ -211,6 +211,21 @@ def test_submit_bad_input_is_one_line(monkeypatch, capsys, argv, message):
     rc = main(["submit", *argv, "--address", "http://127.0.0.1:9"])
     err = capsys.readouterr().err.strip()
     assert rc != 0 and message in err and len(err.splitlines()) == 1, err
+
+
+def test_arguments_after_double_dash_pass_through_after_any_option():
+    a = parse_args(["submit", RECIPE, "--command", "run", "--out", "/runs/q", "--", "--budget", "2000000"])
+    assert (a.remote_command, a.out, a.extra) == ("run", "/runs/q", ["--budget", "2000000"])
+    assert parse_args(["submit", RECIPE, "--", "--phase", "dense"]).extra == ["--phase", "dense"]
+    assert parse_args(["submit", RECIPE]).extra == []
+    entry, _, _ = js.build_job(str(REPO / RECIPE), None, "run", None, "/runs/q", a.extra)
+    assert entry.endswith(f"run {RECIPE} --out /runs/q --budget 2000000")
+
+
+def test_double_dash_is_refused_where_nothing_is_passed_on(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(["train", RECIPE, "--", "--phase", "dense"])
+    assert e.value.code == 2 and "only submit" in capsys.readouterr().err
 
 
 def test_submit_malformed_runtime_env_is_one_line(tmp_path, monkeypatch, capsys):
@@ -466,8 +481,8 @@ def test_submit_trains_on_both_nodes(cluster, wt2_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("submitted") / "run"
     args = [
         "submit", RECIPE, "--address", cluster.address, "--runtime-env", RUNTIME_ENV,
-        "--command", "train", "--phase", "dense", "--out", str(out), "--follow",
-        *_sets([*TINY, f"data.path={wt2_path}"]),
+        "--command", "train", "--out", str(out), "--follow",
+        *_sets([*TINY, f"data.path={wt2_path}"]), "--", "--phase", "dense",  # the documented pass-through
     ]  # fmt: skip
     r = _cli(args, cluster.env)
     assert r.returncode == 0, r.stderr[-4000:]
@@ -481,6 +496,7 @@ def test_submit_trains_on_both_nodes(cluster, wt2_path, tmp_path_factory):
     assert list((dense / "checkpoints").rglob("checkpoint_*")), "no checkpoint"
     assert list((dense / "tb").rglob("events.out.tfevents.*")), "no TensorBoard events"
     assert (dense / "model" / "config.json").is_file()
+    assert not (out / "prune").exists(), "--phase dense after `--` did not reach the job"
 
     # the same job seen through `jobs status` and `jobs logs`
     r = _cli(["jobs", "status", res["job_id"], "--address", cluster.address], cluster.env, 60)

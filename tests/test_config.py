@@ -15,6 +15,7 @@ from allatt_dist.config import (
     RunConfig,
     build_config,
     config_to_dict,
+    data_config,
     load_config,
     parse_overrides,
 )
@@ -139,10 +140,11 @@ def test_missing_file(tmp_path):
         ("gates.sparsity_target=1.0", "gates.sparsity_target"),
         ("model.num_layers=0", "model.num_layers"),
         ("model.bogus=1", "model.bogus"),
+        ("data.path=/x", "data: source is hub but path is set"),
     ],
 )
 def test_bad_override_value(override, key):
-    msg = config_error(None, [override])
+    msg = config_error(None, [override, *(["data.source=hub"] if override.startswith("data.") else [])])
     assert msg.startswith("--set: ") and key in msg, msg
 
 
@@ -155,3 +157,15 @@ def test_bad_override_on_top_of_file(tmp_path):
 def test_micro_batch():
     cfg = load_config(None, ["train.batch_size=24", "scaling.num_workers=2", "deepspeed.grad_accum_steps=3"])
     assert cfg.micro_batch == 4
+
+
+def test_data_config_amends_a_saved_data_section():
+    saved = {"path": "/old/place", "eval_batch_size": 4}
+    assert data_config(saved, ["data.path=/new/place"], "run.yaml").model_dump() == {
+        **data_config(saved, [], "run.yaml").model_dump(),
+        "path": "/new/place",
+    }
+    with pytest.raises(ConfigError, match=r"^run.yaml: data.source: .*'auto', 'local' or 'hub'"):
+        data_config({"source": "ftp"}, [], "run.yaml")
+    with pytest.raises(ConfigError, match=r"--set gates.\*: only data.KEY=VALUE"):
+        data_config(saved, ["gates.temperature=0.5"], "run.yaml")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from allatt_dist.config import add_override_arg
 from allatt_dist.errors import UserError
 
 _ADDRESS_HELP = "the head's Jobs API, e.g. http://127.0.0.1:8265 through a tunnel (default: RAY_API_SERVER_ADDRESS)"
@@ -18,9 +19,7 @@ _ADDRESS_HELP = "the head's Jobs API, e.g. http://127.0.0.1:8265 through a tunne
 def cmd_submit(a: argparse.Namespace) -> dict:
     from allatt_dist.cluster import submit as js
 
-    extra = list(a.extra or [])
-    if extra[:1] == ["--"]:
-        extra = extra[1:]
+    extra = list(a.extra)
     if a.phase is not None:
         if a.remote_command != "train":
             raise UserError(f"--phase is an option of train, not of --command {a.remote_command}")
@@ -88,11 +87,11 @@ def register(sub) -> None:
     p = sub.add_parser(
         "submit",
         help="run train/run/tune on a remote Ray cluster as a Ray Job",
+        usage="%(prog)s CONFIG [options] [-- ARGS passed on to the remote command]",
         description="Submit `allatt-dist COMMAND CONFIG ...` as a Ray Job. Arguments after `--` are passed "
         "on to the remote command unchanged.",
     )
     p.add_argument("config", help="recipe YAML, inside the uploaded working_dir (e.g. tune_configs/quickstart.yaml)")
-    p.add_argument("extra", nargs="*", help=argparse.SUPPRESS)
     p.add_argument("--address", default=None, help=_ADDRESS_HELP)
     p.add_argument(
         "--runtime-env",
@@ -101,14 +100,7 @@ def register(sub) -> None:
         help="runtime env file (e.g. cluster/runtime_env.yaml); working_dir defaults to the current directory",
     )
     p.add_argument("--command", dest="remote_command", choices=COMMANDS, default="train", help="what to run")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a config key (repeatable), passed on to the job",
-    )
+    add_override_arg(p, "override a config key (repeatable), passed on to the job")
     p.add_argument("--out", default=None, help="run directory: an absolute path on a filesystem every node shares")
     p.add_argument("--phase", choices=["all", "dense", "prune", "finetune"], default=None, help="train only")
     p.add_argument("--force", action="store_true", help="passed on: reuse a run directory of another config")
@@ -116,7 +108,7 @@ def register(sub) -> None:
     p.add_argument("--no-wait", action="store_true", help="return once submitted, without waiting for the end")
     p.add_argument("--submission-id", default=None, help="a job id of your choice (must be new on the cluster)")
     p.add_argument("--verbose", action="store_true", help="passed on: Ray's and DeepSpeed's own logs in the job")
-    p.set_defaults(fn=cmd_submit)
+    p.set_defaults(fn=cmd_submit, extra=[])  # `-- ARGS`: filled by cli.parse_args
 
     p = sub.add_parser("jobs", help="status, logs, stop or list of Ray Jobs on a cluster")
     acts = p.add_subparsers(dest="action", required=True)

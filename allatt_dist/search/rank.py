@@ -189,12 +189,15 @@ def markdown(table: list[dict], budget: dict | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def rank(exp_dir: Path, budget: int | None = None, progress: bool = True) -> dict:
-    from allatt_dist.config import DataConfig
+def rank(
+    exp_dir: Path, budget: int | None = None, progress: bool = True, data_overrides: list[str] | None = None
+) -> dict:
+    """Prune and test-evaluate every finished trial; `data_overrides` (`data.KEY=VALUE`) amend run.yaml's data."""
+    from allatt_dist.config import data_config
 
     exp_dir = Path(exp_dir)
     rows = collect(exp_dir)
     run = yaml.safe_load((exp_dir / "run.yaml").read_text()) if (exp_dir / "run.yaml").is_file() else {}
-    data_cfg = DataConfig.model_validate(run.get("data", {}))
+    data_cfg = data_config(run.get("data", {}), data_overrides, str(exp_dir / "run.yaml"))
     score(rows, exp_dir, data_cfg, progress)
     return write_outputs(rows, exp_dir, budget)
