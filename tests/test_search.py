@@ -218,3 +218,23 @@ def test_quickstart_recipe_searches_at_least_four_trials():
     cfg = load_config("tune_configs/quickstart.yaml")
     assert expected_trials(parse_tune(cfg)) >= 4
     assert cfg.scaling.num_workers == 2
+
+
+def test_random_search_is_reproducible_from_tune_seed(wt2_path):
+    from allatt_dist.search.space import param_space
+    from allatt_dist.search.tune import search_algorithm
+
+    space = {"gates.temperature": {"uniform": [0.1, 1.0]}, "gates.sparsity_target": {"grid": [0.25, 0.5]}}
+
+    def sampled(seed: int, concurrent: int = 6) -> list[dict]:
+        tune = {"search": "random", "seed": seed, "space": space, "num_samples": 3}
+        tc = parse_tune(tiny_cfg(wt2_path).model_copy(update={"tune": {**tune, "max_concurrent_trials": concurrent}}))
+        alg, limit = search_algorithm(tc)
+        assert limit is None  # the generator itself holds the concurrency limit
+        alg.add_configurations({"e": {"run": lambda c: None, "config": param_space(tc), "num_samples": tc.num_samples}})
+        return [t.config for t in iter(alg.next_trial, None)]
+
+    first = sampled(0)
+    assert len(first) == 6 and first == sampled(0)
+    assert [c["gates.temperature"] for c in first] != [c["gates.temperature"] for c in sampled(1)]
+    assert len(sampled(0, concurrent=1)) == 1  # no second trial before the first ends

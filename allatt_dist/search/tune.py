@@ -87,6 +87,23 @@ def _trial_name(trial) -> str:
     return f"{trial.trial_id}_" + ",".join(bits)
 
 
+def search_algorithm(tc: TuneConfig):
+    """(search algorithm, max_concurrent_trials for TuneConfig), both seeded by `tune.seed`.
+
+    Random and grid search use Tune's own generator with its `random_state`, which also takes the
+    concurrency limit itself (Tune only warns about `max_concurrent_trials` next to one).
+    """
+    if tc.search == "optuna":
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+        except ImportError:
+            raise UserError("tune.search: optuna needs `pip install optuna`") from None
+        return OptunaSearch(seed=tc.seed), tc.max_concurrent_trials
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(max_concurrent=tc.max_concurrent_trials, random_state=tc.seed), None
+
+
 def _tuner(cfg: RunConfig, tc: TuneConfig, exp_dir: Path, dense_dirs: dict[str, str], verbose: bool, restore: bool):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -111,13 +128,7 @@ def _tuner(cfg: RunConfig, tc: TuneConfig, exp_dir: Path, dense_dirs: dict[str, 
         )
     else:
         scheduler = FIFOScheduler()
-    search_alg = None
-    if tc.search == "optuna":
-        try:
-            from ray.tune.search.optuna import OptunaSearch
-        except ImportError:
-            raise UserError("tune.search: optuna needs `pip install optuna`") from None
-        search_alg = OptunaSearch(seed=tc.seed)
+    search_alg, max_concurrent = search_algorithm(tc)
     return tune.Tuner(
         trainable,
         param_space=param_space(tc),
@@ -127,7 +138,7 @@ def _tuner(cfg: RunConfig, tc: TuneConfig, exp_dir: Path, dense_dirs: dict[str, 
             scheduler=scheduler,
             search_alg=search_alg,
             num_samples=tc.num_samples,
-            max_concurrent_trials=tc.max_concurrent_trials,
+            max_concurrent_trials=max_concurrent,
             trial_name_creator=_trial_name,
             trial_dirname_creator=lambda t: t.trial_id,
         ),
