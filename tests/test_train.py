@@ -564,6 +564,7 @@ BAD_INPUT = {
     "prune_without_dense": (["--phase", "prune"], None, "--phase prune needs"),
     "dense_of_another_architecture": (["--phase", "prune"], "txl", "a transformer_xl model"),
     "fp16_on_cpu": (["--set", "deepspeed.precision=fp16"], None, "fp16 needs a GPU"),
+    "lamb_on_cpu": (["--set", "train.optimizer=lamb"], None, "lamb needs a GPU"),
     "run_dir_of_another_config": ([], "other", "holds a run of another config (differs in model.hidden_dim)"),
     "unknown_key": (["--set", "train.learning_rate=0.1"], None, "train.learning_rate: unknown key"),
 }

@@ -104,6 +104,8 @@ def deepspeed_config(cfg: RunConfig, on_gpu: bool) -> dict[str, Any]:
     ds = cfg.deepspeed
     if ds.precision == "fp16" and not on_gpu:
         raise ConfigError("deepspeed.precision: fp16 needs a GPU (scaling.use_gpu=true); use fp32 or bf16 on CPU")
+    if cfg.train.optimizer == "lamb" and not on_gpu:
+        raise ConfigError("train.optimizer: lamb needs a GPU (DeepSpeed FusedLamb); use adam or adamw on CPU")
     out: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch,
         "gradient_accumulation_steps": ds.grad_accum_steps,
