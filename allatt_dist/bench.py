@@ -36,7 +36,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from allatt_dist.config import add_override_arg
+from allatt_dist.config import add_override_arg, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -47,11 +47,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="also write the JSON result to this file")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast to bfloat16")
-    p.add_argument("--repeats", type=int, default=10, help="timed repetitions (median reported)")
+    p.add_argument("--repeats", type=positive_int, default=10, help="timed repetitions (median reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (plus those filling the memory)")
     p.add_argument("--sparsities", default="0.25,0.5,0.75", help="comma list of pruned fractions ('' for none)")
-    p.add_argument("--batch-size", type=int, default=None, help="training batch (default train.batch_size)")
-    p.add_argument("--eval-batch-size", type=int, default=None, help="inference batch (default data.eval_batch_size)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="training batch (default train.batch_size)")
+    p.add_argument(
+        "--eval-batch-size", type=positive_int, default=None, help="inference batch (default data.eval_batch_size)"
+    )
     p.add_argument("--impl", choices=["split", "split_kernel", "dense_bias"], default="split", help="attention path")
     p.add_argument("--unfused-loss", action="store_true", help="ablation: plain linear + cross_entropy output")
     p.add_argument("--plain-adam", action="store_true", help="ablation: torch's default Adam, not the fused one")
@@ -60,7 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--baseline-dtype", choices=["fp32", "bf16"], default=None, help="the baseline's precision (default: --dtype)"
     )
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="cpu: process CPU time (CPU device)")
     p.add_argument("--no-train", action="store_true", help="skip the training measurement")
@@ -73,8 +75,11 @@ def cmd_bench(a: argparse.Namespace) -> dict | None:
 
     from allatt_dist.config import load_config
     from allatt_dist.errors import UserError
+    from allatt_dist.outputs import check_output_file
 
     cfg = load_config(a.config, a.overrides)
+    if a.out:
+        check_output_file(Path(a.out))
     try:
         sparsities = [float(s) for s in a.sparsities.split(",") if s.strip()]
     except ValueError:

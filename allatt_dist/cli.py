@@ -13,8 +13,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from allatt_dist.config import add_override_arg
+from allatt_dist.config import add_override_arg, positive_int
 from allatt_dist.errors import UserError
+from allatt_dist.outputs import check_new_model_dir, check_output_dir
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -35,6 +36,7 @@ def cmd_train(a: argparse.Namespace) -> dict:
 
     cfg = load_config(a.config, a.overrides)
     out = Path(a.out) if a.out else _default_out(a.config)
+    check_output_dir(out)
     connect(a.address, a.verbose)
     phases = None if a.phase == "all" else [a.phase]
     return train(cfg, out, phases, force=a.force, verbose=a.verbose, progress=not a.no_progress)
@@ -44,6 +46,7 @@ def cmd_prune(a: argparse.Namespace) -> dict:
     from allatt_dist.model.pruning import prune_model
     from allatt_dist.modelio import load_model_dir, save_model_dir
 
+    check_new_model_dir(Path(a.out), Path(a.checkpoint), a.force)
     gated, vocab, meta = load_model_dir(a.checkpoint)
     if not gated.gates:
         raise UserError(f"{a.checkpoint}: holds an ungated model (nothing to prune); give a prune-phase model")
@@ -92,6 +95,7 @@ def cmd_tune(a: argparse.Namespace) -> list:
     cfg = load_config(a.config, a.overrides)
     parse_tune(cfg, a.config)
     out = Path(a.out) if a.out else _default_out(a.config, "experiments")
+    check_output_dir(out)
     dense = Path(a.dense) if a.dense else None
     connect(a.address, a.verbose)
     return tune_search(cfg, out, dense, a.verbose, a.config)
@@ -112,12 +116,21 @@ def cmd_run(a: argparse.Namespace) -> dict:
     cfg = load_config(a.config, a.overrides)
     parse_tune(cfg, a.config)
     out = Path(a.out) if a.out else _default_out(a.config, "experiments")
+    check_output_dir(out)
     connect(a.address, a.verbose)
     return run_pipeline(cfg, out, a.budget, a.force, a.verbose, not a.no_progress, a.config)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (which argument, what is allowed), exit status 2;
+    sub-command parsers inherit the class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="allatt-dist", description=__doc__.splitlines()[0])
+    ap = _Parser(prog="allatt-dist", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train dense -> prune -> finetune on Ray Train + DeepSpeed")
@@ -131,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="the whole pipeline: dense -> Ray Tune search -> rank (resumable)")
     _add_config_args(p)
     p.add_argument("--out", default=None, help="experiment directory (default experiments/<config name>)")
-    p.add_argument("--budget", type=int, default=None, help="also report the best model under this many params")
+    p.add_argument(
+        "--budget", type=positive_int, default=None, help="also report the best model under this many params"
+    )
     p.add_argument("--force", action="store_true", help="reuse a directory that holds another config's run")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_run)
@@ -144,19 +159,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("rank", help="prune, evaluate and rank the finished trials of an experiment")
     p.add_argument("experiment", help="experiment directory")
-    p.add_argument("--budget", type=int, default=None, help="also report the best model under this many params")
+    p.add_argument(
+        "--budget", type=positive_int, default=None, help="also report the best model under this many params"
+    )
     add_override_arg(p, "data options over the experiment's run.yaml, e.g. data.path=DIR", "data.KEY=VALUE")
     p.set_defaults(fn=cmd_rank)
 
     p = sub.add_parser("prune", help="physically remove closed heads from a gated model")
     p.add_argument("checkpoint", help="gated model directory (e.g. RUN/prune/model)")
-    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--out", required=True, help="output model directory (a new path)")
+    p.add_argument("--force", action="store_true", help="replace a model directory already at --out")
     p.set_defaults(fn=cmd_prune)
 
     p = sub.add_parser("evaluate", help="perplexity of a model directory over a whole split")
     p.add_argument("model_dir")
     p.add_argument("--split", choices=["train", "valid", "test"], default="test")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=8)
     add_override_arg(p, "data options, e.g. data.path=DIR", "data.KEY=VALUE")
     p.set_defaults(fn=cmd_evaluate)
     from allatt_dist.cluster.commands import register as register_cluster_commands
@@ -188,6 +206,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _environment_failure(e: BaseException) -> str | None:
+    """One line for what the machine refused (memory, a path), None for anything else."""
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    if isinstance(e, MemoryError) or (
+        isinstance(e, RuntimeError) and ("out of memory" in first.lower() or "allocate memory" in first.lower())
+    ):
+        return f"out of memory ({first}); use a smaller --batch-size or model (--verbose for the traceback)"
+    if isinstance(e, OSError) and e.filename:
+        return f"{e.filename}: {e.strerror or first}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not getattr(args, "verbose", False):
@@ -201,6 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"allatt-dist {args.command}: interrupted", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError, OSError) as e:
+        msg = _environment_failure(e)
+        if msg is None or getattr(args, "verbose", False):
+            raise  # a bug, or --verbose: the whole traceback
+        print(f"allatt-dist {args.command}: error: {msg}", file=sys.stderr)
+        return 1
     if out is not None:
         print(json.dumps(out, indent=2, default=str))
     return 0

@@ -8,7 +8,7 @@ names the file, the key and what is allowed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -17,7 +17,25 @@ from allatt_dist.errors import ConfigError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, v: Any, info) -> Any:
+        """YAML's true/false are not 1/0 here: `max_steps: true` is a mistake, not one step."""
+        ann = cls.model_fields[info.field_name].annotation
+        if isinstance(v, bool) and ann is not bool and bool not in get_args(ann):
+            raise ValueError(f"expected {_kind(ann)}, got {v!r}")
+        return v
+
+
+def _kind(ann: Any) -> str:
+    args = get_args(ann)
+    if ann is int or int in args:
+        return "a whole number"
+    if ann is float or float in args:
+        return "a number"
+    return "a value of the documented kind"
 
 
 class ModelConfig(_Section):
@@ -165,9 +183,11 @@ class RunConfig(_Section):
         return self.train.batch_size // (self.scaling.num_workers * self.deepspeed.grad_accum_steps)
 
 
-def _format_error(err: ValidationError, origin: str) -> str:
+def _format_error(err: ValidationError, origin: str, set_tree: dict[str, Any] | None = None) -> str:
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"])
+    if set_tree and _given_in(set_tree, first["loc"]):
+        origin = "--set"  # the bad value came from the command line, not from the file
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key (see docs/configuration.md for the allowed keys)"
@@ -184,6 +204,33 @@ def add_override_arg(
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar=metavar, help=help)
 
 
+def _given_in(tree: dict[str, Any], loc: tuple) -> bool:
+    """Whether the key at `loc` (or the section holding it) was set in the override tree."""
+    node: Any = tree
+    for part in loc:
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+class _Replace(dict):
+    """A mapping given whole on the command line (`--set tune.space={...}`): it replaces, not merges."""
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts and sizes: an integer >= 1."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
 def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
     """Turn ["a.b=1", "c.d=[1,2]"] into a nested dict; values are parsed as YAML scalars/lists."""
     tree: dict[str, Any] = {}
@@ -195,7 +242,11 @@ def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
             value = yaml.safe_load(raw) if raw != "" else None
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, dict):
+            value = _Replace(value)
         parts = key.strip().split(".")
+        if not all(p.strip() for p in parts):
+            raise ConfigError(f"--set {item!r}: expected section.key=value (an empty name in {key!r})")
         node = tree
         for p in parts[:-1]:
             node = node.setdefault(p, {})
@@ -214,25 +265,48 @@ def data_config(base: dict[str, Any] | None, overrides: list[str] | None, origin
     other = sorted(k for k in tree if k != "data")
     if other:
         raise ConfigError(f"--set {other[0]}.*: only data.KEY=VALUE applies here (the model's config is fixed)")
-    return build_config({"data": deep_merge(base or {}, tree.get("data", {}))}, origin).data
+    return build_config({"data": deep_merge(base or {}, tree.get("data", {}))}, origin, tree).data
+
+
+def saved_config_diff(saved: Path, spec: dict[str, Any], sections: tuple[str, ...], fix: str) -> list[str]:
+    """The `section.key`s in which the config saved at `saved` (YAML) differs from `spec`, sorted;
+    a damaged file is one line that ends with `fix`."""
+    try:
+        old = yaml.safe_load(saved.read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        raise ConfigError(f"{saved}: damaged; {fix}") from None
+    if not isinstance(old, dict):
+        raise ConfigError(f"{saved}: damaged (not a mapping); {fix}")
+    return sorted(
+        f"{s}.{k}"
+        for s in sections
+        for k in set(old.get(s) or {}) | set(spec.get(s) or {})
+        if (old.get(s) or {}).get(k) != (spec.get(s) or {}).get(k)
+    )
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
+        if isinstance(v, dict) and not isinstance(v, _Replace) and isinstance(out.get(k), dict):
             out[k] = deep_merge(out[k], v)
         else:
-            out[k] = v
+            out[k] = dict(v) if isinstance(v, _Replace) else v
     return out
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{p}: is a folder; give a recipe YAML file (e.g. tune_configs/quickstart.yaml)")
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not a text file (a recipe is UTF-8 YAML)") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot be read ({e.strerror or e})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
@@ -244,17 +318,18 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def build_config(data: dict[str, Any], origin: str = "") -> RunConfig:
+def build_config(data: dict[str, Any], origin: str = "", set_tree: dict[str, Any] | None = None) -> RunConfig:
+    """Validate a whole recipe; `set_tree` (the parsed `--set` items) lets an error name `--set` as its origin."""
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_error(e, origin)) from None
+        raise ConfigError(_format_error(e, origin, set_tree)) from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     data = read_yaml(path) if path is not None else {}
-    data = deep_merge(data, parse_overrides(overrides))
-    return build_config(data, str(path) if path is not None else "--set")
+    tree = parse_overrides(overrides)
+    return build_config(deep_merge(data, tree), str(path) if path is not None else "--set", tree)
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:

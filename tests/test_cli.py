@@ -55,6 +55,52 @@ def test_prune_then_evaluate(gated_dir, tmp_path, wt2_path):
     assert ev["params"] == res["params_after"] and ev["heads_per_layer"] == [2, 0]
     assert ev["ppl"] == pytest.approx(evaluate(gated, corpus.tokens("test"), 32).ppl, rel=1e-4)
 
+    # --out onto the model just written: refused unless --force, which replaces it as a whole
+    again = cli("prune", str(src), "--out", str(tmp_path / "pruned"))
+    assert again.returncode == 2 and "a model directory already exists there" in again.stderr, again.stderr
+    assert cli("prune", str(src), "--out", str(tmp_path / "pruned"), "--force").returncode == 0
+
+
+def test_prune_never_overwrites_what_is_not_its_own_output(gated_dir, tmp_path):
+    src, _, _ = gated_dir
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("mine")
+    (tmp_path / "afile").write_text("x")
+    cases = {
+        str(keep): "exists and is not a model directory",
+        str(tmp_path / "afile"): "exists and is not a model directory",
+        str(tmp_path / "afile" / "sub"): "is a file, not a folder",
+        str(src): "would replace the input model",
+        str(src.parent): "would replace the input model",
+    }
+    for out, needle in cases.items():
+        p = cli("prune", str(src), "--out", out, "--force")
+        assert p.returncode == 2 and p.stderr.count("\n") == 1 and needle in p.stderr, (out, p.stderr)
+    assert (keep / "notes.txt").read_text() == "mine" and (tmp_path / "afile").read_text() == "x"
+    assert (src / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["evaluate", "m", "--batch-size", "0"], "argument --batch-size: expected a whole number >= 1, got 0"),
+        (["rank", "e", "--budget", "-5"], "argument --budget: expected a whole number >= 1, got -5"),
+        (["bench", "c.yaml", "--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+        (["bench", "c.yaml", "--threads", "0"], "argument --threads: expected a whole number >= 1"),
+        (["train"], "the following arguments are required: config"),
+        (["train", "c.yaml", "--", "--phase", "dense"], "train takes no arguments after '--'"),
+    ],
+)
+def test_usage_errors_are_one_line(args, needle):
+    p = cli(*args)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and needle in p.stderr, p.stderr
+
+
+def test_bench_out_onto_a_folder_fails_before_measuring(tmp_path):
+    p = cli("bench", "docs/bench/small.yaml", "--out", str(tmp_path), "--vocab-size", "50")
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "is a folder; give a file path" in p.stderr
+
 
 def test_evaluate_refuses_a_model_of_another_vocabulary(tmp_path, wt2_path):
     vocab = Vocab.build(["a b c"])
