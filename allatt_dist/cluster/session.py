@@ -52,6 +52,26 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
             f"could not connect to Ray at {address}: nothing answers at {host}:{port} ({reason}); "
             "check the address and that the cluster is up (`ray status` on its head node)"
         ) from None
+    if not os.environ.get("RAY_USE_TLS"):
+        _check_speaks_grpc(address, f"{host}:{port}", timeout)
+
+
+def _check_speaks_grpc(address: str, hostport: str, timeout: float) -> None:
+    """Something listens, but is it Ray's GCS? It speaks gRPC (HTTP/2); a dashboard, any HTTP/1 server
+    or a silent port never lets a gRPC channel become ready, and ray.init would hang retrying it."""
+    import grpc
+
+    channel = grpc.insecure_channel(hostport)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout)
+    except grpc.FutureTimeoutError:
+        raise UserError(
+            f"could not connect to Ray at {address}: it accepts connections but does not answer as Ray's GCS "
+            "(gRPC); give the head's GCS address (port 6379 by default), not the dashboard's (8265, which "
+            "`allatt-dist submit` takes)"
+        ) from None
+    finally:
+        channel.close()
 
 
 def check_fits(scaling: ScalingConfig, label: str = "scaling") -> None:
@@ -68,6 +88,11 @@ def check_fits(scaling: ScalingConfig, label: str = "scaling") -> None:
         slots += per_node
     if slots < scaling.num_workers:
         total = {k: sum(r.get(k, 0.0) for r in nodes) for k in need}
+        if scaling.use_gpu and total.get("GPU", 0.0) == 0.0:
+            raise UserError(
+                f"{label}.use_gpu=true but the cluster has no GPUs ({len(nodes)} node(s)); set "
+                f"{label}.use_gpu=false to train on CPUs, or add GPU nodes"
+            )
         raise UserError(
             f"{label}.num_workers={scaling.num_workers} workers of {need} can never be placed: the cluster "
             f"has {total} over {len(nodes)} node(s), room for {slots}; lower {label}.num_workers or "

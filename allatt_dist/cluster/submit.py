@@ -16,12 +16,15 @@ malformed runtime-env YAML, a job that ended FAILED) is raised as one `UserError
 from __future__ import annotations
 
 import asyncio
+import http.client
 import os
 import re
 import shlex
 import socket
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -89,6 +92,17 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
         raise UserError(
             f"cannot reach the Ray Jobs API at {address} ({why}); is the head up, and is the SSH tunnel or "
             f"kubectl port-forward open? (see {DOCS})"
+        ) from None
+    # Something accepts connections; a port that never answers would hang the Jobs SDK's first request.
+    try:
+        urllib.request.urlopen(address.rstrip("/") + "/api/version", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        pass  # an HTTP answer (401, 404, ...): the SDK reports what it means
+    except (OSError, http.client.HTTPException) as e:
+        why = "no answer" if isinstance(e, TimeoutError) or "timed out" in str(e) else _first_line(e)
+        raise UserError(
+            f"the Ray Jobs API at {address} accepts connections but gives no HTTP answer ({why}); check that it "
+            f"is the head's dashboard address, port 8265 by default (see {DOCS})"
         ) from None
 
 
@@ -237,11 +251,14 @@ def build_job(
     extra: list[str] | None = None,
 ) -> tuple[str, dict[str, Any], dict[str, str]]:
     """(entrypoint, runtime_env, metadata) of one submission; checks everything local first."""
-    from allatt_dist.config import read_yaml
+    from allatt_dist.config import load_config
+    from allatt_dist.search.space import parse_tune
 
     if command not in COMMANDS:
         raise UserError(f"--command {command}: expected one of {', '.join(COMMANDS)}")
-    read_yaml(config)  # a missing or malformed recipe fails here; its keys are checked by the job itself
+    cfg = load_config(config, overrides)  # the job runs this code on this recipe: a bad key fails here, not there
+    if command in ("run", "tune"):
+        parse_tune(cfg, config)
     runtime_env = load_runtime_env(runtime_env_path)
     wd = runtime_env.get("working_dir", ".")
     if not isinstance(wd, str):
