@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from allatt_dist.config import DataConfig
-from allatt_dist.data.corpus import Corpus, clear_cache, load_corpus, read_lines
+from allatt_dist.data.corpus import Corpus, clear_cache, load_corpus, read_lines, resolve_data
 from allatt_dist.data.stream import IGNORE_INDEX, LMStream, eval_segments, num_eval_segments
 from allatt_dist.data.vocab import Vocab
 from allatt_dist.errors import DataError
@@ -161,6 +161,13 @@ def test_empty_split(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="empty") as err:
         load_corpus(DataConfig(path=str(folder)))
     assert str(folder.resolve() / "valid.txt") in str(err.value)
+
+
+def test_empty_split_is_found_before_training(tmp_path: Path) -> None:
+    """resolve_data, which train/tune call before Ray starts, already refuses an empty split file."""
+    folder = _write_folder(tmp_path / "wt", {**{f"{s}.txt": t for s, t in TINY.items()}, "train.txt": "\n\n"})
+    with pytest.raises(DataError, match=r"train.txt: the train split is empty"):
+        resolve_data(DataConfig(path=str(folder)), ("train", "valid"))
 
 
 def test_not_utf8(tmp_path: Path) -> None:

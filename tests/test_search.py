@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -159,6 +160,25 @@ def test_tune_again_resumes_instead_of_starting_over(experiment, wt2_path):
     assert ray.is_initialized()
 
 
+@pytest.mark.ray
+def test_tune_again_with_another_config_or_dense_model_is_refused(experiment, wt2_path):
+    from allatt_dist.cluster.session import connect
+    from allatt_dist.errors import CheckpointError
+    from allatt_dist.search.tune import tune_search
+
+    exp, _ = experiment
+    recorded = (exp / "search.yaml").read_text()
+    connect()
+    other_space = tiny_cfg(wt2_path, space={"gates.sparsity_target": {"grid": [0.3]}})
+    with pytest.raises(UserError, match=r"holds a search of another config \(differs in tune.space\)"):
+        tune_search(other_space, exp)  # Tune alone would resume the old grid and report its trials
+    cfg = tiny_cfg(wt2_path)
+    deeper = cfg.model_copy(update={"model": cfg.model.model_copy(update={"num_layers": cfg.model.num_layers + 1})})
+    with pytest.raises(CheckpointError, match="does not match the recipe"):
+        tune_search(deeper, exp)  # every trial would fail on the dense weights
+    assert (exp / "search.yaml").read_text() == recorded
+
+
 # ----- bad input: one line, nothing written -------------------------------------------------------------
 
 
@@ -238,3 +258,20 @@ def test_random_search_is_reproducible_from_tune_seed(wt2_path):
     assert len(first) == 6 and first == sampled(0)
     assert [c["gates.temperature"] for c in first] != [c["gates.temperature"] for c in sampled(1)]
     assert len(sampled(0, concurrent=1)) == 1  # no second trial before the first ends
+
+
+@pytest.mark.parametrize(
+    "name, text, needle",
+    [
+        ("status.json", "{bad", "status.json: damaged"),
+        ("run.yaml", "- a\n- b\n", "run.yaml: damaged (expected a mapping, found list)"),
+        ("run.yaml", "a: [1\n", "run.yaml: damaged"),
+    ],
+)
+def test_rank_names_a_damaged_file(tmp_path, name, text, needle):
+    trial = tmp_path / "trials" / "t1"
+    trial.mkdir(parents=True)
+    (trial / name).write_text(text)
+    with pytest.raises(UserError, match=re.escape(needle)) as e:
+        rank(tmp_path)
+    assert "\n" not in str(e.value)

@@ -550,11 +550,15 @@ def cli_files(base_cfg, tmp_path_factory):
     other_cfg = with_changes(base_cfg, model={"hidden_dim": 64})
     other_cfg = other_cfg.model_copy(update={"data": resolve_data(other_cfg.data, ("train", "valid"))})
     prepare_run_dir(other_cfg, other, force=False)  # as `train` writes it: with the data folder resolved
+    (other / "dense").mkdir()
+    (other / "dense/result.json").write_text("{}")  # a finished phase: worth protecting
     txl = root / "txl_run"
     xl_cfg = with_changes(base_cfg, model={"architecture": "transformer_xl", "ffn_dim": 64})
     vocab = load_corpus(base_cfg.data, splits=("train",)).vocab
     save_model_dir(LanguageModel(xl_cfg.model, len(vocab)), vocab, txl / "dense/model", extra={"phase": "dense"})
-    return {"cfg": cfg_file, "other": other, "txl": txl, "root": root}
+    afile = root / "afile"
+    afile.write_text("not a run directory")
+    return {"cfg": cfg_file, "other": other, "txl": txl, "root": root, "afile": afile}
 
 
 BAD_INPUT = {
@@ -565,6 +569,8 @@ BAD_INPUT = {
     "dense_of_another_architecture": (["--phase", "prune"], "txl", "a transformer_xl model"),
     "fp16_on_cpu": (["--set", "deepspeed.precision=fp16"], None, "fp16 needs a GPU"),
     "lamb_on_cpu": (["--set", "train.optimizer=lamb"], None, "lamb needs a GPU"),
+    "gpu_on_a_cpu_cluster": (["--set", "scaling.use_gpu=true"], None, "use_gpu=true but the cluster has no GPUs"),
+    "out_is_a_file": ([], "afile", "exists and is not a folder"),
     "run_dir_of_another_config": ([], "other", "holds a run of another config (differs in model.hidden_dim)"),
     "unknown_key": (["--set", "train.learning_rate=0.1"], None, "train.learning_rate: unknown key"),
 }
@@ -574,7 +580,7 @@ BAD_INPUT = {
 def test_bad_input_fails_fast_with_one_line(case, ray_address, cli_files):
     args, where, words = BAD_INPUT[case]
     out = cli_files[where] if where else cli_files["root"] / f"fresh_{case}"
-    before = snapshot(out)
+    before = snapshot(out), out.read_bytes() if out.is_file() else None
     if "--address" not in args:
         args = [*args, "--address", ray_address]  # join the module's Ray rather than start another
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -589,15 +595,42 @@ def test_bad_input_fails_fast_with_one_line(case, ray_address, cli_files):
     assert lines[0].startswith("allatt-dist train: error: ") and words in lines[0], lines[0]
     assert proc.stdout == ""
     assert elapsed < 60, f"took {elapsed:.0f}s"
-    assert snapshot(out) == before  # no run dir created, an existing one untouched
+    assert (snapshot(out), out.read_bytes() if out.is_file() else None) == before  # nothing created or touched
 
 
 def test_force_reuses_a_run_dir_of_another_config(base_cfg, tmp_path):
     prepare_run_dir(with_changes(base_cfg, model={"hidden_dim": 64}), tmp_path, force=False)
+    (tmp_path / "dense/model").mkdir(parents=True)
+    (tmp_path / "dense/model/config.json").write_text("{}")
     with pytest.raises(UserError, match="holds a run of another config"):
         prepare_run_dir(base_cfg, tmp_path, force=False)
     prepare_run_dir(base_cfg, tmp_path, force=True)
     assert yaml.safe_load((tmp_path / "run.yaml").read_text())["model"]["hidden_dim"] == 32
+
+
+def test_a_run_dir_where_nothing_finished_is_taken_over(base_cfg, tmp_path):
+    """A first attempt that failed (bad data, too big a model) leaves run.yaml behind; the corrected
+    command must not be refused for it."""
+    prepare_run_dir(with_changes(base_cfg, model={"hidden_dim": 64}), tmp_path, force=False)
+    (tmp_path / "dense/checkpoints").mkdir(parents=True)
+    prepare_run_dir(base_cfg, tmp_path, force=False)
+    assert yaml.safe_load((tmp_path / "run.yaml").read_text())["model"]["hidden_dim"] == 32
+
+
+def test_a_dense_model_of_another_shape_is_refused_before_workers_start(base_cfg, tmp_path):
+    from allatt_dist.data.corpus import load_corpus
+    from allatt_dist.errors import CheckpointError
+    from allatt_dist.model.transformer import LanguageModel
+    from allatt_dist.modelio import save_model_dir
+    from allatt_dist.train.trainer import check_starting_model
+
+    vocab = load_corpus(base_cfg.data, splits=("train",)).vocab
+    save_model_dir(LanguageModel(base_cfg.model, len(vocab)), vocab, tmp_path / "m")
+    check_starting_model(tmp_path / "m", base_cfg.model)
+    check_starting_model(tmp_path / "m", base_cfg.model.model_copy(update={"dropout": 0.3}))  # no weights
+    with pytest.raises(CheckpointError, match=r"does not match the recipe \(model.num_layers 2 there, 3 here"):
+        check_starting_model(tmp_path / "m", base_cfg.model.model_copy(update={"num_layers": 3}))
+    check_starting_model(tmp_path / "m", base_cfg.model.model_copy(update={"num_layers": 3}), ("num_layers",))
 
 
 def test_checks_run_before_anything_is_written(ray_address, base_cfg, tmp_path):

@@ -75,7 +75,10 @@ def resolve_data(cfg: DataConfig, splits: Iterable[str] = SPLITS) -> DataConfig:
     if not folder.is_dir():
         raise DataError(f"{folder}: data folder not found; {_FIX}")
     for split in dict.fromkeys(("train", *splits)):
-        _split_file(folder, split, cfg.raw)
+        f = _split_file(folder, split, cfg.raw)
+        with f.open("rb") as fh:
+            if not fh.read(1 << 16).strip():
+                raise DataError(f"{f}: the {split} split is empty")
     return cfg.model_copy(update={"path": str(folder.resolve()), "source": "local"})
 
 

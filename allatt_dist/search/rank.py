@@ -51,7 +51,20 @@ def pareto_flags(points: list[tuple[float, float] | None]) -> list[bool]:
 
 
 def _read(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """A JSON (or, for .yaml, YAML) mapping of the experiment; {} when absent; one line when damaged."""
+    if not path.is_file():
+        return {}
+    try:
+        text = path.read_text()
+        data = yaml.safe_load(text) if path.suffix == ".yaml" else json.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path}: damaged ({why}); restore or delete it and run again") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: damaged (expected a mapping, found {type(data).__name__})")
+    return data
 
 
 def collect(exp_dir: Path) -> list[dict]:
@@ -73,8 +86,8 @@ def collect(exp_dir: Path) -> list[dict]:
                 }
             )
     for trial in sorted(p for p in (exp_dir / "trials").glob("*") if p.is_dir()):
-        run = yaml.safe_load((trial / "run.yaml").read_text()) if (trial / "run.yaml").is_file() else {}
-        gates = run.get("gates", {})
+        run = _read(trial / "run.yaml")
+        gates = run.get("gates") or {}
         status = _read(trial / "status.json")
         result = _read(trial / "prune" / "result.json")
         finished = status.get("status") == "finished" and (trial / "prune" / "model" / "config.json").is_file()
@@ -197,7 +210,7 @@ def rank(
 
     exp_dir = Path(exp_dir)
     rows = collect(exp_dir)
-    run = yaml.safe_load((exp_dir / "run.yaml").read_text()) if (exp_dir / "run.yaml").is_file() else {}
-    data_cfg = data_config(run.get("data", {}), data_overrides, str(exp_dir / "run.yaml"))
+    run = _read(exp_dir / "run.yaml")
+    data_cfg = data_config(run.get("data") or {}, data_overrides, str(exp_dir / "run.yaml"))
     score(rows, exp_dir, data_cfg, progress)
     return write_outputs(rows, exp_dir, budget)

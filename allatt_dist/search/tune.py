@@ -7,6 +7,7 @@ reach Tune through `TuneReportCallback`, so ASHA sees validation perplexity at e
 
     EXP_DIR/
       run.yaml, dense/              the shared dense model (from `allatt-dist run`)
+      search.yaml                   the config the search started with (a resume must match it)
       tune/                         Ray Tune's experiment state (what `Tuner.restore` reads)
       trials/<trial_id>/            run.yaml, params.json, status.json (final: written by the driver),
                                     error.txt (when the trial function raised), prune/{tb,model,...}
@@ -20,8 +21,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from allatt_dist.cluster.session import check_fits
-from allatt_dist.config import RunConfig, config_to_dict
+from allatt_dist.config import RunConfig, config_to_dict, saved_config_diff
 from allatt_dist.errors import UserError
 from allatt_dist.search.space import TuneConfig, param_space, parse_tune, trial_config
 
@@ -268,7 +271,7 @@ def tune_search(
     recipe's own architecture's dense model is read from."""
     from ray import tune
 
-    from allatt_dist.train.trainer import with_resolved_data
+    from allatt_dist.train.trainer import check_starting_model, with_resolved_data
 
     tc = parse_tune(cfg, origin)
     cfg = with_resolved_data(cfg)
@@ -276,17 +279,53 @@ def tune_search(
     dirs = dense_dirs_for(exp_dir, cfg, searched_architectures(cfg, tc))
     if dense_dir is not None:
         dirs[cfg.model.architecture] = dense_dir
+    searched_model_keys = tuple(k.split(".", 1)[1] for k in tc.space if k.startswith("model."))
     for arch, d in dirs.items():
         if not (d / "config.json").is_file():
             raise UserError(f"{d}: no dense {arch} model to start the trials from (run `allatt-dist run` first)")
+        check_starting_model(d, cfg.model.model_copy(update={"architecture": arch}), searched_model_keys)
     check_fits_with_drivers(cfg, tc)
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     if not verbose:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # verbose=0 is then really quiet
     restore = tune.Tuner.can_restore(str((exp_dir / TUNE_NAME).resolve()))
+    check_same_search(exp_dir, cfg, restore)
     tuner = _tuner(cfg, tc, exp_dir, {a: str(d.resolve()) for a, d in dirs.items()}, verbose, restore)
     grid = tuner.fit()
-    return record_statuses(exp_dir, grid, cfg.prune.max_steps)
+    rows = record_statuses(exp_dir, grid, cfg.prune.max_steps)
+    failed = [r for r in rows if r["status"] == "error"]
+    if rows and len(failed) == len(rows):
+        raise UserError(
+            f"all {len(rows)} trials failed; the first: {failed[0]['error']} "
+            f"({exp_dir / 'trials' / failed[0]['trial_id'] / 'error.txt'} has its traceback)"
+        )
+    return rows
+
+
+SEARCH_IDENTITY = ("model", "data", "gates", "prune", "tune")  # what a resumed search must share with its start
+_RESOURCE_KEYS = ("max_concurrent_trials", "trial_driver_cpus")  # may change between sessions
+
+
+def _search_spec(cfg: RunConfig) -> dict:
+    spec = {s: config_to_dict(cfg)[s] for s in SEARCH_IDENTITY}
+    spec["tune"] = {k: v for k, v in (spec["tune"] or {}).items() if k not in _RESOURCE_KEYS}
+    return spec
+
+
+def check_same_search(exp_dir: Path, cfg: RunConfig, restore: bool) -> None:
+    """A search is resumed only with the config it started with (Tune would silently keep the old space
+    and model); a new search records its config in EXP/search.yaml."""
+    saved, spec = exp_dir / "search.yaml", _search_spec(cfg)
+    if restore and saved.is_file():
+        diff = saved_config_diff(saved, spec, SEARCH_IDENTITY, "delete it to resume the search anyway")
+        if diff:
+            raise UserError(
+                f"{exp_dir}: holds a search of another config (differs in {', '.join(diff[:4])}); use another "
+                f"--out, or delete {exp_dir / TUNE_NAME} and {exp_dir / 'trials'} to start the search over"
+            )
+    if not restore or not saved.is_file():
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        saved.write_text(yaml.safe_dump(spec, sort_keys=False))
 
 
 def check_fits_with_drivers(cfg: RunConfig, tc: TuneConfig) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from allatt_dist.cluster.session import check_fits
-from allatt_dist.config import RunConfig, config_to_dict
+from allatt_dist.config import ModelConfig, RunConfig, config_to_dict, saved_config_diff
 from allatt_dist.data.corpus import resolve_data
 from allatt_dist.errors import CheckpointError, UserError
 from allatt_dist.train.monitor import RemoteProgressBoard, follow_progress
@@ -43,17 +43,15 @@ IDENTITY = ("model", "data", "gates")  # what makes two runs different runs (ste
 
 
 def prepare_run_dir(cfg: RunConfig, run_dir: Path, force: bool) -> None:
-    """Refuse a run directory that holds another config's run; otherwise write run.yaml."""
+    """Refuse a run directory that holds another config's run; otherwise write run.yaml.
+
+    A directory in which no phase has finished (a first attempt that failed on bad input) holds nothing
+    worth keeping: it is taken over, so the corrected command can be run again as it is."""
     spec = config_to_dict(cfg)
     saved = run_dir / "run.yaml"
-    if saved.is_file() and not force:
-        old = yaml.safe_load(saved.read_text()) or {}
-        diff = sorted(
-            f"{s}.{k}"
-            for s in IDENTITY
-            for k in set(old.get(s) or {}) | set(spec[s])
-            if (old.get(s) or {}).get(k) != spec[s].get(k)
-        )
+    finished = any(run_dir.glob("*/result.json")) or any(run_dir.glob("*/model/config.json"))
+    if saved.is_file() and not force and finished:
+        diff = saved_config_diff(saved, spec, IDENTITY, "use another --out or --force to reuse the directory")
         if diff:
             raise UserError(
                 f"{run_dir}: holds a run of another config (differs in {', '.join(diff[:4])}); "
@@ -63,6 +61,24 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, force: bool) -> None:
     tmp = saved.with_suffix(".tmp")
     tmp.write_text(yaml.safe_dump(spec, sort_keys=False))
     tmp.replace(saved)
+
+
+WEIGHTLESS_MODEL_KEYS = ("dropout", "dropatt", "same_length")  # may differ between a model and its next phase
+
+
+def check_starting_model(model_dir: Path, model: ModelConfig, free: tuple[str, ...] = ()) -> None:
+    """One line, before any worker starts, when the model in `model_dir` cannot start a run of `model`
+    (whose keys in `free` are set per trial). Reads only config.json."""
+    try:
+        meta = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{model_dir / 'config.json'}: cannot be read ({e})") from None
+    saved, want = meta.get("model") or {}, model.model_dump(mode="json")
+    skip = set(WEIGHTLESS_MODEL_KEYS) | set(free)
+    diff = sorted(k for k in want if k not in skip and saved.get(k) != want[k])
+    if diff:
+        shown = ", ".join(f"model.{k} {saved.get(k)!r} there, {want[k]!r} here" for k in diff[:3])
+        raise CheckpointError(f"{model_dir}: its model does not match the recipe ({shown})")
 
 
 def init_dir_for(run_dir: Path, phase: Phase, cfg: RunConfig) -> Path | None:
@@ -77,6 +93,7 @@ def init_dir_for(run_dir: Path, phase: Phase, cfg: RunConfig) -> Path | None:
         raise CheckpointError(
             f"{d}: a {meta.get('architecture')} model, but model.architecture is {cfg.model.architecture}"
         )
+    check_starting_model(d, cfg.model)
     return d
 
 
