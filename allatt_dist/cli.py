@@ -25,6 +25,11 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", action="store_true", help="show Ray's and DeepSpeed's own logs")
 
 
+def _tune_origin(a: argparse.Namespace) -> str:
+    """What a search-space error names: the recipe, and --set when the tune section was overridden."""
+    return f"{a.config} with --set" if any(o.strip().startswith("tune.") for o in a.overrides) else a.config
+
+
 def _default_out(config: str, kind: str = "runs") -> Path:
     return Path(kind) / Path(config).stem
 
@@ -93,12 +98,12 @@ def cmd_tune(a: argparse.Namespace) -> list:
     from allatt_dist.search.tune import tune_search
 
     cfg = load_config(a.config, a.overrides)
-    parse_tune(cfg, a.config)
+    parse_tune(cfg, _tune_origin(a))
     out = Path(a.out) if a.out else _default_out(a.config, "experiments")
     check_output_dir(out)
     dense = Path(a.dense) if a.dense else None
     connect(a.address, a.verbose)
-    return tune_search(cfg, out, dense, a.verbose, a.config)
+    return tune_search(cfg, out, dense, a.verbose, _tune_origin(a))
 
 
 def cmd_rank(a: argparse.Namespace) -> dict:
@@ -114,11 +119,11 @@ def cmd_run(a: argparse.Namespace) -> dict:
     from allatt_dist.search.space import parse_tune
 
     cfg = load_config(a.config, a.overrides)
-    parse_tune(cfg, a.config)
+    parse_tune(cfg, _tune_origin(a))
     out = Path(a.out) if a.out else _default_out(a.config, "experiments")
     check_output_dir(out)
     connect(a.address, a.verbose)
-    return run_pipeline(cfg, out, a.budget, a.force, a.verbose, not a.no_progress, a.config)
+    return run_pipeline(cfg, out, a.budget, a.force, a.verbose, not a.no_progress, _tune_origin(a))
 
 
 class _Parser(argparse.ArgumentParser):

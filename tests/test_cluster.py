@@ -205,7 +205,10 @@ def test_build_job_refers_to_the_config_inside_the_working_dir(monkeypatch):
         ([RECIPE, "--command", "tune", "--phase", "dense"], "--phase is an option of train"),
         ([RECIPE, "--runtime-env", "missing.yaml"], "runtime-env file not found"),
         ([RECIPE, "--set", "model.num_heads=3"], "--set: model: model.hidden_dim (128) must be divisible"),
-        ([RECIPE, "--command", "run", "--set", "tune.space={}"], "tune.space is empty"),
+        (
+            [RECIPE, "--command", "run", "--set", "tune.space={}"],
+            "quickstart.yaml with --set: tune.space: tune.space is empty",
+        ),
     ],
 )
 def test_submit_bad_input_is_one_line(monkeypatch, capsys, argv, message):

@@ -219,6 +219,13 @@ def test_cli_run_with_bad_space_writes_nothing(tmp_path, wt2_path):
     assert p.returncode == 2
     assert p.stderr.strip().count("\n") == 0 and "gates.nope: no such config key" in p.stderr
     assert not out.exists()
+    p = subprocess.run(
+        [sys.executable, "-m", "allatt_dist.cli", "tune", str(recipe), "--out", str(out), "--set", "tune.space={}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 2 and f"{recipe} with --set: tune.space" in p.stderr and not out.exists(), p.stderr
 
 
 def test_rank_refuses_non_experiments_and_experiments_without_finished_trials(tmp_path):

@@ -258,7 +258,9 @@ def build_job(
         raise UserError(f"--command {command}: expected one of {', '.join(COMMANDS)}")
     cfg = load_config(config, overrides)  # the job runs this code on this recipe: a bad key fails here, not there
     if command in ("run", "tune"):
-        parse_tune(cfg, config)
+        parse_tune(
+            cfg, f"{config} with --set" if any(o.strip().startswith("tune.") for o in overrides or []) else config
+        )
     runtime_env = load_runtime_env(runtime_env_path)
     wd = runtime_env.get("working_dir", ".")
     if not isinstance(wd, str):
