@@ -282,3 +282,14 @@ def test_rank_names_a_damaged_file(tmp_path, name, text, needle):
     with pytest.raises(UserError, match=re.escape(needle)) as e:
         rank(tmp_path)
     assert "\n" not in str(e.value)
+
+
+def test_a_search_where_every_trial_failed_is_an_error(tmp_path):
+    from allatt_dist.search.tune import check_some_trial_ran
+
+    ok = {"trial_id": "a", "status": "stopped", "stopped_at_step": 10}
+    bad = {"trial_id": "b", "status": "error", "error": "RuntimeError: boom"}
+    check_some_trial_ran([ok, bad], tmp_path)  # one ran: the search is a result
+    check_some_trial_ran([], tmp_path)
+    with pytest.raises(UserError, match=r"all 2 trials failed; the first: RuntimeError: boom \(.*trials/b/error.txt"):
+        check_some_trial_ran([bad, {**bad, "trial_id": "c"}], tmp_path)

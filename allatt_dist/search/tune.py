@@ -293,13 +293,18 @@ def tune_search(
     tuner = _tuner(cfg, tc, exp_dir, {a: str(d.resolve()) for a, d in dirs.items()}, verbose, restore)
     grid = tuner.fit()
     rows = record_statuses(exp_dir, grid, cfg.prune.max_steps)
+    check_some_trial_ran(rows, exp_dir)
+    return rows
+
+
+def check_some_trial_ran(rows: list[dict], exp_dir: Path) -> None:
+    """A search in which every trial failed is a failed command (non-zero exit), with the first error."""
     failed = [r for r in rows if r["status"] == "error"]
     if rows and len(failed) == len(rows):
         raise UserError(
             f"all {len(rows)} trials failed; the first: {failed[0]['error']} "
             f"({exp_dir / 'trials' / failed[0]['trial_id'] / 'error.txt'} has its traceback)"
         )
-    return rows
 
 
 SEARCH_IDENTITY = ("model", "data", "gates", "prune", "tune")  # what a resumed search must share with its start
