@@ -26,8 +26,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _tune_origin(a: argparse.Namespace) -> str:
-    """What a search-space error names: the recipe, and --set when the tune section was overridden."""
-    return f"{a.config} with --set" if any(o.strip().startswith("tune.") for o in a.overrides) else a.config
+    from allatt_dist.search.space import space_origin
+
+    return space_origin(a.config, a.overrides)
 
 
 def _default_out(config: str, kind: str = "runs") -> Path:

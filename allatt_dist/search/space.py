@@ -89,6 +89,11 @@ def samples(tc: TuneConfig) -> list[dict[str, Any]]:
     return [{k: next(iter(d.values()))[i] for k, d in tc.space.items()} for i in (0, -1)]
 
 
+def space_origin(config: str, overrides: list[str] | None) -> str:
+    """What a search-space error names: the recipe, and --set when the tune section was overridden."""
+    return f"{config} with --set" if any(o.strip().startswith("tune.") for o in overrides or []) else config
+
+
 def parse_tune(cfg: RunConfig, origin: str = "") -> TuneConfig:
     """Validate cfg.tune and check each searched key against the config classes."""
     where = f"{origin}: " if origin else ""

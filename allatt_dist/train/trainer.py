@@ -69,10 +69,13 @@ WEIGHTLESS_MODEL_KEYS = ("dropout", "dropatt", "same_length")  # may differ betw
 def check_starting_model(model_dir: Path, model: ModelConfig, free: tuple[str, ...] = ()) -> None:
     """One line, before any worker starts, when the model in `model_dir` cannot start a run of `model`
     (whose keys in `free` are set per trial). Reads only config.json."""
-    try:
-        meta = json.loads((model_dir / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{model_dir / 'config.json'}: cannot be read ({e})") from None
+    from allatt_dist.modelio import read_meta
+
+    meta = read_meta(model_dir)
+    if meta.get("architecture") != model.architecture and "architecture" not in free:
+        raise CheckpointError(
+            f"{model_dir}: a {meta.get('architecture')} model, but model.architecture is {model.architecture}"
+        )
     saved, want = meta.get("model") or {}, model.model_dump(mode="json")
     skip = set(WEIGHTLESS_MODEL_KEYS) | set(free)
     diff = sorted(k for k in want if k not in skip and saved.get(k) != want[k])
@@ -88,11 +91,6 @@ def init_dir_for(run_dir: Path, phase: Phase, cfg: RunConfig) -> Path | None:
     d = run_dir / src[0] / src[1]
     if not (d / "config.json").is_file():
         raise UserError(f"--phase {phase} needs {d} (run --phase {src[0]} first)")
-    meta = json.loads((d / "config.json").read_text())
-    if meta.get("architecture") != cfg.model.architecture:
-        raise CheckpointError(
-            f"{d}: a {meta.get('architecture')} model, but model.architecture is {cfg.model.architecture}"
-        )
     check_starting_model(d, cfg.model)
     return d
 
