@@ -36,7 +36,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from allatt_dist.config import add_override_arg, positive_int
+from allatt_dist.cliargs import add_override_arg, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -73,9 +73,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_bench(a: argparse.Namespace) -> dict | None:
     import json
 
-    from allatt_dist.config import load_config
     from allatt_dist.errors import UserError
     from allatt_dist.outputs import check_output_file
+    from allatt_dist.recipe import load_config
 
     cfg = load_config(a.config, a.overrides)
     if a.out:

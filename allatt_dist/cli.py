@@ -13,7 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from allatt_dist.config import add_override_arg, positive_int
+from allatt_dist.cliargs import add_override_arg, positive_int
 from allatt_dist.errors import UserError
 from allatt_dist.outputs import check_new_model_dir, check_output_dir
 
@@ -25,27 +25,39 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", action="store_true", help="show Ray's and DeepSpeed's own logs")
 
 
-def _tune_origin(a: argparse.Namespace) -> str:
-    from allatt_dist.search.space import space_origin
+def _plan(a: argparse.Namespace, kind: str, search: bool):
+    """The command's plan: the recipe read once, its output directory checked, nothing written yet."""
+    from allatt_dist.errors import ConfigError
+    from allatt_dist.plan import make_plan
+    from allatt_dist.recipe import load_config
 
-    return space_origin(a.config, a.overrides)
+    cfg = load_config(a.config, a.overrides)
+    if search and cfg.tune is None:
+        raise ConfigError(f"{a.config}: tune: section missing (see docs/search.md)")
+    out = Path(a.out) if a.out else Path(kind) / Path(a.config).stem
+    check_output_dir(out)
+    progress = not getattr(a, "no_progress", False)
+    return make_plan(cfg, out, verbose=a.verbose, progress=progress, force=getattr(a, "force", False))
 
 
-def _default_out(config: str, kind: str = "runs") -> Path:
-    return Path(kind) / Path(config).stem
+def _connect(a: argparse.Namespace, plan, search: bool) -> None:
+    """Connect to Ray and check, once, that the plan's workers (and trial drivers) can ever be placed."""
+    from allatt_dist.cluster.capacity import check_fits, check_fits_with_drivers
+    from allatt_dist.cluster.session import connect
+
+    connect(a.address, a.verbose)
+    if search:
+        check_fits_with_drivers(plan.cfg.scaling, plan.cfg.tune)
+    else:
+        check_fits(plan.cfg.scaling)
 
 
 def cmd_train(a: argparse.Namespace) -> dict:
-    from allatt_dist.cluster.session import connect
-    from allatt_dist.config import load_config
     from allatt_dist.train.trainer import train
 
-    cfg = load_config(a.config, a.overrides)
-    out = Path(a.out) if a.out else _default_out(a.config)
-    check_output_dir(out)
-    connect(a.address, a.verbose)
-    phases = None if a.phase == "all" else [a.phase]
-    return train(cfg, out, phases, force=a.force, verbose=a.verbose, progress=not a.no_progress)
+    plan = _plan(a, "runs", search=False)
+    _connect(a, plan, search=False)
+    return train(plan, None if a.phase == "all" else [a.phase])
 
 
 def cmd_prune(a: argparse.Namespace) -> dict:
@@ -68,11 +80,11 @@ def cmd_prune(a: argparse.Namespace) -> dict:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> dict:
-    from allatt_dist.config import data_config
     from allatt_dist.data.corpus import load_corpus
     from allatt_dist.errors import CheckpointError
     from allatt_dist.evaluate import evaluate
     from allatt_dist.modelio import load_model_dir
+    from allatt_dist.recipe import data_config
 
     model, vocab, meta = load_model_dir(a.model_dir)
     data = data_config({}, a.overrides, "--set")
@@ -93,18 +105,11 @@ def cmd_evaluate(a: argparse.Namespace) -> dict:
 
 
 def cmd_tune(a: argparse.Namespace) -> list:
-    from allatt_dist.cluster.session import connect
-    from allatt_dist.config import load_config
-    from allatt_dist.search.space import parse_tune
     from allatt_dist.search.tune import tune_search
 
-    cfg = load_config(a.config, a.overrides)
-    parse_tune(cfg, _tune_origin(a))
-    out = Path(a.out) if a.out else _default_out(a.config, "experiments")
-    check_output_dir(out)
-    dense = Path(a.dense) if a.dense else None
-    connect(a.address, a.verbose)
-    return tune_search(cfg, out, dense, a.verbose, _tune_origin(a))
+    plan = _plan(a, "experiments", search=True)
+    _connect(a, plan, search=True)
+    return tune_search(plan, Path(a.dense) if a.dense else None)
 
 
 def cmd_rank(a: argparse.Namespace) -> dict:
@@ -114,17 +119,11 @@ def cmd_rank(a: argparse.Namespace) -> dict:
 
 
 def cmd_run(a: argparse.Namespace) -> dict:
-    from allatt_dist.cluster.session import connect
-    from allatt_dist.config import load_config
     from allatt_dist.search.pipeline import run_pipeline
-    from allatt_dist.search.space import parse_tune
 
-    cfg = load_config(a.config, a.overrides)
-    parse_tune(cfg, _tune_origin(a))
-    out = Path(a.out) if a.out else _default_out(a.config, "experiments")
-    check_output_dir(out)
-    connect(a.address, a.verbose)
-    return run_pipeline(cfg, out, a.budget, a.force, a.verbose, not a.no_progress, _tune_origin(a))
+    plan = _plan(a, "experiments", search=True)
+    _connect(a, plan, search=True)
+    return run_pipeline(plan, a.budget)
 
 
 class _Parser(argparse.ArgumentParser):

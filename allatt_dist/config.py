@@ -1,19 +1,15 @@
-"""Typed configuration: one pydantic model per component, loaded from YAML with `--set` overrides.
+"""Typed configuration: one pydantic model per component, the `tune:` section included.
 
-Every user-facing key is documented in docs/configuration.md; tests/test_config_doc.py checks that the
-doc and these classes name the same keys. Errors are raised as `ConfigError` with one line that
-names the file, the key and what is allowed.
+Schemas only: reading YAML and `--set` overrides is `recipe.py`'s job, resolving a config into what a
+command runs is `plan.py`'s. Every user-facing key is documented in docs/configuration.md;
+tests/test_config_doc.py checks that the doc and these classes name the same keys.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal, get_args
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-from allatt_dist.errors import ConfigError
 
 
 class _Section(BaseModel):
@@ -155,8 +151,100 @@ class DeepSpeedConfig(_Section):
     grad_accum_steps: int = Field(1, gt=0)
 
 
+DOMAINS = ("grid", "choice", "uniform", "loguniform", "randint")
+
+
+class SchedulerConfig(_Section):
+    type: Literal["fifo", "asha"] = "asha"
+    grace_period: int = Field(1, gt=0)  # in training steps of the prune phase
+    reduction_factor: float = Field(2.0, gt=1.0)
+
+
+class TuneConfig(_Section):
+    """The search: which config keys (dotted) to sample from which domain, how, and how many at once.
+
+    tune:
+      space:
+        gates.temperature: {grid: [0.33, 0.66]}
+        gates.sparsity_target: {grid: [0.25, 0.5]}
+      search: grid                  # grid | random | optuna; random takes uniform/loguniform/randint too
+      scheduler: {type: asha, grace_period: 20, reduction_factor: 2}
+    """
+
+    space: dict[str, dict[str, list[Any]]]
+    search: Literal["grid", "random", "optuna"] = "grid"
+    num_samples: int = Field(1, gt=0)
+    max_concurrent_trials: int = Field(1, gt=0)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    metric: Literal["valid_ppl"] = "valid_ppl"
+    trial_driver_cpus: float = Field(0.01, gt=0.0)
+    seed: int = 0
+
+    @field_validator("space")
+    @classmethod
+    def _space(cls, space: dict[str, dict[str, list[Any]]]) -> dict[str, dict[str, list[Any]]]:
+        if not space:
+            raise ValueError("tune.space is empty: give at least one key to search")
+        for key, dom in space.items():
+            if not isinstance(dom, dict) or len(dom) != 1 or next(iter(dom)) not in DOMAINS:
+                raise ValueError(f"tune.space.{key}: give exactly one of {', '.join(DOMAINS)}, e.g. {{grid: [a, b]}}")
+            kind, values = next(iter(dom.items()))
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"tune.space.{key}.{kind}: needs a non-empty list")
+            if kind in ("uniform", "loguniform", "randint") and (len(values) != 2 or values[0] >= values[1]):
+                raise ValueError(f"tune.space.{key}.{kind}: needs [low, high] with low < high")
+            if kind == "loguniform" and values[0] <= 0:
+                raise ValueError(f"tune.space.{key}.loguniform: bounds must be > 0")
+        return space
+
+    @model_validator(mode="after")
+    def _grid_only_with_grid(self) -> TuneConfig:
+        kinds = {next(iter(d)) for d in self.space.values()}
+        if self.search == "grid" and kinds - {"grid", "choice"}:
+            raise ValueError("tune.search: grid takes only grid/choice domains; use search: random for ranges")
+        return self
+
+    def samples(self) -> list[dict[str, Any]]:
+        """Representative values of every domain (its ends), used to validate the searched keys."""
+        return [{k: next(iter(d.values()))[i] for k, d in self.space.items()} for i in (0, -1)]
+
+    def values_of(self, key: str) -> list[Any] | None:
+        """The listed values of a searched key (None when the key is not searched)."""
+        dom = self.space.get(key)
+        return list(next(iter(dom.values()))) if dom else None
+
+    def expected_trials(self) -> int:
+        """How many trials the search runs: the grid's size times num_samples (num_samples for random)."""
+        n = self.num_samples
+        if self.search == "grid":
+            for dom in self.space.values():
+                kind, values = next(iter(dom.items()))
+                n *= len(values) if kind == "grid" else 1
+        return n
+
+
+def nested(flat: dict[str, Any]) -> dict[str, Any]:
+    """{"gates.temperature": 0.5} -> {"gates": {"temperature": 0.5}}."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`base` with the nested mapping `extra` laid over it, section by section."""
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 class RunConfig(_Section):
-    """The whole recipe. The `tune` section is kept raw here and validated by `search/space.py`."""
+    """The whole recipe."""
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     gates: GateConfig = Field(default_factory=GateConfig)
@@ -166,7 +254,7 @@ class RunConfig(_Section):
     finetune: PhaseConfig = Field(default_factory=lambda: PhaseConfig(max_steps=100))
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
-    tune: dict[str, Any] | None = None  # validated by allatt_dist.search.space
+    tune: TuneConfig | None = None
 
     @model_validator(mode="after")
     def _batch(self) -> RunConfig:
@@ -178,159 +266,34 @@ class RunConfig(_Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _searched_keys(self) -> RunConfig:
+        """Every searched key is a real config key, and both ends of its domain make a valid config."""
+        if self.tune is None:
+            return self
+        base = self.to_dict(tune=False)
+        for key in self.tune.space:
+            section, _, leaf = key.partition(".")
+            if not isinstance(base.get(section), dict) or leaf not in base[section]:
+                raise ValueError(f"tune.space.{key}: no such config key (see docs/configuration.md)")
+        for sample in self.tune.samples():
+            try:
+                RunConfig.model_validate(merged(base, nested(sample)))
+            except ValidationError as e:
+                first = e.errors()[0]
+                key = ".".join(str(p) for p in first["loc"])
+                msg = first["msg"].removeprefix("Value error, ")
+                raise ValueError(f"tune.space: {key + ': ' if key else ''}{msg}") from None
+        return self
+
     @property
     def micro_batch(self) -> int:
         return self.train.batch_size // (self.scaling.num_workers * self.deepspeed.grad_accum_steps)
 
+    def to_dict(self, tune: bool = True) -> dict[str, Any]:
+        """The config as plain JSON-able data (what run.yaml holds)."""
+        return self.model_dump(mode="json", exclude=None if tune else {"tune"})
 
-def _format_error(err: ValidationError, origin: str, set_tree: dict[str, Any] | None = None) -> str:
-    first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"])
-    if set_tree and _given_in(set_tree, first["loc"]):
-        origin = "--set"  # the bad value came from the command line, not from the file
-    msg = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        msg = "unknown key (see docs/configuration.md for the allowed keys)"
-    elif "input" in first and first["type"] not in ("value_error",):
-        msg = f"{msg} (got {first['input']!r})"
-    where = f"{origin}: " if origin else ""
-    return f"{where}{key}: {msg}" if key else f"{where}{msg}"
-
-
-def add_override_arg(
-    parser: Any, help: str = "override a config key (repeatable)", metavar: str = "SECTION.KEY=VALUE"
-) -> None:
-    """The `--set SECTION.KEY=VALUE` option every recipe-reading command takes (parsed by `parse_overrides`)."""
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar=metavar, help=help)
-
-
-def _given_in(tree: dict[str, Any], loc: tuple) -> bool:
-    """Whether the key at `loc` (or the section holding it) was set in the override tree."""
-    node: Any = tree
-    for part in loc:
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return True
-
-
-class _Replace(dict):
-    """A mapping given whole on the command line (`--set tune.space={...}`): it replaces, not merges."""
-
-
-def positive_int(text: str) -> int:
-    """argparse type for counts and sizes: an integer >= 1."""
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
-    return value
-
-
-def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
-    """Turn ["a.b=1", "c.d=[1,2]"] into a nested dict; values are parsed as YAML scalars/lists."""
-    tree: dict[str, Any] = {}
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected section.key=value")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError:
-            value = raw
-        if isinstance(value, dict):
-            value = _Replace(value)
-        parts = key.strip().split(".")
-        if not all(p.strip() for p in parts):
-            raise ConfigError(f"--set {item!r}: expected section.key=value (an empty name in {key!r})")
-        node = tree
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {item!r}: {p} is not a section")
-        node[parts[-1]] = value
-    return tree
-
-
-def data_config(base: dict[str, Any] | None, overrides: list[str] | None, origin: str) -> DataConfig:
-    """The data section of a saved run (`base`, e.g. from run.yaml) with `--set data.KEY=VALUE` applied.
-
-    For the commands that read a finished model or experiment: only the data may change there.
-    """
-    tree = parse_overrides(overrides)
-    other = sorted(k for k in tree if k != "data")
-    if other:
-        raise ConfigError(f"--set {other[0]}.*: only data.KEY=VALUE applies here (the model's config is fixed)")
-    return build_config({"data": deep_merge(base or {}, tree.get("data", {}))}, origin, tree).data
-
-
-def saved_config_diff(saved: Path, spec: dict[str, Any], sections: tuple[str, ...], fix: str) -> list[str]:
-    """The `section.key`s in which the config saved at `saved` (YAML) differs from `spec`, sorted;
-    a damaged file is one line that ends with `fix`."""
-    try:
-        old = yaml.safe_load(saved.read_text()) or {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        raise ConfigError(f"{saved}: damaged; {fix}") from None
-    if not isinstance(old, dict):
-        raise ConfigError(f"{saved}: damaged (not a mapping); {fix}")
-    return sorted(
-        f"{s}.{k}"
-        for s in sections
-        for k in set(old.get(s) or {}) | set(spec.get(s) or {})
-        if (old.get(s) or {}).get(k) != (spec.get(s) or {}).get(k)
-    )
-
-
-def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in extra.items():
-        if isinstance(v, dict) and not isinstance(v, _Replace) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = dict(v) if isinstance(v, _Replace) else v
-    return out
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if p.is_dir():
-        raise ConfigError(f"{p}: is a folder; give a recipe YAML file (e.g. tune_configs/quickstart.yaml)")
-    if not p.is_file():
-        raise ConfigError(f"{p}: config file not found")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError(f"{p}: not a text file (a recipe is UTF-8 YAML)") from None
-    except OSError as e:
-        raise ConfigError(f"{p}: cannot be read ({e.strerror or e})") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise ConfigError(f"{p}: malformed YAML{where}: {getattr(e, 'problem', e)}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: top level must be a mapping of sections (model, gates, data, ...)")
-    return data
-
-
-def build_config(data: dict[str, Any], origin: str = "", set_tree: dict[str, Any] | None = None) -> RunConfig:
-    """Validate a whole recipe; `set_tree` (the parsed `--set` items) lets an error name `--set` as its origin."""
-    try:
-        return RunConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(_format_error(e, origin, set_tree)) from None
-
-
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    data = read_yaml(path) if path is not None else {}
-    tree = parse_overrides(overrides)
-    return build_config(deep_merge(data, tree), str(path) if path is not None else "--set", tree)
-
-
-def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
-    return cfg.model_dump(mode="json")
+    def with_values(self, flat: dict[str, Any]) -> RunConfig:
+        """This config with dotted keys set (one trial's sampled values); validated as a whole."""
+        return RunConfig.model_validate(merged(self.to_dict(), nested(flat)))

@@ -54,7 +54,8 @@ def step_times(tb_dir: Path) -> dict[int, float]:
 def run_case(
     name: str, base_overrides: list[str], config: str, steps: int, skip: int, run_dir: Path, log_every: int
 ) -> dict:
-    from allatt_dist.config import load_config
+    from allatt_dist.plan import make_plan
+    from allatt_dist.recipe import load_config
     from allatt_dist.train.trainer import train
 
     workers, stage = CASES[name]
@@ -72,7 +73,7 @@ def run_case(
     cfg = load_config(config, overrides)
     load_before = os.getloadavg()[0]
     t0 = time.monotonic()
-    res = train(cfg, run_dir, ["dense"], progress=False)["dense"]
+    res = train(make_plan(cfg, run_dir, progress=False), ["dense"])["dense"]
     wall = time.monotonic() - t0
     times = step_times(run_dir / "dense/tb")
     # windows of log_every steps that start after the warm-up; the last one also evaluates

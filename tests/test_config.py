@@ -9,17 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from allatt_dist.config import (
-    GateConfig,
-    ModelConfig,
-    RunConfig,
-    build_config,
-    config_to_dict,
-    data_config,
-    load_config,
-    parse_overrides,
-)
+from allatt_dist.config import GateConfig, ModelConfig, RunConfig
 from allatt_dist.errors import ConfigError
+from allatt_dist.recipe import build_config, data_config, load_config, parse_overrides
 
 
 def write(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:
@@ -52,7 +44,7 @@ def test_yaml_and_overrides(tmp_path):
     assert cfg.gates.sparsity_target == 0.5 and cfg.gates.mode == "target"
     assert cfg.model.adaptive_cutoffs == [100, 1000] and cfg.train.max_steps == 7 and cfg.train.lr == 0.01
     assert cfg.model.num_persistent == ModelConfig().num_persistent  # untouched keys keep defaults
-    assert build_config(config_to_dict(cfg)) == cfg  # the dump is a valid config again
+    assert build_config(cfg.to_dict()) == cfg  # the dump is a valid config again
 
 
 def test_defaults_and_overrides_without_file():
@@ -90,9 +82,9 @@ def test_an_error_names_the_file_when_the_file_is_wrong(tmp_path):
 
 def test_a_mapping_given_with_set_replaces_the_files(tmp_path):
     path = write(tmp_path, "tune:\n  space:\n    gates.temperature: {grid: [0.3, 0.6]}\n")
-    cfg = load_config(path, ["tune.space={gates.sparsity_target: {uniform: [0.1, 0.5]}}"])
-    assert cfg.tune["space"] == {"gates.sparsity_target": {"uniform": [0.1, 0.5]}}
-    assert load_config(path, ["tune.search=random"]).tune["space"] == {"gates.temperature": {"grid": [0.3, 0.6]}}
+    cfg = load_config(path, ["tune.space={gates.sparsity_target: {uniform: [0.1, 0.5]}}", "tune.search=random"])
+    assert cfg.tune.space == {"gates.sparsity_target": {"uniform": [0.1, 0.5]}}
+    assert load_config(path, ["tune.search=random"]).tune.space == {"gates.temperature": {"grid": [0.3, 0.6]}}
 
 
 def test_a_folder_or_binary_file_as_config_is_one_line(tmp_path):

@@ -16,10 +16,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from allatt_dist.config import build_config, load_config
 from allatt_dist.errors import ConfigError, UserError
+from allatt_dist.plan import make_plan
+from allatt_dist.recipe import build_config, load_config
 from allatt_dist.search.rank import rank
-from allatt_dist.search.space import parse_tune
 
 TINY = {
     "model": {"num_layers": 2, "hidden_dim": 32, "num_heads": 4, "num_persistent": 16, "seq_len": 16, "mem_len": 16},
@@ -53,7 +53,7 @@ def experiment(tmp_path_factory, wt2_path):
     exp = tmp_path_factory.mktemp("search") / "exp"
     connect()
     try:
-        summary = run_pipeline(tiny_cfg(wt2_path), exp, budget=10**9, progress=False)
+        summary = run_pipeline(make_plan(tiny_cfg(wt2_path), exp, progress=False), budget=10**9)
         yield exp, summary
     finally:
         ray.shutdown()
@@ -154,7 +154,7 @@ def test_tune_again_resumes_instead_of_starting_over(experiment, wt2_path):
     exp, _ = experiment
     before = sorted(p.name for p in (exp / "trials").iterdir())
     connect()
-    rows = tune_search(tiny_cfg(wt2_path), exp)
+    rows = tune_search(make_plan(tiny_cfg(wt2_path), exp))
     assert sorted(r["trial_id"] for r in rows) == before
     assert sorted(p.name for p in (exp / "trials").iterdir()) == before
     assert ray.is_initialized()
@@ -171,11 +171,11 @@ def test_tune_again_with_another_config_or_dense_model_is_refused(experiment, wt
     connect()
     other_space = tiny_cfg(wt2_path, space={"gates.sparsity_target": {"grid": [0.3]}})
     with pytest.raises(UserError, match=r"holds a search of another config \(differs in tune.space\)"):
-        tune_search(other_space, exp)  # Tune alone would resume the old grid and report its trials
+        tune_search(make_plan(other_space, exp))  # Tune alone would resume the old grid and report its trials
     cfg = tiny_cfg(wt2_path)
     deeper = cfg.model_copy(update={"model": cfg.model.model_copy(update={"num_layers": cfg.model.num_layers + 1})})
     with pytest.raises(CheckpointError, match="does not match the recipe"):
-        tune_search(deeper, exp)  # every trial would fail on the dense weights
+        tune_search(make_plan(deeper, exp))  # every trial would fail on the dense weights
     assert (exp / "search.yaml").read_text() == recorded
 
 
@@ -195,10 +195,11 @@ def test_tune_again_with_another_config_or_dense_model_is_refused(experiment, wt
     ],
 )
 def test_bad_search_spaces_fail_with_one_line(wt2_path, tune, needle):
-    cfg = tiny_cfg(wt2_path)
-    cfg = cfg.model_copy(update={"tune": tune})
+    data = json.loads(json.dumps(TINY))
+    data["data"]["path"] = str(wt2_path)
+    data["tune"] = tune
     with pytest.raises(ConfigError) as e:
-        parse_tune(cfg, "recipe.yaml")
+        build_config(data, "recipe.yaml")
     msg = str(e.value)
     assert needle in msg and "\n" not in msg and msg.startswith("recipe.yaml: ")
 
@@ -240,22 +241,19 @@ def test_rank_refuses_non_experiments_and_experiments_without_finished_trials(tm
 
 
 def test_quickstart_recipe_searches_at_least_four_trials():
-    from allatt_dist.search.tune import expected_trials
-
     cfg = load_config("tune_configs/quickstart.yaml")
-    assert expected_trials(parse_tune(cfg)) >= 4
+    assert cfg.tune.expected_trials() >= 4
     assert cfg.scaling.num_workers == 2
 
 
 def test_random_search_is_reproducible_from_tune_seed(wt2_path):
-    from allatt_dist.search.space import param_space
-    from allatt_dist.search.tune import search_algorithm
+    from allatt_dist.search.tune import param_space, search_algorithm
 
     space = {"gates.temperature": {"uniform": [0.1, 1.0]}, "gates.sparsity_target": {"grid": [0.25, 0.5]}}
 
     def sampled(seed: int, concurrent: int = 6) -> list[dict]:
         tune = {"search": "random", "seed": seed, "space": space, "num_samples": 3}
-        tc = parse_tune(tiny_cfg(wt2_path).model_copy(update={"tune": {**tune, "max_concurrent_trials": concurrent}}))
+        tc = tiny_cfg(wt2_path, **tune, max_concurrent_trials=concurrent).tune
         alg, limit = search_algorithm(tc)
         assert limit is None  # the generator itself holds the concurrency limit
         alg.add_configurations({"e": {"run": lambda c: None, "config": param_space(tc), "num_samples": tc.num_samples}})
@@ -293,3 +291,23 @@ def test_a_search_where_every_trial_failed_is_an_error(tmp_path):
     check_some_trial_ran([], tmp_path)
     with pytest.raises(UserError, match=r"all 2 trials failed; the first: RuntimeError: boom \(.*trials/b/error.txt"):
         check_some_trial_ran([bad, {**bad, "trial_id": "c"}], tmp_path)
+
+
+@pytest.mark.ray
+def test_release_placement_group():
+    """The public path the release callback takes: a group's hex id (as the workers report it) -> removed.
+    A Ray upgrade that breaks `ray.PlacementGroupID` or the placement-group table fails here."""
+    import ray
+    from ray.util.placement_group import placement_group
+
+    from allatt_dist.cluster.session import connect
+    from allatt_dist.search.callbacks import release_placement_group
+
+    connect()
+    pg = placement_group([{"CPU": 0.01}])
+    ray.get(pg.ready(), timeout=60)
+    pg_id = pg.id.hex()
+    assert ray.util.placement_group_table()[pg_id]["state"] == "CREATED"
+    assert release_placement_group(pg_id) is True
+    assert ray.util.placement_group_table()[pg_id]["state"] == "REMOVED"
+    assert release_placement_group(pg_id) is False and release_placement_group(None) is False

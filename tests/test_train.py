@@ -37,8 +37,10 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from allatt_dist.cluster.session import connect
-from allatt_dist.config import RunConfig, build_config, config_to_dict, deep_merge
+from allatt_dist.config import RunConfig
 from allatt_dist.errors import UserError
+from allatt_dist.plan import make_plan
+from allatt_dist.recipe import build_config, deep_merge
 from allatt_dist.train.setup import lr_multiplier
 from allatt_dist.train.trainer import prepare_run_dir, train
 
@@ -84,7 +86,7 @@ def tiny_config(data_path: Path, **sections) -> RunConfig:
 
 
 def with_changes(cfg: RunConfig, **sections) -> RunConfig:
-    return build_config(deep_merge(config_to_dict(cfg), sections))
+    return build_config(deep_merge(cfg.to_dict(), sections))
 
 
 # ---- TensorBoard / run-dir helpers -------------------------------------------------------------
@@ -181,7 +183,7 @@ def base_cfg(wt2_path: Path) -> RunConfig:
 
 def _train(cfg: RunConfig, run_dir: Path, phases: list[str]) -> dict:
     t0 = time.monotonic()
-    results = train(cfg, run_dir, phases, progress=False)
+    results = train(make_plan(cfg, run_dir, progress=False), phases)
     print(f"[{run_dir.name}: {'+'.join(phases)} in {time.monotonic() - t0:.0f}s]", end=" ", flush=True)
     return results
 
@@ -205,7 +207,7 @@ def zero3(ray_address, base_cfg, tmp_path_factory):
     cfg = with_changes(base_cfg, deepspeed={"zero_stage": 3}, scaling={"max_failures": 1})
     root = tmp_path_factory.mktemp("zero3")
     cfg_file, run_dir = root / "zero3.yaml", root / "run"
-    cfg_file.write_text(yaml.safe_dump(config_to_dict(cfg)))
+    cfg_file.write_text(yaml.safe_dump(cfg.to_dict()))
     cmd = cli_train(cfg_file, run_dir, "--phase", "dense", "--no-progress", "--address", ray_address)
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -481,7 +483,7 @@ def test_rerun_of_a_finished_run_skips(zero2):
     cfg, run_dir, _ = zero2
     before = snapshot(run_dir)
     t0 = time.monotonic()
-    again = train(cfg, run_dir, ["dense", "prune"], progress=False)
+    again = train(make_plan(cfg, run_dir, progress=False), ["dense", "prune"])
     assert time.monotonic() - t0 < 20
     assert again["dense"]["step"] == DENSE_STEPS and again["prune"]["step"] == PRUNE_STEPS
     after = snapshot(run_dir)
@@ -539,17 +541,16 @@ def test_driver_killed_then_rerun_resumes(zero3, zero2):
 @pytest.fixture(scope="module")
 def cli_files(base_cfg, tmp_path_factory):
     """A config file, a run dir holding another config's run, and one holding a Transformer-XL dense model."""
-    from allatt_dist.data.corpus import load_corpus, resolve_data
+    from allatt_dist.data.corpus import load_corpus
     from allatt_dist.model.transformer import LanguageModel
     from allatt_dist.modelio import save_model_dir
 
     root = tmp_path_factory.mktemp("cli")
     cfg_file = root / "tiny.yaml"
-    cfg_file.write_text(yaml.safe_dump(config_to_dict(base_cfg)))
+    cfg_file.write_text(yaml.safe_dump(base_cfg.to_dict()))
     other = root / "other_run"
     other_cfg = with_changes(base_cfg, model={"hidden_dim": 64})
-    other_cfg = other_cfg.model_copy(update={"data": resolve_data(other_cfg.data, ("train", "valid"))})
-    prepare_run_dir(other_cfg, other, force=False)  # as `train` writes it: with the data folder resolved
+    prepare_run_dir(make_plan(other_cfg, other))  # as `train` writes it: with the data folder resolved
     (other / "dense").mkdir()
     (other / "dense/result.json").write_text("{}")  # a finished phase: worth protecting
     txl = root / "txl_run"
@@ -599,21 +600,21 @@ def test_bad_input_fails_fast_with_one_line(case, ray_address, cli_files):
 
 
 def test_force_reuses_a_run_dir_of_another_config(base_cfg, tmp_path):
-    prepare_run_dir(with_changes(base_cfg, model={"hidden_dim": 64}), tmp_path, force=False)
+    prepare_run_dir(make_plan(with_changes(base_cfg, model={"hidden_dim": 64}), tmp_path, force=False))
     (tmp_path / "dense/model").mkdir(parents=True)
     (tmp_path / "dense/model/config.json").write_text("{}")
     with pytest.raises(UserError, match="holds a run of another config"):
-        prepare_run_dir(base_cfg, tmp_path, force=False)
-    prepare_run_dir(base_cfg, tmp_path, force=True)
+        prepare_run_dir(make_plan(base_cfg, tmp_path, force=False))
+    prepare_run_dir(make_plan(base_cfg, tmp_path, force=True))
     assert yaml.safe_load((tmp_path / "run.yaml").read_text())["model"]["hidden_dim"] == 32
 
 
 def test_a_run_dir_where_nothing_finished_is_taken_over(base_cfg, tmp_path):
     """A first attempt that failed (bad data, too big a model) leaves run.yaml behind; the corrected
     command must not be refused for it."""
-    prepare_run_dir(with_changes(base_cfg, model={"hidden_dim": 64}), tmp_path, force=False)
+    prepare_run_dir(make_plan(with_changes(base_cfg, model={"hidden_dim": 64}), tmp_path, force=False))
     (tmp_path / "dense/checkpoints").mkdir(parents=True)
-    prepare_run_dir(base_cfg, tmp_path, force=False)
+    prepare_run_dir(make_plan(base_cfg, tmp_path, force=False))
     assert yaml.safe_load((tmp_path / "run.yaml").read_text())["model"]["hidden_dim"] == 32
 
 
@@ -634,7 +635,15 @@ def test_a_dense_model_of_another_shape_is_refused_before_workers_start(base_cfg
 
 
 def test_checks_run_before_anything_is_written(ray_address, base_cfg, tmp_path):
-    """The library call itself refuses bad input before it creates the run dir."""
+    """The plan (and the capacity check that `train` commands run on it) refuse bad input before the run
+    dir is created."""
+    from allatt_dist.cluster.capacity import check_fits
+
+    def plan_and_train(cfg, run_dir, phases):
+        plan = make_plan(cfg, run_dir, progress=False)
+        check_fits(plan.cfg.scaling)
+        return train(plan, phases)
+
     cases = {
         "num_workers=8": with_changes(base_cfg, scaling={"num_workers": 8}, train={"batch_size": 8}),
         "fp16 needs a GPU": with_changes(base_cfg, deepspeed={"precision": "fp16"}),
@@ -642,8 +651,8 @@ def test_checks_run_before_anything_is_written(ray_address, base_cfg, tmp_path):
     for words, cfg in cases.items():
         t0 = time.monotonic()
         with pytest.raises(UserError, match=words):
-            train(cfg, tmp_path / "run", ["dense"], progress=False)
+            plan_and_train(cfg, tmp_path / "run", ["dense"])
         assert time.monotonic() - t0 < 10
     with pytest.raises(UserError, match="--phase finetune needs"):
-        train(base_cfg, tmp_path / "run", ["finetune"], progress=False)
+        plan_and_train(base_cfg, tmp_path / "run", ["finetune"])
     assert not (tmp_path / "run").exists()

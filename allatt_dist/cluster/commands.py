@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from allatt_dist.config import add_override_arg
+from allatt_dist.cliargs import add_override_arg
 from allatt_dist.errors import UserError
 
 _ADDRESS_HELP = "the head's Jobs API, e.g. http://127.0.0.1:8265 through a tunnel (default: RAY_API_SERVER_ADDRESS)"

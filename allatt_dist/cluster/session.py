@@ -1,7 +1,6 @@
 """Connecting to Ray: an in-process local instance by default, or an existing cluster.
 
-Also the fail-fast check that a run's workers can ever be placed: Ray would otherwise wait forever
-for resources that do not exist.
+Whether a run's workers fit the cluster is `capacity.py`'s question.
 """
 
 from __future__ import annotations
@@ -10,7 +9,6 @@ import logging
 import os
 import socket
 
-from allatt_dist.config import ScalingConfig
 from allatt_dist.errors import UserError
 
 
@@ -72,29 +70,3 @@ def _check_speaks_grpc(address: str, hostport: str, timeout: float) -> None:
         ) from None
     finally:
         channel.close()
-
-
-def check_fits(scaling: ScalingConfig, label: str = "scaling") -> None:
-    """Raise one line when `num_workers` workers of the requested size can never be placed."""
-    import ray
-
-    need = {"CPU": scaling.cpus_per_worker}
-    if scaling.use_gpu:
-        need["GPU"] = scaling.gpus_per_worker
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    slots = 0
-    for res in nodes:
-        per_node = min(int(res.get(k, 0.0) / v + 1e-9) if v > 0 else 10**9 for k, v in need.items())
-        slots += per_node
-    if slots < scaling.num_workers:
-        total = {k: sum(r.get(k, 0.0) for r in nodes) for k in need}
-        if scaling.use_gpu and total.get("GPU", 0.0) == 0.0:
-            raise UserError(
-                f"{label}.use_gpu=true but the cluster has no GPUs ({len(nodes)} node(s)); set "
-                f"{label}.use_gpu=false to train on CPUs, or add GPU nodes"
-            )
-        raise UserError(
-            f"{label}.num_workers={scaling.num_workers} workers of {need} can never be placed: the cluster "
-            f"has {total} over {len(nodes)} node(s), room for {slots}; lower {label}.num_workers or "
-            f"{label}.cpus_per_worker, or add nodes"
-        )

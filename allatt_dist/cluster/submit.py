@@ -251,14 +251,13 @@ def build_job(
     extra: list[str] | None = None,
 ) -> tuple[str, dict[str, Any], dict[str, str]]:
     """(entrypoint, runtime_env, metadata) of one submission; checks everything local first."""
-    from allatt_dist.config import load_config
-    from allatt_dist.search.space import parse_tune, space_origin
+    from allatt_dist.recipe import load_config
 
     if command not in COMMANDS:
         raise UserError(f"--command {command}: expected one of {', '.join(COMMANDS)}")
     cfg = load_config(config, overrides)  # the job runs this code on this recipe: a bad key fails here, not there
-    if command in ("run", "tune"):
-        parse_tune(cfg, space_origin(config, overrides))
+    if command in ("run", "tune") and cfg.tune is None:
+        raise UserError(f"{config}: tune: section missing (see docs/search.md)")
     runtime_env = load_runtime_env(runtime_env_path)
     wd = runtime_env.get("working_dir", ".")
     if not isinstance(wd, str):

@@ -42,10 +42,6 @@ class LMStream:
         self.pos = 0  # index of the next segment within the epoch
 
     @property
-    def local_batch(self) -> int:
-        return int(self._rows.shape[0])
-
-    @property
     def segments_per_epoch(self) -> int:
         """Full segments per row; the last input of a segment predicts the next one's first token."""
         return (int(self._rows.shape[1]) - 1) // self.seq_len

@@ -89,10 +89,6 @@ def expected_open(gates: list[HeadGate]) -> torch.Tensor:
     return torch.stack([g.open_probability().sum() for g in gates]).sum()
 
 
-def total_heads(gates: list[HeadGate]) -> int:
-    return sum(g.log_alpha.numel() for g in gates)
-
-
 def warmup_factor(step: int, cfg: GateConfig) -> float:
     """Sparsity-loss warm-up: 0 before `warmup_start`, then a linear ramp to 1 over `warmup_steps`."""
     if step < cfg.warmup_start:

@@ -18,21 +18,24 @@ import yaml
 
 from allatt_dist.errors import UserError
 
-FIELDS = [
-    "name",
-    "status",
-    "architecture",
-    "gate_temperature",
-    "sparsity_target",
-    "l0_coefficient",
-    "heads_per_layer",
-    "sparsity",
-    "params",
-    "valid_ppl",
-    "test_ppl",
-    "pareto",
-    "model_dir",
-]
+# The leaderboard's columns, declared once: (name, shown in leaderboard.md). JSON and CSV hold them all.
+COLUMNS: tuple[tuple[str, bool], ...] = (
+    ("name", True),
+    ("status", True),
+    ("architecture", True),
+    ("temperature", True),
+    ("sparsity_target", True),
+    ("l0_coefficient", False),
+    ("heads_per_layer", True),
+    ("sparsity", True),
+    ("params", True),
+    ("valid_ppl", True),
+    ("test_ppl", True),
+    ("pareto", True),
+    ("model_dir", False),
+)
+FIELDS = [name for name, _ in COLUMNS]
+MARKDOWN_FIELDS = [name for name, shown in COLUMNS if shown]
 
 
 def pareto_flags(points: list[tuple[float, float] | None]) -> list[bool]:
@@ -67,6 +70,20 @@ def _read(path: Path) -> dict:
     return data
 
 
+def _run_config(path: Path):
+    """A trial's typed config from its run.yaml (None when the trial never wrote one); one line when damaged."""
+    from allatt_dist.errors import ConfigError
+    from allatt_dist.recipe import build_config
+
+    data = _read(path)
+    if not data:
+        return None
+    try:
+        return build_config(data, str(path))
+    except ConfigError as e:
+        raise UserError(f"damaged ({e}); restore or delete {path.parent} and run again") from None
+
+
 def collect(exp_dir: Path) -> list[dict]:
     """One row per trial directory (plus the dense reference), with what is known before scoring."""
     if not (exp_dir / "trials").is_dir() and not (exp_dir / "tune").is_dir():
@@ -86,21 +103,21 @@ def collect(exp_dir: Path) -> list[dict]:
                 }
             )
     for trial in sorted(p for p in (exp_dir / "trials").glob("*") if p.is_dir()):
-        run = _read(trial / "run.yaml")
-        gates = run.get("gates") or {}
+        cfg = _run_config(trial / "run.yaml")
         status = _read(trial / "status.json")
         result = _read(trial / "prune" / "result.json")
         finished = status.get("status") == "finished" and (trial / "prune" / "model" / "config.json").is_file()
+        arch = cfg.model.architecture if cfg else None
         rows.append(
             {
-                "name": f"{run.get('model', {}).get('architecture', 'model')}-{trial.name}",
+                "name": f"{arch or 'model'}-{trial.name}",
                 "status": "finished" if finished else status.get("status", "incomplete"),
                 "source": trial / "prune" / "model" if finished else None,
                 "gated": True,
-                "architecture": run.get("model", {}).get("architecture"),
-                "gate_temperature": gates.get("temperature"),
-                "sparsity_target": gates.get("sparsity_target"),
-                "l0_coefficient": gates.get("l0_coefficient"),
+                "architecture": arch,
+                "temperature": cfg.gates.temperature if cfg else None,
+                "sparsity_target": cfg.gates.sparsity_target if cfg else None,
+                "l0_coefficient": cfg.gates.l0_coefficient if cfg else None,
                 "valid_ppl": result.get("valid_ppl", (status.get("last") or {}).get("valid_ppl")),
             }
         )
@@ -182,19 +199,7 @@ def _fmt(v) -> str:
 
 
 def markdown(table: list[dict], budget: dict | None) -> str:
-    cols = [
-        "name",
-        "status",
-        "architecture",
-        "gate_temperature",
-        "sparsity_target",
-        "heads_per_layer",
-        "sparsity",
-        "params",
-        "valid_ppl",
-        "test_ppl",
-        "pareto",
-    ]
+    cols = MARKDOWN_FIELDS
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in table]
     if budget:
@@ -206,7 +211,7 @@ def rank(
     exp_dir: Path, budget: int | None = None, progress: bool = True, data_overrides: list[str] | None = None
 ) -> dict:
     """Prune and test-evaluate every finished trial; `data_overrides` (`data.KEY=VALUE`) amend run.yaml's data."""
-    from allatt_dist.config import data_config
+    from allatt_dist.recipe import data_config
 
     exp_dir = Path(exp_dir)
     rows = collect(exp_dir)

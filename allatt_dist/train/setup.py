@@ -99,9 +99,10 @@ def make_torch_optimizer(groups: list[dict[str, Any]], cfg: RunConfig) -> torch.
     return cls(groups, lr=groups[0]["lr"], betas=(0.9, 0.999), eps=1e-8, fused=True)
 
 
-def deepspeed_config(cfg: RunConfig, on_gpu: bool) -> dict[str, Any]:
-    """The DeepSpeed JSON config for this run (the optimizer section only on GPU: FusedAdam/FusedLamb)."""
-    ds = cfg.deepspeed
+def deepspeed_config(cfg: RunConfig) -> dict[str, Any]:
+    """The DeepSpeed JSON config for this run (the optimizer section only on GPU: FusedAdam/FusedLamb).
+    Called once per plan (`plan.make_plan`); the workers receive the result."""
+    ds, on_gpu = cfg.deepspeed, cfg.scaling.use_gpu
     if ds.precision == "fp16" and not on_gpu:
         raise ConfigError("deepspeed.precision: fp16 needs a GPU (scaling.use_gpu=true); use fp32 or bf16 on CPU")
     if cfg.train.optimizer == "lamb" and not on_gpu:

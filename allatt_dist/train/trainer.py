@@ -21,12 +21,13 @@ from pathlib import Path
 
 import yaml
 
-from allatt_dist.cluster.session import check_fits
-from allatt_dist.config import ModelConfig, RunConfig, config_to_dict, saved_config_diff
-from allatt_dist.data.corpus import resolve_data
+from allatt_dist.config import ModelConfig, RunConfig
 from allatt_dist.errors import CheckpointError, UserError
+from allatt_dist.plan import Plan
+from allatt_dist.recipe import saved_config_diff
 from allatt_dist.train.monitor import RemoteProgressBoard, follow_progress
-from allatt_dist.train.setup import PHASES, Phase, deepspeed_config, phase_spec
+from allatt_dist.train.setup import PHASES, Phase, phase_spec
+from allatt_dist.train.worker import WorkerJob
 
 INIT_FROM: dict[str, tuple[str, str] | None] = {
     "dense": None,
@@ -42,15 +43,15 @@ class TrainingFailed(UserError):
 IDENTITY = ("model", "data", "gates")  # what makes two runs different runs (step counts may change)
 
 
-def prepare_run_dir(cfg: RunConfig, run_dir: Path, force: bool) -> None:
+def prepare_run_dir(plan: Plan) -> None:
     """Refuse a run directory that holds another config's run; otherwise write run.yaml.
 
     A directory in which no phase has finished (a first attempt that failed on bad input) holds nothing
     worth keeping: it is taken over, so the corrected command can be run again as it is."""
-    spec = config_to_dict(cfg)
+    run_dir, spec = plan.out, plan.cfg.to_dict()
     saved = run_dir / "run.yaml"
     finished = any(run_dir.glob("*/result.json")) or any(run_dir.glob("*/model/config.json"))
-    if saved.is_file() and not force and finished:
+    if saved.is_file() and not plan.force and finished:
         diff = saved_config_diff(saved, spec, IDENTITY, "use another --out or --force to reuse the directory")
         if diff:
             raise UserError(
@@ -95,11 +96,6 @@ def init_dir_for(run_dir: Path, phase: Phase, cfg: RunConfig) -> Path | None:
     return d
 
 
-def with_resolved_data(cfg: RunConfig) -> RunConfig:
-    """The config with its data folder checked and made absolute (workers run elsewhere)."""
-    return cfg.model_copy(update={"data": resolve_data(cfg.data, ("train", "valid"))})
-
-
 def phase_done(run_dir: Path, phase: Phase, cfg: RunConfig) -> bool:
     res = run_dir / phase / "result.json"
     if not res.is_file():
@@ -107,29 +103,22 @@ def phase_done(run_dir: Path, phase: Phase, cfg: RunConfig) -> bool:
     return json.loads(res.read_text()).get("step", 0) >= phase_spec(cfg, phase).max_steps
 
 
-def _trainer(cfg: RunConfig, run_dir: Path, phase: Phase, init_dir: Path | None, board, verbose: bool, callbacks):
+def _trainer(plan: Plan, phase: Phase, init_dir: Path | None, board, callbacks):
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchTrainer
 
     from allatt_dist.train.worker import train_loop_per_worker
 
-    sc = cfg.scaling
+    cfg, sc = plan.cfg, plan.cfg.scaling
     resources = {"CPU": sc.cpus_per_worker}
     if sc.use_gpu:
         resources["GPU"] = sc.gpus_per_worker
-    env = {"DS_ACCELERATOR": "cuda" if sc.use_gpu else "cpu", "ALLATT_VERBOSE": "1" if verbose else "0"}
-    job = {
-        "config": config_to_dict(cfg),
-        "phase": phase,
-        "phase_dir": str((run_dir / phase).resolve()),
-        "init_dir": str(init_dir.resolve()) if init_dir else None,
-        "board": board,
-        "on_gpu": sc.use_gpu,
-    }
+    env = {"DS_ACCELERATOR": "cuda" if sc.use_gpu else "cpu", "ALLATT_VERBOSE": "1" if plan.verbose else "0"}
+    job = WorkerJob(cfg, plan.ds_config, phase, plan.out / phase, init_dir, board)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=job,
+        train_loop_config={"job": job},  # pickled to every worker: typed, nothing re-read there
         scaling_config=ScalingConfig(
             num_workers=sc.num_workers,
             use_gpu=sc.use_gpu,
@@ -138,7 +127,7 @@ def _trainer(cfg: RunConfig, run_dir: Path, phase: Phase, init_dir: Path | None,
         ),
         run_config=RayRunConfig(
             name="checkpoints",
-            storage_path=str((run_dir / phase).resolve()),
+            storage_path=str(plan.out / phase),
             failure_config=FailureConfig(max_failures=sc.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             worker_runtime_env={"env_vars": env},
@@ -173,30 +162,20 @@ def _last_line(err: BaseException) -> str:
     return (errs or lines or [type(err).__name__])[-1][:400]
 
 
-def run_phase(
-    cfg: RunConfig,
-    run_dir: Path,
-    phase: Phase,
-    verbose: bool = False,
-    progress: bool = True,
-    init_dir: Path | None = None,
-    callbacks: list | None = None,
-) -> dict:
-    """Train one phase through Ray Train; returns (and writes) its result.json.
+def run_phase(plan: Plan, phase: Phase, init_dir: Path | None = None, callbacks: list | None = None) -> dict:
+    """Train one phase of `plan` through Ray Train; returns (and writes) its result.json.
 
     `init_dir` overrides the model the phase starts from (a Tune trial starts from a shared dense
     model); `callbacks` are Ray Train callbacks (Tune's report callback in a trial).
     """
     from allatt_dist.model.pruning import prune_model
-    from allatt_dist.modelio import load_model_dir, save_model_dir
+    from allatt_dist.modelio import load_model_dir, read_meta, save_model_dir
 
-    cfg = with_resolved_data(cfg)
-    check_fits(cfg.scaling)
-    deepspeed_config(cfg, cfg.scaling.use_gpu)  # validates precision / optimizer before any worker starts
-    init_dir = init_dir or init_dir_for(run_dir, phase, cfg)
+    run_dir = plan.out
+    init_dir = init_dir or init_dir_for(run_dir, phase, plan.cfg)
     board = RemoteProgressBoard.remote()
-    trainer = _trainer(cfg, run_dir, phase, init_dir, board, verbose, callbacks)
-    result = fit_with_progress(trainer, board, f"{run_dir.name}/{phase}", progress)
+    trainer = _trainer(plan, phase, init_dir, board, callbacks)
+    result = fit_with_progress(trainer, board, f"{run_dir.name}/{phase}", plan.progress)
     metrics = dict(result.metrics or {})
     metrics["checkpoint"] = result.checkpoint.path if result.checkpoint else None
     phase_dir = run_dir / phase
@@ -205,34 +184,24 @@ def run_phase(
         pruned = prune_model(gated)
         meta = save_model_dir(pruned, vocab, phase_dir / "pruned", extra={"phase": "prune", "pruned": True})
         metrics.update({k: meta[k] for k in ("heads_per_layer", "sparsity", "params")})
-        metrics["dense_params"] = json.loads((init_dir / "config.json").read_text())["params"]
+        metrics["dense_params"] = read_meta(init_dir)["params"]
     tmp = phase_dir / "result.json.tmp"
     tmp.write_text(json.dumps(metrics, indent=2, default=str) + "\n")
     tmp.replace(phase_dir / "result.json")
     return metrics
 
 
-def train(
-    cfg: RunConfig,
-    run_dir: Path,
-    phases: list[Phase] | None = None,
-    force: bool = False,
-    verbose: bool = False,
-    progress: bool = True,
-) -> dict[str, dict]:
-    """Run the requested phases in order (all three by default), skipping the finished ones."""
+def train(plan: Plan, phases: list[Phase] | None = None) -> dict[str, dict]:
+    """Run the requested phases of `plan` in order (all three by default), skipping the finished ones."""
     phases = phases or list(PHASES)
-    run_dir = Path(run_dir).resolve()
-    cfg = with_resolved_data(cfg)
-    check_fits(cfg.scaling)
-    deepspeed_config(cfg, cfg.scaling.use_gpu)
+    run_dir, cfg = plan.out, plan.cfg
     if not phase_done(run_dir, phases[0], cfg):
         init_dir_for(run_dir, phases[0], cfg)
-    prepare_run_dir(cfg, run_dir, force)  # only after every check above: bad input writes nothing
+    prepare_run_dir(plan)  # only after every check: bad input writes nothing
     results = {}
     for phase in phases:
         if phase_done(run_dir, phase, cfg):
             results[phase] = json.loads((run_dir / phase / "result.json").read_text())
             continue
-        results[phase] = run_phase(cfg, run_dir, phase, verbose, progress)
+        results[phase] = run_phase(plan, phase)
     return results

@@ -13,7 +13,9 @@ import json
 import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,9 +30,9 @@ from allatt_dist.model.gates import SparsityObjective
 from allatt_dist.model.transformer import LanguageModel, count_params
 from allatt_dist.train.monitor import Monitor
 from allatt_dist.train.setup import (
+    Phase,
     PhaseSpec,
     TrainModule,
-    deepspeed_config,
     make_scheduler,
     make_torch_optimizer,
     param_groups,
@@ -40,7 +42,19 @@ from allatt_dist.train.setup import (
 CKPT_TAG = "ds"
 
 
-def build_model(cfg: RunConfig, spec: PhaseSpec, vocab_size: int, init_dir: str | None) -> LanguageModel:
+@dataclass(frozen=True)
+class WorkerJob:
+    """What every Ray Train worker of one phase receives (pickled by Ray, nothing re-read from YAML)."""
+
+    cfg: RunConfig  # the plan's config (data folder pinned)
+    ds_config: dict[str, Any]  # the plan's DeepSpeed config
+    phase: Phase
+    phase_dir: Path  # absolute: RUN_DIR/<phase>
+    init_dir: Path | None  # the model this phase starts from (None: fresh dense model)
+    board: Any  # the driver's progress actor handle
+
+
+def build_model(cfg: RunConfig, spec: PhaseSpec, vocab_size: int, init_dir: Path | None) -> LanguageModel:
     """Dense: fresh. Prune: the dense model plus gates. Finetune: the physically pruned model."""
     torch.manual_seed(cfg.train.seed)
     if init_dir is None:
@@ -160,35 +174,35 @@ def _load_mems(path: Path, n_chunks: int, device) -> list[list[torch.Tensor] | N
     return out
 
 
-def train_loop_per_worker(job: dict) -> None:
-    """Ray Train entry point. `job`: config (RunConfig dict), phase, phase_dir, init_dir, board, on_gpu."""
+def train_loop_per_worker(config: dict[str, WorkerJob]) -> None:
+    """Ray Train entry point; `config["job"]` is the phase's `WorkerJob`."""
     import deepspeed
     import ray.train
     from ray.train import Checkpoint
+    from ray.util import get_current_placement_group
 
     if os.environ.get("ALLATT_VERBOSE") != "1":
         deepspeed.utils.logger.setLevel(logging.WARNING)
-    cfg = RunConfig.model_validate(job["config"])
-    spec = phase_spec(cfg, job["phase"])
+    job = config["job"]
+    cfg, phase_dir = job.cfg, job.phase_dir
+    spec = phase_spec(cfg, job.phase)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    on_gpu = bool(job["on_gpu"])
+    on_gpu = cfg.scaling.use_gpu
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-    phase_dir = Path(job["phase_dir"])
 
     corpus = load_corpus(cfg.data, splits=("train", "valid"))
-    lm = build_model(cfg, spec, len(corpus.vocab), job.get("init_dir"))
+    lm = build_model(cfg, spec, len(corpus.vocab), job.init_dir)
     objective = SparsityObjective(cfg.gates) if spec.gates is not None else None
     n_params = count_params(lm)  # before ZeRO-3 partitions the tensors
     module = TrainModule(lm, objective)
     groups = param_groups(module, cfg, spec)
-    ds_cfg = deepspeed_config(cfg, on_gpu)
     engine, _, _, scheduler = deepspeed.initialize(
         model=module,
         model_parameters=groups,
         optimizer=None if on_gpu else make_torch_optimizer(groups, cfg),
         lr_scheduler=make_scheduler(cfg, spec.max_steps),
-        config=ds_cfg,
+        config=job.ds_config,
         dist_init_required=False,
     )
     if cfg.deepspeed.zero_stage == 3:
@@ -207,11 +221,10 @@ def train_loop_per_worker(job: dict) -> None:
 
     node_ids = [None] * world
     dist.all_gather_object(node_ids, ray.get_runtime_context().get_node_id())
-    if rank == 0:
-        _record_placement_group(phase_dir)
+    pg = get_current_placement_group()  # reported: a Tune callback frees it when a scheduler stops the trial
     monitor = Monitor(
         phase_dir / "tb" if rank == 0 else None,
-        job.get("board") if rank == 0 else None,
+        job.board if rank == 0 else None,
         spec.max_steps,
         spec.phase,
         cfg.train.batch_size * cfg.model.seq_len,
@@ -264,6 +277,7 @@ def train_loop_per_worker(job: dict) -> None:
                 "params": n_params,
                 "world_size": world,
                 "node_ids": node_ids,
+                "placement_group_id": pg.id.hex() if pg is not None else None,
                 **{k: v for k, v in stats.items() if isinstance(v, float)},
                 **last_eval,
                 **_memory_stats(engine, world),
@@ -275,17 +289,6 @@ def train_loop_per_worker(job: dict) -> None:
     if not exported:
         _export(lm, corpus.vocab, cfg, spec, phase_dir / "model", rank, step)  # resumed after the last report
     monitor.close()
-
-
-def _record_placement_group(phase_dir: Path) -> None:
-    """Leave the id of this run's placement group where the Tune driver can find it: a trial stopped by
-    the scheduler is killed with its Train controller, and its workers' group would otherwise leak."""
-    from ray.util import get_current_placement_group
-
-    pg = get_current_placement_group()
-    if pg is not None:
-        phase_dir.mkdir(parents=True, exist_ok=True)
-        (phase_dir / "placement_group.txt").write_text(pg.id.hex())
 
 
 def _checkpoint(engine, stream, mems, step, rank, metrics, checkpoint_cls) -> None:

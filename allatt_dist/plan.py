@@ -1,0 +1,50 @@
+"""The resolved plan: what one command runs, decided once at the boundary and passed down as is.
+
+    recipe YAML + --set  --recipe.load_config-->  RunConfig  --make_plan-->  Plan  --> train / tune / run
+                                                                               \\--> Ray Train workers (pickled)
+
+`make_plan` pins the data folder (checked, absolute: workers run in other directories and on other
+nodes), generates the DeepSpeed config (which also refuses CPU-impossible settings) and resolves the
+output directory. Every layer below reads these fields and re-derives none of them; a Tune trial gets
+its own plan from its sampled values with `Plan.with_values`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from allatt_dist.config import RunConfig
+
+
+@dataclass(frozen=True)
+class Plan:
+    cfg: RunConfig  # validated; data.path (when local) checked and absolute
+    out: Path  # absolute: the run directory (train) or the experiment directory (tune, run)
+    ds_config: dict[str, Any]  # what deepspeed.initialize takes, generated from cfg once
+    verbose: bool = False  # Ray's and DeepSpeed's own logs
+    progress: bool = True  # progress bars on the driver
+    force: bool = False  # reuse a run directory that holds another config's run
+
+    def with_values(self, values: dict[str, Any], out: Path, **changes: Any) -> Plan:
+        """This plan with dotted config keys set (a trial's sampled values, another architecture), writing
+        to `out`; `changes` replace other fields (a trial runs with progress=False, force=True)."""
+        cfg = self.cfg.with_values(values)
+        return replace(self, cfg=cfg, out=Path(out), ds_config=_ds_config(cfg), **changes)
+
+
+def _ds_config(cfg: RunConfig) -> dict[str, Any]:
+    from allatt_dist.train.setup import deepspeed_config
+
+    return deepspeed_config(cfg)
+
+
+def make_plan(
+    cfg: RunConfig, out: str | Path, *, verbose: bool = False, progress: bool = True, force: bool = False
+) -> Plan:
+    """Resolve `cfg` for a command writing to `out`; one line (`UserError`) for anything that cannot run."""
+    from allatt_dist.data.corpus import resolve_data
+
+    cfg = cfg.model_copy(update={"data": resolve_data(cfg.data, ("train", "valid"))})
+    return Plan(cfg, Path(out).resolve(), _ds_config(cfg), verbose=verbose, progress=progress, force=force)

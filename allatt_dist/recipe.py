@@ -1,0 +1,149 @@
+"""Reading a recipe: YAML file + `--set SECTION.KEY=VALUE` overrides -> a validated `RunConfig`.
+
+This is the boundary where text becomes typed config: every error is one `ConfigError` line naming
+the file (or `--set`), the key and what is allowed. Nothing below it parses YAML again.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from allatt_dist.config import DataConfig, RunConfig
+from allatt_dist.errors import ConfigError
+
+
+class _Replace(dict):
+    """A mapping given whole on the command line (`--set tune.space={...}`): it replaces, not merges."""
+
+
+def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
+    """Turn ["a.b=1", "c.d=[1,2]"] into a nested dict; values are parsed as YAML scalars/lists."""
+    tree: dict[str, Any] = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, dict):
+            value = _Replace(value)
+        parts = key.strip().split(".")
+        if not all(p.strip() for p in parts):
+            raise ConfigError(f"--set {item!r}: expected section.key=value (an empty name in {key!r})")
+        node = tree
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {p} is not a section")
+        node[parts[-1]] = value
+    return tree
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and not isinstance(v, _Replace) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = dict(v) if isinstance(v, _Replace) else v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{p}: is a folder; give a recipe YAML file (e.g. tune_configs/quickstart.yaml)")
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not a text file (a recipe is UTF-8 YAML)") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot be read ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"{p}: malformed YAML{where}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping of sections (model, gates, data, ...)")
+    return data
+
+
+def _given_in(tree: dict[str, Any], loc: tuple) -> bool:
+    """Whether the key at `loc` (or the section holding it) was set in the override tree."""
+    node: Any = tree
+    for part in loc:
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return bool(loc)
+
+
+def _format_error(err: ValidationError, origin: str, set_tree: dict[str, Any] | None = None) -> str:
+    first = err.errors()[0]
+    loc = tuple(first["loc"])
+    key = ".".join(str(p) for p in loc)
+    msg = first["msg"].removeprefix("Value error, ")
+    if set_tree and (loc[:1] == ("tune",) or msg.startswith("tune.")) and "tune" in set_tree:
+        origin = f"{origin} with --set" if origin and origin != "--set" else "--set"  # the search came from both
+    elif set_tree and _given_in(set_tree, loc):
+        origin = "--set"  # the bad value came from the command line, not from the file
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key (see docs/configuration.md for the allowed keys)"
+    elif "input" in first and first["type"] not in ("value_error",):
+        msg = f"{msg} (got {first['input']!r})"
+    where = f"{origin}: " if origin else ""
+    return f"{where}{key}: {msg}" if key else f"{where}{msg}"
+
+
+def build_config(data: dict[str, Any], origin: str = "", set_tree: dict[str, Any] | None = None) -> RunConfig:
+    """Validate a whole recipe; `set_tree` (the parsed `--set` items) lets an error name `--set` as its origin."""
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, origin, set_tree)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """The recipe at `path` (None: the defaults) with `--set` overrides, validated once."""
+    data = read_yaml(path) if path is not None else {}
+    tree = parse_overrides(overrides)
+    return build_config(deep_merge(data, tree), str(path) if path is not None else "--set", tree)
+
+
+def data_config(base: dict[str, Any] | None, overrides: list[str] | None, origin: str) -> DataConfig:
+    """The data section of a saved run (`base`, e.g. from run.yaml) with `--set data.KEY=VALUE` applied.
+
+    For the commands that read a finished model or experiment: only the data may change there.
+    """
+    tree = parse_overrides(overrides)
+    other = sorted(k for k in tree if k != "data")
+    if other:
+        raise ConfigError(f"--set {other[0]}.*: only data.KEY=VALUE applies here (the model's config is fixed)")
+    return build_config({"data": deep_merge(base or {}, tree.get("data", {}))}, origin, tree).data
+
+
+def saved_config_diff(saved: Path, spec: dict[str, Any], sections: tuple[str, ...], fix: str) -> list[str]:
+    """The `section.key`s in which the config saved at `saved` (YAML) differs from `spec`, sorted;
+    a damaged file is one line that ends with `fix`."""
+    try:
+        old = yaml.safe_load(saved.read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        raise ConfigError(f"{saved}: damaged; {fix}") from None
+    if not isinstance(old, dict):
+        raise ConfigError(f"{saved}: damaged (not a mapping); {fix}")
+    return sorted(
+        f"{s}.{k}"
+        for s in sections
+        for k in set(old.get(s) or {}) | set(spec.get(s) or {})
+        if (old.get(s) or {}).get(k) != (spec.get(s) or {}).get(k)
+    )

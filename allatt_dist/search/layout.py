@@ -1,0 +1,98 @@
+"""Where a search keeps what: the experiment directory's layout, its records, and its identity.
+
+EXP_DIR/
+  run.yaml, dense/              the shared dense model (from `allatt-dist run`)
+  dense-<arch>/dense/           the dense model of every other searched architecture
+  search.yaml                   the config the search started with (a resume must match it)
+  tune/                         Ray Tune's experiment state (what `Tuner.restore` reads)
+  trials/<trial_id>/            run.yaml, params.json, status.json (final: written by the driver),
+                                error.txt (when the trial function raised), prune/{tb,model,...}
+  hparams/<trial_id>/           TensorBoard HParams events (temperature, target -> ppl, params)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from allatt_dist.config import RunConfig
+from allatt_dist.errors import UserError
+from allatt_dist.recipe import saved_config_diff
+
+SEARCH_IDENTITY = ("model", "data", "gates", "prune", "tune")  # what a resumed search must share with its start
+_RESOURCE_KEYS = ("max_concurrent_trials", "trial_driver_cpus")  # may change between sessions
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write `data` as JSON at `path` through a temporary name, so a reader sees the old or the new file."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    root: Path  # absolute: trial functions run in Ray's own working directories
+
+    @property
+    def tune_dir(self) -> Path:
+        return self.root / "tune"
+
+    @property
+    def search_file(self) -> Path:
+        return self.root / "search.yaml"
+
+    def trial_dir(self, trial_id: str) -> Path:
+        return self.root / "trials" / trial_id
+
+    def dense_run_dir(self, architecture: str, cfg: RunConfig) -> Path:
+        """EXP for the recipe's own architecture, EXP/dense-<architecture> for the other searched ones."""
+        return self.root if architecture == cfg.model.architecture else self.root / f"dense-{architecture}"
+
+    def dense_models(self, cfg: RunConfig) -> dict[str, Path]:
+        """Each searched architecture's dense model directory (the trials start from it)."""
+        archs = (cfg.tune.values_of("model.architecture") if cfg.tune else None) or [cfg.model.architecture]
+        return {a: self.dense_run_dir(a, cfg) / "dense" / "model" for a in dict.fromkeys(archs)}
+
+    def check_same_search(self, cfg: RunConfig, restore: bool) -> None:
+        """A search is resumed only with the config it started with (Tune would silently keep the old space
+        and model); a new search records its config in EXP/search.yaml."""
+        spec = _search_spec(cfg)
+        if restore and self.search_file.is_file():
+            diff = saved_config_diff(self.search_file, spec, SEARCH_IDENTITY, "delete it to resume the search anyway")
+            if diff:
+                raise UserError(
+                    f"{self.root}: holds a search of another config (differs in {', '.join(diff[:4])}); use another "
+                    f"--out, or delete {self.tune_dir} and {self.root / 'trials'} to start the search over"
+                )
+        if not restore or not self.search_file.is_file():
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.search_file.write_text(yaml.safe_dump(spec, sort_keys=False))
+
+    def record_statuses(self, grid, max_steps: int) -> list[dict]:
+        """After the search: each trial's final status (finished / stopped by the scheduler / error)."""
+        rows = []
+        for r in grid:
+            metrics = r.metrics or {}
+            trial_id = metrics.get("trial_id") or Path(r.path).name
+            if r.error is not None:
+                status = {"status": "error", "error": str(r.error).strip().splitlines()[-1][:400]}
+            elif metrics.get("step", 0) >= max_steps:
+                status = {"status": "finished"}
+            else:
+                status = {"status": "stopped", "stopped_at_step": metrics.get("step")}
+            trial_dir = self.trial_dir(trial_id)
+            trial_dir.mkdir(parents=True, exist_ok=True)
+            last = {k: metrics.get(k) for k in ("step", "valid_ppl", "expected_sparsity", "hard_sparsity")}
+            write_json(trial_dir / "status.json", {**status, "last": last})
+            rows.append({"trial_id": trial_id, **status})
+        return rows
+
+
+def _search_spec(cfg: RunConfig) -> dict:
+    spec = {s: cfg.to_dict()[s] for s in SEARCH_IDENTITY}
+    spec["tune"] = {k: v for k, v in (spec["tune"] or {}).items() if k not in _RESOURCE_KEYS}
+    return spec
