@@ -217,7 +217,10 @@ def _environment_failure(e: BaseException) -> str | None:
     if isinstance(e, MemoryError) or (
         isinstance(e, RuntimeError) and ("out of memory" in first.lower() or "allocate memory" in first.lower())
     ):
-        return f"out of memory ({first}); use a smaller --batch-size or model (--verbose for the traceback)"
+        return (
+            f"out of memory ({first}); use a smaller batch or model (train/tune/run: --set train.batch_size=N; "
+            "evaluate: --batch-size; bench: --batch-size / --eval-batch-size)"
+        )
     if isinstance(e, OSError) and e.filename:
         return f"{e.filename}: {e.strerror or first}"
     return None

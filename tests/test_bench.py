@@ -9,8 +9,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from allatt_dist.cli import main
+from allatt_dist.bench import BenchOptions
+from allatt_dist.cli import main, parse_args
 from allatt_dist.config import GateConfig, ModelConfig
+from allatt_dist.errors import UserError
 from allatt_dist.model.transformer import LanguageModel
 from allatt_dist.perf import flops_per_token, head_patterns, peak_tflops
 
@@ -81,6 +83,19 @@ def test_bench_rejects_bad_sparsity(tmp_path, wt2_path, capsys):
     cfg.write_text(TINY.format(path=wt2_path))
     assert main(["bench", str(cfg), "--sparsities", "1.5"]) == 2
     assert "--sparsities" in capsys.readouterr().err
+
+
+def test_bench_flags_become_one_options_object():
+    argv = ["bench", "c.yaml", "--sparsities", "0.5, 0.25,", "--no-train", "--clock", "cpu", "--dtype", "bf16"]
+    opts = BenchOptions.from_args(parse_args([*argv, "--compile", "--batch-size", "3", "--vocab-size", "7"]))
+    assert opts.sparsities == (0.5, 0.25) and not opts.train and opts.cpu_clock and opts.compile
+    assert (opts.dtype, opts.precision_of_baseline, opts.batch_size, opts.vocab_size) == ("bf16", "bf16", 3, 7)
+    assert BenchOptions.from_args(parse_args(["bench", "c.yaml"])) == BenchOptions()  # the flags' defaults
+    for bad in ({"sparsities": (1.0,)}, {"repeats": 0}, {"warmup": -1}, {"vocab_size": 1}):
+        with pytest.raises(UserError):
+            BenchOptions(**bad)
+    with pytest.raises(UserError, match="comma list"):
+        BenchOptions.from_args(parse_args(["bench", "c.yaml", "--sparsities", "half"]))
 
 
 @pytest.mark.parametrize(

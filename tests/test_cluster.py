@@ -33,6 +33,7 @@ import pytest
 import yaml
 
 from allatt_dist.cli import main, parse_args
+from allatt_dist.cluster import jobs_api
 from allatt_dist.cluster import submit as js
 
 REPO = Path(__file__).resolve().parents[1]
@@ -275,6 +276,19 @@ def test_config_left_out_by_excludes_or_gitignore_is_refused(tmp_path):
     assert entry == "python -m allatt_dist.cli train ok/c.yaml"
 
 
+def test_excluded_reads_gitignore_patterns_like_ray(tmp_path):
+    """Ray's upload matches excludes and the root .gitignore/.rayignore as gitignore patterns: the same
+    rules here (a parent folder's match, anchoring, negation), through the public `pathspec` package."""
+    (tmp_path / ".rayignore").write_text("*.secret.yaml\n!keep.secret.yaml\n")
+    rules = ["/top/", "runs/"]
+    assert js._excluded("a/b/runs/c.yaml", tmp_path, rules) == "excludes"  # a folder at any depth
+    assert js._excluded("top/c.yaml", tmp_path, rules) == "excludes"
+    assert js._excluded("a/top/c.yaml", tmp_path, rules) is None  # anchored at the root only
+    assert js._excluded("conf/x.secret.yaml", tmp_path, rules) == ".rayignore"
+    assert js._excluded("conf/keep.secret.yaml", tmp_path, rules) is None  # re-included by `!`
+    assert js._excluded("conf/x.yaml", tmp_path, rules) is None
+
+
 def _dead_port() -> int:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -350,20 +364,20 @@ def test_token_is_looked_up_like_ray_does(tmp_path, monkeypatch):
     for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert js.read_token() == (None, "")
+    assert jobs_api.read_token() == (None, "")
     (tmp_path / ".ray").mkdir()
     (tmp_path / ".ray/auth_token").write_text("from-home\n")
-    assert js.read_token()[0] == "from-home"
+    assert jobs_api.read_token()[0] == "from-home"
     f = tmp_path / "tok"
     f.write_text("from-path")
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(f))
-    assert js.read_token()[0] == "from-path"
+    assert jobs_api.read_token()[0] == "from-path"
     monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")
-    assert js.read_token() == ("from-env", "RAY_AUTH_TOKEN")
+    assert jobs_api.read_token() == ("from-env", "RAY_AUTH_TOKEN")
     monkeypatch.delenv("RAY_AUTH_TOKEN")
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
     with pytest.raises(js.UserError, match="cannot read the token file"):
-        js.read_token()
+        jobs_api.read_token()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""`allatt-dist submit` and `allatt-dist jobs ...`: the command-line side of allatt_dist.cluster.submit.
+"""`allatt-dist submit` and `allatt-dist jobs ...`: the command-line side of allatt_dist.cluster.submit
+(what a job runs) and allatt_dist.cluster.jobs_api (the Jobs SDK calls).
 
 `register(sub)` adds both commands to the CLI's sub-parsers; each handler follows the CLI's rules
 (a result as JSON on stdout, a `UserError` as one line with a non-zero exit). Logs go to stderr so
@@ -17,6 +18,7 @@ _ADDRESS_HELP = "the head's Jobs API, e.g. http://127.0.0.1:8265 through a tunne
 
 
 def cmd_submit(a: argparse.Namespace) -> dict:
+    from allatt_dist.cluster import jobs_api as api
     from allatt_dist.cluster import submit as js
 
     extra = list(a.extra)
@@ -33,16 +35,16 @@ def cmd_submit(a: argparse.Namespace) -> dict:
     entrypoint, runtime_env, metadata = js.build_job(
         a.config, a.runtime_env, a.remote_command, a.overrides, a.out, extra
     )
-    client = js.make_client(a.address)
-    job_id = js.submit(client, entrypoint, runtime_env, metadata, a.submission_id)
+    client = api.make_client(a.address)
+    job_id = api.submit(client, entrypoint, runtime_env, metadata, a.submission_id)
     address = client.get_address()
     print(f"allatt-dist submit: job {job_id} submitted to {address}", file=sys.stderr, flush=True)
     if a.no_wait:
         return {"job_id": job_id, "status": "PENDING", "address": address, "entrypoint": entrypoint}
     try:
         if a.follow:
-            js.follow_logs(client, job_id)
-        status = js.wait(client, job_id)
+            api.follow_logs(client, job_id)
+        status = api.wait(client, job_id)
     except KeyboardInterrupt:
         print(
             f"allatt-dist submit: stopped waiting; job {job_id} keeps running "
@@ -54,30 +56,31 @@ def cmd_submit(a: argparse.Namespace) -> dict:
 
 
 def cmd_jobs(a: argparse.Namespace):
+    from allatt_dist.cluster import jobs_api as api
     from allatt_dist.cluster import submit as js
 
-    client = js.make_client(a.address)
+    client = api.make_client(a.address)
     if a.action == "list":
-        return [js.describe(j) for j in js._call(client, "listing jobs", client.list_jobs)]
+        return [js.describe(j) for j in api.list_jobs(client)]
     if a.action == "status":
-        return js.describe(js.job_info(client, a.job_id))
+        return js.describe(api.job_info(client, a.job_id))
     if a.action == "logs":
-        js.job_info(client, a.job_id)  # an unknown id fails here, with one line
+        api.job_info(client, a.job_id)  # an unknown id fails here, with one line
         if a.follow:
-            js.follow_logs(client, a.job_id, sys.stdout)
+            api.follow_logs(client, a.job_id, sys.stdout)
         else:
-            sys.stdout.write(js.job_logs(client, a.job_id))
+            sys.stdout.write(api.job_logs(client, a.job_id))
             sys.stdout.flush()
         return None
     # stop
-    info = js.job_info(client, a.job_id)
+    info = api.job_info(client, a.job_id)
     status = str(info.status.value)
-    if status in js.TERMINAL:
+    if status in api.TERMINAL:
         return {"job_id": a.job_id, "status": status, "stopped": False}
-    js._call(client, f"job {a.job_id}", client.stop_job, a.job_id)
+    api.stop_job(client, a.job_id)
     if a.no_wait:
         return {"job_id": a.job_id, "status": "STOPPING", "stopped": True}
-    return {"job_id": a.job_id, "status": js.wait(client, a.job_id), "stopped": True}
+    return {"job_id": a.job_id, "status": api.wait(client, a.job_id), "stopped": True}
 
 
 def register(sub) -> None:
