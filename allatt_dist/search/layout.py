@@ -42,6 +42,10 @@ class Experiment:
         return self.root / "tune"
 
     @property
+    def scheduler_file(self) -> Path:
+        return self.root / "scheduler.json"
+
+    @property
     def search_file(self) -> Path:
         return self.root / "search.yaml"
 

@@ -64,18 +64,17 @@ def search_algorithm(tc: TuneConfig):
     return BasicVariantGenerator(max_concurrent=tc.max_concurrent_trials, random_state=tc.seed), None
 
 
-def scheduler(plan: Plan):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+def scheduler(plan: Plan, exp: Experiment):
+    """Successive halving within each target (search/scheduler.py), or FIFO (no early stopping)."""
+    from ray.tune.schedulers import FIFOScheduler
+
+    from allatt_dist.search.scheduler import TargetHalving
 
     tc, max_steps = plan.cfg.tune, plan.cfg.prune.max_steps
     if tc.scheduler.type != "asha":
         return FIFOScheduler()
-    return ASHAScheduler(
-        time_attr="step",
-        max_t=max_steps + 1,  # never stop a trial at its last report: let it finish
-        grace_period=min(tc.scheduler.grace_period, max_steps),
-        reduction_factor=tc.scheduler.reduction_factor,
-    )
+    grace = min(tc.scheduler.grace_period, max_steps)
+    return TargetHalving(grace, tc.scheduler.reduction_factor, max_steps, exp.scheduler_file)
 
 
 def _tuner(plan: Plan, exp: Experiment, dense_models: dict[str, Path], restore: bool):
@@ -98,7 +97,7 @@ def _tuner(plan: Plan, exp: Experiment, dense_models: dict[str, Path], restore: 
         tune_config=tune.TuneConfig(
             metric=tc.metric,
             mode="min",
-            scheduler=scheduler(plan),
+            scheduler=scheduler(plan, exp),
             search_alg=search_alg,
             num_samples=tc.num_samples,
             max_concurrent_trials=max_concurrent,
@@ -145,6 +144,8 @@ def tune_search(plan: Plan, dense_dir: Path | None = None) -> list[dict]:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # verbose=0 is then really quiet
     restore = tune.Tuner.can_restore(str(exp.tune_dir))
     exp.check_same_search(plan.cfg, restore)
+    if not restore:
+        exp.scheduler_file.unlink(missing_ok=True)  # decisions of a search whose Tune state was deleted
     grid = _tuner(plan, exp, dense_models, restore).fit()
     rows = exp.record_statuses(grid, plan.cfg.prune.max_steps)
     check_some_trial_ran(rows, exp.root)
