@@ -67,6 +67,12 @@ def test_search_runs_four_trials_asha_stops_some_and_all_get_resources(experimen
     assert "error" not in statuses.values(), summary["trials"]
     assert "stopped" in statuses.values(), "ASHA stopped no trial"
     assert "finished" in statuses.values()
+    finished_targets = {
+        json.loads((exp / "trials" / t / "params.json").read_text())["gates.sparsity_target"]
+        for t, status in statuses.items()
+        if status == "finished"
+    }
+    assert finished_targets == {0.2, 0.8}, "a target lost all its trials: early stopping compared across targets"
     # every trial after a stopped one still got its two workers: each ran at least to the grace period
     for trial_id in statuses:
         status = json.loads((exp / "trials" / trial_id / "status.json").read_text())
