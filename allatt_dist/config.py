@@ -73,6 +73,8 @@ class GateConfig(_Section):
     init: float = Field(2.0, gt=0.0)
     l0_coefficient: float | None = Field(None, ge=0.0)
     sparsity_target: float | None = None
+    param_budget: int | None = Field(None, gt=0)  # non-embedding parameters (model/targets.py)
+    final_cut: bool = True  # target/budget modes: keep exactly the most open heads the target allows
     warmup_start: int = Field(0, ge=0)
     warmup_steps: int = Field(0, ge=0)
     output_scaling: bool = True
@@ -89,13 +91,17 @@ class GateConfig(_Section):
 
     @model_validator(mode="after")
     def _one_mode(self) -> GateConfig:
-        if self.l0_coefficient is not None and self.sparsity_target is not None:
-            raise ValueError("set only one of gates.l0_coefficient and gates.sparsity_target")
+        given = [k for k in ("l0_coefficient", "sparsity_target", "param_budget") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(
+                f"set only one of gates.l0_coefficient, gates.sparsity_target and gates.param_budget "
+                f"(got {' and '.join('gates.' + k for k in given)})"
+            )
         return self
 
     @property
     def mode(self) -> Literal["l0", "target", "none"]:
-        if self.sparsity_target is not None:
+        if self.sparsity_target is not None or self.param_budget is not None:
             return "target"
         return "l0" if self.l0_coefficient else "none"
 
@@ -264,6 +270,14 @@ class RunConfig(_Section):
                 f"train.batch_size ({self.train.batch_size}) must be divisible by "
                 f"scaling.num_workers x deepspeed.grad_accum_steps ({per})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _budget(self) -> RunConfig:
+        if self.gates.param_budget is not None:  # needs the model's formulas (and torch): only when asked
+            from allatt_dist.model.targets import check_budget
+
+            check_budget(self.model, self.gates)
         return self
 
     @model_validator(mode="after")
