@@ -35,7 +35,7 @@ def _kind(ann: Any) -> str:
 
 
 class ModelConfig(_Section):
-    architecture: Literal["all_attention", "transformer_xl"] = "all_attention"
+    architecture: str = "all_attention"  # a registered family (allatt_dist/model/registry.py)
     num_layers: int = Field(4, gt=0)
     hidden_dim: int = Field(256, gt=0)
     num_heads: int = Field(4, gt=0)
@@ -49,14 +49,24 @@ class ModelConfig(_Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     dropatt: float = Field(0.0, ge=0.0, lt=1.0)
 
+    @field_validator("architecture")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        from allatt_dist.model.registry import family_names, unknown_architecture
+
+        if v not in family_names():
+            raise ValueError(unknown_architecture(v))
+        return v
+
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
+        from allatt_dist.model.registry import get_family
+
         if self.hidden_dim % self.num_heads:
             raise ValueError(
                 f"model.hidden_dim ({self.hidden_dim}) must be divisible by model.num_heads ({self.num_heads})"
             )
-        if self.architecture == "all_attention" and self.num_persistent <= 0:
-            raise ValueError("model.num_persistent must be > 0 for architecture all_attention")
+        get_family(self.architecture).validate(self)  # the family's own checks
         cut = self.adaptive_cutoffs
         if any(c <= 0 for c in cut) or sorted(set(cut)) != cut:
             raise ValueError(f"model.adaptive_cutoffs must be strictly increasing positive ints, got {cut}")

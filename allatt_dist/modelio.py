@@ -22,13 +22,14 @@ from allatt_dist.config import GateConfig, ModelConfig
 from allatt_dist.data.vocab import Vocab
 from allatt_dist.errors import CheckpointError, DataError
 from allatt_dist.model.pruning import sparsity
-from allatt_dist.model.transformer import LanguageModel, count_params
+from allatt_dist.model.registry import FamilyModel, build_model
+from allatt_dist.model.transformer import count_params
 
 FORMAT = "allatt-dist/model"
 VERSION = 1
 
 
-def model_meta(model: LanguageModel, vocab: Vocab, gates: GateConfig | None, extra: dict | None = None) -> dict:
+def model_meta(model: FamilyModel, vocab: Vocab, gates: GateConfig | None, extra: dict | None = None) -> dict:
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -45,7 +46,7 @@ def model_meta(model: LanguageModel, vocab: Vocab, gates: GateConfig | None, ext
 
 
 def save_model_dir(
-    model: LanguageModel,
+    model: FamilyModel,
     vocab: Vocab,
     out: str | Path,
     gates: GateConfig | None = None,
@@ -94,15 +95,21 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> tuple[LanguageModel, Vocab, dict]:
-    """Load (model in eval mode, vocabulary, config.json). Every failure is a one-line CheckpointError."""
+def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> tuple[FamilyModel, Vocab, dict]:
+    """Load (model in eval mode, vocabulary, config.json). Every failure is a one-line CheckpointError.
+    The model is built by its architecture's registered family (model/registry.py)."""
     d = Path(path)
     meta = read_meta(d)
     try:
         mcfg = ModelConfig.model_validate(meta["model"])
         gates = GateConfig.model_validate(meta["gates"]) if meta.get("gates") else None
-        model = LanguageModel(mcfg, int(meta["vocab_size"]), gates, list(meta["heads_per_layer"]))
-    except (KeyError, TypeError, ValueError, ValidationError) as e:
+        model = build_model(mcfg, int(meta["vocab_size"]), gates, list(meta["heads_per_layer"]))
+    except ValidationError as e:  # e.g. an architecture this installation has not registered
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        msg = first["msg"].removeprefix("Value error, ")
+        raise CheckpointError(f"{d / 'config.json'}: invalid model description ({where}: {msg})") from None
+    except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{d / 'config.json'}: invalid model description ({str(e).splitlines()[0]})") from None
     weights = d / "model.safetensors"
     if not weights.is_file():

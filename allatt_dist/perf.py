@@ -28,24 +28,17 @@ PEAK_TFLOPS = [
 def flops_per_token(cfg, vocab_size: int, heads_per_layer: list[int] | None = None, batch: int = 1) -> float:
     """Forward matmul FLOPs (2 per multiply-add) per token of a segment with a full memory.
 
-    T = seq_len, K = mem_len + T context keys, N persistent vectors, I = heads * head_dim per layer:
-      q 2dI + k,v 4dI K/T + positions 2dI K/(B T) + context scores (content and position) 4IK
-      + persistent scores 2IN + weighted values 2I(K+N) + output projection 2Id  (per layer)
-      + Transformer-XL feed-forward 4 d ffn_dim (per layer, that architecture only)
-      + output layer 2dV (full softmax) or, adaptive, the head plus every tail cluster in full.
-    Masked scores count (they are computed). Norms, softmax and the optimizer are left out.
+    Per layer the architecture's family says (`layer_flops`; for All-attention and Transformer-XL
+    see model/families.py and docs/performance.md), plus the output layer: 2dV (full softmax) or,
+    adaptive, the head plus every tail cluster in full. Masked scores count (they are computed).
+    Norms, softmax and the optimizer are left out.
     """
-    d, t, dh = cfg.hidden_dim, cfg.seq_len, cfg.head_dim
-    k = cfg.mem_len + t
-    n = cfg.num_persistent if cfg.architecture == "all_attention" else 0
+    from allatt_dist.model.registry import get_family
+
+    d = cfg.hidden_dim
+    family = get_family(cfg.architecture)
     heads = heads_per_layer if heads_per_layer is not None else [cfg.num_heads] * cfg.num_layers
-    total = 0.0
-    for h in heads:
-        i = h * dh
-        total += 2 * d * i + 4 * d * i * k / t + 2 * d * i * k / (batch * t)
-        total += 4 * i * k + 2 * i * n + 2 * i * (k + n) + 2 * i * d
-        if cfg.architecture == "transformer_xl":
-            total += 4 * d * cfg.ffn_dim
+    total = float(sum(family.layer_flops(cfg, h, batch) for h in heads))
     cut = [c for c in cfg.adaptive_cutoffs if c < vocab_size]
     if not cut:
         return total + 2 * d * vocab_size
@@ -146,17 +139,16 @@ def head_patterns(num_layers: int, num_heads: int, sparsities: list[float], seed
 
 
 def pruned_model(cfg, vocab_size: int, masks: list, seed: int):
-    """A gated model with log_alpha set to `masks` (+3 open, -3 closed), physically pruned."""
+    """A gated model with its gates set open exactly at `masks` (logits theta +- 3), physically pruned."""
     import torch
 
     from allatt_dist.model.pruning import prune_model
-    from allatt_dist.model.transformer import LanguageModel
+    from allatt_dist.model.registry import build_model
 
     torch.manual_seed(seed)
-    gated = LanguageModel(cfg.model, vocab_size, gates=cfg.gates)
-    with torch.no_grad():
-        for gate, mask in zip(gated.gates, masks, strict=True):
-            gate.log_alpha.copy_(torch.where(mask, 3.0, -3.0))
+    gated = build_model(cfg.model, vocab_size, gates=cfg.gates)
+    for gate, mask in zip(gated.gates, masks, strict=True):
+        gate.set_open(mask)
     return prune_model(gated)
 
 

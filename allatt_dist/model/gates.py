@@ -23,6 +23,8 @@ from torch import nn
 
 from allatt_dist.config import GateConfig
 
+GATE_PARAM = "log_alpha"  # the name of a gate's trainable logits (HeadGate's one parameter)
+
 
 class HeadGate(nn.Module):
     """Gates of the heads of one layer: `forward()` returns z (H,) in {0, 1}."""
@@ -31,7 +33,7 @@ class HeadGate(nn.Module):
         super().__init__()
         self.beta, self.gamma, self.zeta = cfg.temperature, cfg.gamma, cfg.zeta
         self.threshold = open_threshold(cfg)  # theta: open when log_alpha + noise > theta
-        self.log_alpha = nn.Parameter(torch.empty(num_heads))  # (H,)
+        self.log_alpha = nn.Parameter(torch.empty(num_heads))  # (H,); named GATE_PARAM
         self.reset_parameters(cfg)
 
     def reset_parameters(self, cfg: GateConfig) -> None:
@@ -74,6 +76,35 @@ class HeadGate(nn.Module):
     def open_mask(self, log_alpha: torch.Tensor | None = None) -> torch.Tensor:
         """Heads kept by pruning, (H,) bool: exactly those the eval gate leaves open (log_alpha > theta)."""
         return (self.log_alpha if log_alpha is None else log_alpha).detach() > self.threshold
+
+    @torch.no_grad()
+    def set_open(self, mask: torch.Tensor, margin: float = 3.0) -> None:
+        """Set the logits so that exactly the heads in `mask` (H,) bool are open: theta +- margin."""
+        m = mask.to(self.log_alpha.device)  # (H,)
+        self.log_alpha.copy_(torch.where(m, self.threshold + margin, self.threshold - margin))  # (H,)
+
+
+class GatedModule(nn.Module):
+    """The gate accessors of a model whose layers may hold `HeadGate`s (LanguageModel, and any other
+    registered family's model): training, pruning, export and parameter counts use only these."""
+
+    @property
+    def gates(self) -> list[HeadGate]:
+        """Every head gate, in module order (one per gated layer); [] for an ungated model."""
+        return [m for m in self.modules() if isinstance(m, HeadGate)]
+
+    def gate_parameters(self) -> dict[str, nn.Parameter]:
+        """The gate logits by their names in `named_parameters()` / `state_dict()`."""
+        return {
+            f"{name}.{GATE_PARAM}" if name else GATE_PARAM: getattr(m, GATE_PARAM)
+            for name, m in self.named_modules()
+            if isinstance(m, HeadGate)
+        }
+
+    def weight_state_dict(self) -> dict[str, torch.Tensor]:
+        """The state without the gates: what a gated model shares with its dense or pruned relatives."""
+        gate_names = self.gate_parameters()
+        return {k: v for k, v in self.state_dict().items() if k not in gate_names}
 
 
 def open_threshold(cfg: GateConfig) -> float:
@@ -142,6 +173,10 @@ class SparsityObjective(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.lambdas = nn.Parameter(torch.zeros(2))  # (2,) l1, l2; unused in l0 mode
+
+    def gate_parameters(self) -> dict[str, nn.Parameter]:
+        """The Lagrange multipliers by name: trained with the gate logits (gate lr, no weight decay)."""
+        return {"lambdas": self.lambdas}
 
     def target_at(self, step: int) -> float:
         return (self.cfg.sparsity_target or 0.0) * warmup_factor(step, self.cfg)

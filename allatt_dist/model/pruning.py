@@ -1,11 +1,13 @@
 """Physical head pruning: cut closed heads out of a gated model, layer by layer.
 
-A head is kept when its eval gate is open (log_alpha > theta, 0 for the default stretch; see
+A head is kept when its eval gate is open (gate logit > theta, 0 for the default stretch; see
 gates.py). For each layer the kept heads' slices of the q/k/v, position and output projections,
 their u/v biases and their persistent vectors are copied into a smaller, ungated model. With
 attention output scaling the layer's eval output is multiplied by H / open; that constant is folded
 into the output projection, so the pruned model's logits equal the gated model's eval logits.
 Removing one head removes exactly `per_head_params(cfg)` parameters (see docs/model.md, "Pruning").
+`prune_model` and `per_head_params` serve every registered family (model/registry.py); `prune_heads` is
+the pruning of the shared stack (LanguageModel) that the built-in families declare.
 """
 
 from __future__ import annotations
@@ -14,13 +16,18 @@ import torch
 
 from allatt_dist.config import ModelConfig
 from allatt_dist.model.attention import RelPersistentAttention
+from allatt_dist.model.registry import FamilyModel, get_family
 from allatt_dist.model.transformer import LanguageModel
 
 
 def per_head_params(cfg: ModelConfig) -> int:
-    """q,k,v,r,o projections (5 d dh) + u,v biases (2 dh) + persistent keys and values (2 N dh)."""
-    n = cfg.num_persistent if cfg.architecture == "all_attention" else 0
-    return cfg.head_dim * (5 * cfg.hidden_dim + 2 + 2 * n)
+    """Parameters removed with one head of a `cfg.architecture` model (its family's formula)."""
+    return get_family(cfg.architecture).per_head_params(cfg)
+
+
+def prune_model(gated: FamilyModel) -> FamilyModel:
+    """A plain (ungated) model of the same family holding only the open heads; eval outputs unchanged."""
+    return get_family(gated.cfg.architecture).prune(gated)
 
 
 def kept_heads(model: LanguageModel) -> list[torch.Tensor]:
@@ -52,13 +59,13 @@ def _slice_attention(src: RelPersistentAttention, dst: RelPersistentAttention, i
 
 
 @torch.no_grad()
-def prune_model(gated: LanguageModel) -> LanguageModel:
-    """A plain (ungated) model holding only the open heads; eval outputs are unchanged."""
+def prune_heads(gated: LanguageModel) -> LanguageModel:
+    """The stack's pruning: an ungated LanguageModel holding only the open heads, same eval outputs."""
     keep = kept_heads(gated)
     heads = [len(k) for k in keep]
-    pruned = LanguageModel(gated.cfg, gated.vocab_size, gates=None, heads_per_layer=heads)
+    pruned = LanguageModel(gated.cfg, gated.vocab_size, gates=None, heads_per_layer=heads, layout=gated.layout)
     pruned.to(next(gated.parameters()).dtype)
-    src_state = {k: v for k, v in gated.state_dict().items() if not k.endswith("log_alpha")}
+    src_state = gated.weight_state_dict()
     # Everything that is not a per-head tensor (embeddings, norms, FFN) is copied as is.
     own = pruned.state_dict()
     for name, tensor in src_state.items():

@@ -1,7 +1,8 @@
 """The language models: All-attention (no feed-forward) and the Transformer-XL baseline.
 
 Both are pre-LayerNorm stacks of relative attention with segment-level memory; they differ only in
-persistent vectors (All-attention) versus a feed-forward sublayer (Transformer-XL). With a
+persistent vectors (All-attention) versus a feed-forward sublayer (Transformer-XL), which their
+family declares (`StackLayout`, model/families.py). With a
 `GateConfig` every layer's heads get a Hard Concrete gate; with `heads_per_layer` the model is a
 physically pruned one (layers may differ in head count; a layer with none is a pure residual).
 Single-device code: no Ray, no DeepSpeed.
@@ -22,14 +23,15 @@ from allatt_dist.model.attention import (
     set_attention_impl,
     sinusoid,
 )
-from allatt_dist.model.gates import HeadGate
+from allatt_dist.model.families import StackLayout, stack_layout
+from allatt_dist.model.gates import GatedModule, HeadGate
 from allatt_dist.model.output import TiedSoftmax, make_output
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, num_heads: int, gates: GateConfig | None):
+    def __init__(self, cfg: ModelConfig, num_heads: int, gates: GateConfig | None, layout: StackLayout):
         super().__init__()
-        persistent = cfg.num_persistent if cfg.architecture == "all_attention" else 0
+        persistent = layout.num_persistent
         self.norm = nn.LayerNorm(cfg.hidden_dim)
         self.num_heads, self.full_heads = num_heads, cfg.num_heads
         self.attn = (
@@ -41,13 +43,13 @@ class Block(nn.Module):
         self.output_scaling = bool(gates is not None and gates.output_scaling)
         self.drop = nn.Dropout(cfg.dropout)
         self.ffn = None
-        if cfg.architecture == "transformer_xl":
+        if layout.ffn_dim:
             self.ffn = nn.Sequential(
                 nn.LayerNorm(cfg.hidden_dim),
-                nn.Linear(cfg.hidden_dim, cfg.ffn_dim),
+                nn.Linear(cfg.hidden_dim, layout.ffn_dim),
                 nn.ReLU(),
                 nn.Dropout(cfg.dropout),
-                nn.Linear(cfg.ffn_dim, cfg.hidden_dim),
+                nn.Linear(layout.ffn_dim, cfg.hidden_dim),
             )
 
     def gate_values(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -85,8 +87,9 @@ class LMOutput:
     mems: list[torch.Tensor]  # per layer (B,M,D), detached
 
 
-class LanguageModel(nn.Module):
-    """All-attention or Transformer-XL LM over word ids, with Transformer-XL memory."""
+class LanguageModel(GatedModule):
+    """All-attention or Transformer-XL LM over word ids, with Transformer-XL memory. `layout`: what a
+    layer holds besides its heads (default: that of `cfg.architecture`'s family)."""
 
     def __init__(
         self,
@@ -94,20 +97,18 @@ class LanguageModel(nn.Module):
         vocab_size: int,
         gates: GateConfig | None = None,
         heads_per_layer: list[int] | None = None,
+        layout: StackLayout | None = None,
     ):
         super().__init__()
         heads = heads_per_layer or [cfg.num_heads] * cfg.num_layers
         if len(heads) != cfg.num_layers or any(not 0 <= n <= cfg.num_heads for n in heads):
             raise ValueError(f"heads_per_layer {heads} does not fit {cfg.num_layers} layers of {cfg.num_heads}")
         self.cfg, self.vocab_size, self.heads_per_layer = cfg, vocab_size, list(heads)
+        self.layout = layout or stack_layout(cfg)
         self.io = make_output(vocab_size, cfg.hidden_dim, cfg.adaptive_cutoffs, cfg.adaptive_div)
         self.drop = nn.Dropout(cfg.dropout)
-        self.layers = nn.ModuleList(Block(cfg, n, gates) for n in heads)
+        self.layers = nn.ModuleList(Block(cfg, n, gates, self.layout) for n in heads)
         self.final_norm = nn.LayerNorm(cfg.hidden_dim)
-
-    @property
-    def gates(self) -> list[HeadGate]:
-        return [blk.gate for blk in self.layers if blk.gate is not None]
 
     def forward(
         self,
@@ -154,9 +155,10 @@ class LanguageModel(nn.Module):
         return out.nll.sum() / n, out.mems
 
 
-def count_params(model: nn.Module, include_gates: bool = False) -> int:
+def count_params(model: GatedModule, include_gates: bool = False) -> int:
     """Parameters of the language model proper (gate logits only when asked)."""
-    return sum(p.numel() for name, p in model.named_parameters() if include_gates or not name.endswith("log_alpha"))
+    skip = set() if include_gates else {id(p) for p in model.gate_parameters().values()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in skip)
 
 
 def use_fast_paths(model: nn.Module, enabled: bool = True) -> None:

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-MARKERS = {"all_attention": "o", "transformer_xl": "s"}
-COLORS = {"all_attention": "tab:blue", "transformer_xl": "tab:orange"}
+from allatt_dist.errors import ConfigError
+from allatt_dist.model.registry import get_family
+
+
+def _style(arch: str) -> tuple[str, str | None]:
+    """(marker, colour) the architecture's family declares; defaults for one no longer registered."""
+    try:
+        family = get_family(arch)
+    except ConfigError:
+        return "o", None
+    return family.marker, family.color
 
 
 def pareto_plot(table: list[dict], out: Path) -> None:
@@ -18,13 +27,14 @@ def pareto_plot(table: list[dict], out: Path) -> None:
     scored = [r for r in table if r.get("test_ppl") is not None]
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
     for arch in sorted({r["architecture"] for r in scored}):
+        marker, color = _style(arch)
         pts = [r for r in scored if r["architecture"] == arch and r["status"] != "reference"]
         if pts:
             ax.scatter(
                 [r["params"] / 1e6 for r in pts],
                 [r["test_ppl"] for r in pts],
-                marker=MARKERS.get(arch, "o"),
-                color=COLORS.get(arch),
+                marker=marker,
+                color=color,
                 label=f"{arch} (pruned)",
                 alpha=0.8,
             )
@@ -35,7 +45,7 @@ def pareto_plot(table: list[dict], out: Path) -> None:
                 [r["test_ppl"] for r in dense],
                 marker="*",
                 s=220,
-                color=COLORS.get(arch),
+                color=color,
                 edgecolor="black",
                 label=f"{arch} dense",
                 zorder=3,

@@ -37,6 +37,13 @@ class TrainModule(nn.Module):
         reg, stats = self.objective(self.lm.gates, step)
         return lm_loss + reg, lm_loss.detach(), mems, stats
 
+    def gate_parameters(self) -> dict[str, nn.Parameter]:
+        """Gate logits and Lagrange multipliers, by their names in this module."""
+        out = {f"lm.{k}": p for k, p in self.lm.gate_parameters().items()}
+        if self.objective is not None:
+            out.update({f"objective.{k}": p for k, p in self.objective.gate_parameters().items()})
+        return out
+
 
 @dataclass(frozen=True)
 class PhaseSpec:
@@ -56,9 +63,10 @@ def phase_spec(cfg: RunConfig, phase: Phase) -> PhaseSpec:
 
 def param_groups(module: TrainModule, cfg: RunConfig, spec: PhaseSpec) -> list[dict[str, Any]]:
     """Weights (with weight decay) and, when gated, gate logits + Lagrange multipliers (own lr, no decay)."""
+    gate_ids = {id(p) for p in module.gate_parameters().values()}
     gate_params, weights = [], []
-    for name, p in module.named_parameters():
-        (gate_params if name.endswith("log_alpha") or name.endswith("lambdas") else weights).append(p)
+    for p in module.parameters():  # in module order, as the optimizer state is saved and restored
+        (gate_params if id(p) in gate_ids else weights).append(p)
     groups = [{"params": weights, "lr": spec.lr, "weight_decay": cfg.train.weight_decay, "name": "weights"}]
     if gate_params:
         groups.append({"params": gate_params, "lr": cfg.gates.lr, "weight_decay": 0.0, "name": "gates"})

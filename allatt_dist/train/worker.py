@@ -26,7 +26,8 @@ from allatt_dist.config import RunConfig
 from allatt_dist.data.corpus import load_corpus
 from allatt_dist.data.stream import LMStream
 from allatt_dist.evaluate import evaluate
-from allatt_dist.model.gates import SparsityObjective
+from allatt_dist.model.gates import GATE_PARAM, SparsityObjective
+from allatt_dist.model.registry import build_model as build_family_model
 from allatt_dist.model.transformer import LanguageModel, count_params
 from allatt_dist.train.monitor import Monitor
 from allatt_dist.train.setup import (
@@ -58,15 +59,15 @@ def build_model(cfg: RunConfig, spec: PhaseSpec, vocab_size: int, init_dir: Path
     """Dense: fresh. Prune: the dense model plus gates. Finetune: the physically pruned model."""
     torch.manual_seed(cfg.train.seed)
     if init_dir is None:
-        return LanguageModel(cfg.model, vocab_size)
+        return build_family_model(cfg.model, vocab_size)
     from allatt_dist.modelio import load_model_dir
 
     init, _, meta = load_model_dir(init_dir)
     if spec.phase == "finetune":
         return init.train()
-    model = LanguageModel(cfg.model, vocab_size, gates=spec.gates)
+    model = build_family_model(cfg.model, vocab_size, gates=spec.gates)
     missing, unexpected = model.load_state_dict(init.state_dict(), strict=False)
-    if unexpected or any(not k.endswith("log_alpha") for k in missing):
+    if unexpected or set(missing) - set(model.gate_parameters()):
         raise RuntimeError(f"{init_dir}: weights do not fit the gated model ({unexpected or missing})")
     return model
 
@@ -108,10 +109,10 @@ def _gate_probs(lm: LanguageModel) -> tuple[np.ndarray, np.ndarray] | None:
     if not lm.gates:
         return None
     probs, opened = [], []
-    for blk in lm.layers:
-        logits = _master_weights(blk.gate)["log_alpha"]  # (H,) gathered under ZeRO-3
-        probs.append(blk.gate.probabilities(logits).numpy())
-        opened.append(blk.gate.open_mask(logits).numpy())
+    for gate in lm.gates:
+        logits = _master_weights(gate)[GATE_PARAM]  # (H,) gathered under ZeRO-3
+        probs.append(gate.probabilities(logits).numpy())
+        opened.append(gate.open_mask(logits).numpy())
     return np.stack(probs), np.stack(opened)
 
 
@@ -310,7 +311,7 @@ def _export(lm: LanguageModel, vocab, cfg: RunConfig, spec: PhaseSpec, out: Path
 
     state = _master_weights(lm)  # every rank: a collective under ZeRO-3
     if rank == 0:
-        copy = LanguageModel(cfg.model, lm.vocab_size, spec.gates, lm.heads_per_layer)
+        copy = build_family_model(cfg.model, lm.vocab_size, spec.gates, lm.heads_per_layer)
         copy.load_state_dict(state)  # strict: the model has no buffers, its state is its parameters
         save_model_dir(copy, vocab, out, gates=spec.gates, extra={"phase": spec.phase, "step": step})
     if dist.is_initialized():
