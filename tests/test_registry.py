@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from allatt_dist.cli import main
-from allatt_dist.config import GateConfig, ModelConfig, RunConfig, load_config
+from allatt_dist.config import GateConfig, ModelConfig, RunConfig
 from allatt_dist.data.corpus import load_corpus
 from allatt_dist.errors import CheckpointError, ConfigError
 from allatt_dist.evaluate import evaluate
@@ -21,6 +21,7 @@ from allatt_dist.model.registry import ModelFamily, build_model, family_names, g
 from allatt_dist.model.transformer import LanguageModel, LMOutput, count_params
 from allatt_dist.modelio import load_model_dir, save_model_dir
 from allatt_dist.perf import flops_per_token
+from allatt_dist.recipe import load_config
 from allatt_dist.train.setup import TrainModule, param_groups, phase_spec
 
 
