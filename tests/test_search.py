@@ -73,6 +73,11 @@ def test_search_runs_four_trials_asha_stops_some_and_all_get_resources(experimen
         if status == "finished"
     }
     assert finished_targets == {0.2, 0.8}, "a target lost all its trials: early stopping compared across targets"
+    for t, status in statuses.items():  # every finished trial's pruned model removed exactly round(t * 8) heads
+        if status == "finished":
+            target = json.loads((exp / "trials" / t / "params.json").read_text())["gates.sparsity_target"]
+            heads = json.loads((exp / "trials" / t / "prune" / "result.json").read_text())["heads_per_layer"]
+            assert 8 - sum(heads) == round(target * 8), (t, target, heads)
     # every trial after a stopped one still got its two workers: each ran at least to the grace period
     for trial_id in statuses:
         status = json.loads((exp / "trials" / trial_id / "status.json").read_text())

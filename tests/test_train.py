@@ -318,6 +318,24 @@ def test_dense_then_prune_with_two_workers(run, request):
     assert len(vocab) == gated.vocab_size
 
 
+def test_a_budget_targeted_prune_lands_at_or_under_its_budget_within_one_head(zero2, tmp_path):
+    import shutil
+
+    from allatt_dist.model.pruning import per_head_params
+    from allatt_dist.model.targets import non_embedding_params
+
+    base_cfg, run_dir, _ = zero2
+    dense, head = non_embedding_params(base_cfg.model), per_head_params(base_cfg.model)
+    budget = dense - 2 * head - head // 3  # needs 3 heads removed: 2 leave it over budget
+    cfg = with_changes(base_cfg, gates={"sparsity_target": None, "param_budget": budget})
+    shutil.copytree(run_dir / "dense", tmp_path / "dense")
+    result = train(make_plan(cfg, tmp_path, progress=False, force=True), ["prune"])["prune"]
+    pruned_non_embedding = dense - (8 - sum(result["heads_per_layer"])) * head
+    assert sum(result["heads_per_layer"]) == 8 - 3
+    assert budget - head < pruned_non_embedding <= budget
+    assert result["dense_params"] - result["params"] == 3 * head
+
+
 def test_zero3_trains_like_zero2(zero2, zero3):
     """Partitioning parameters changes where they live, not the maths: same loss curves, same gates
     (and the ZeRO-3 dense phase survived two kills, so this is also the check of exact resumption)."""

@@ -34,6 +34,8 @@ class HeadGate(nn.Module):
         self.beta, self.gamma, self.zeta = cfg.temperature, cfg.gamma, cfg.zeta
         self.threshold = open_threshold(cfg)  # theta: open when log_alpha + noise > theta
         self.log_alpha = nn.Parameter(torch.empty(num_heads))  # (H,); named GATE_PARAM
+        self.noise: torch.Generator | None = None  # training samples draw from it when set (one per step)
+        self.cut: torch.Tensor | None = None  # (H,) bool: the final cut's decision, overriding the eval gate
         self.reset_parameters(cfg)
 
     def reset_parameters(self, cfg: GateConfig) -> None:
@@ -58,7 +60,8 @@ class HeadGate(nn.Module):
             # would close heads just above theta, so the pruned model would not match the gated one.
             return self.open_mask().to(self.log_alpha.dtype)  # (H,)
         eps = 1e-6
-        u = torch.rand_like(self.log_alpha).clamp(eps, 1 - eps)  # (H,)
+        la = self.log_alpha
+        u = torch.rand(la.shape, generator=self.noise, device=la.device, dtype=la.dtype).clamp(eps, 1 - eps)  # (H,)
         s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / self.beta)  # (H,)
         soft = self._stretch(s)  # (H,)
         return _HardThreshold.apply(soft)  # (H,) exactly 0/1, straight-through gradient
@@ -74,8 +77,21 @@ class HeadGate(nn.Module):
         return torch.sigmoid(self.log_alpha - self.beta * math.log(-self.gamma / self.zeta))
 
     def open_mask(self, log_alpha: torch.Tensor | None = None) -> torch.Tensor:
-        """Heads kept by pruning, (H,) bool: exactly those the eval gate leaves open (log_alpha > theta)."""
+        """Heads kept by pruning, (H,) bool: exactly those the eval gate leaves open (log_alpha > theta),
+        or the final cut's decision once one is made (`cut`)."""
+        if self.cut is not None:
+            return self.cut.to(self.log_alpha.device)
         return (self.log_alpha if log_alpha is None else log_alpha).detach() > self.threshold
+
+    @torch.no_grad()
+    def agree(self, log_alpha: torch.Tensor, mask: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
+        """`log_alpha` (H,) with only the heads whose eval gate disagrees with `mask` moved across theta
+        (to theta +- margin): what an exported model stores so that pruning keeps exactly `mask`."""
+        la = log_alpha.clone()  # (H,)
+        m = mask.to(la.device)  # (H,)
+        la[m & (la <= self.threshold)] = self.threshold + margin
+        la[~m & (la > self.threshold)] = self.threshold - margin
+        return la
 
     @torch.no_grad()
     def set_open(self, mask: torch.Tensor, margin: float = 3.0) -> None:

@@ -16,6 +16,7 @@ from torch import nn
 from allatt_dist.config import GateConfig, RunConfig
 from allatt_dist.errors import ConfigError
 from allatt_dist.model.gates import SparsityObjective
+from allatt_dist.model.targets import heads_to_remove, training_gates
 from allatt_dist.model.transformer import LanguageModel
 
 Phase = Literal["dense", "prune", "finetune"]
@@ -58,7 +59,24 @@ def phase_spec(cfg: RunConfig, phase: Phase) -> PhaseSpec:
         return PhaseSpec(phase, cfg.train.max_steps, cfg.train.lr, None)
     section = cfg.prune if phase == "prune" else cfg.finetune
     lr = section.lr or cfg.train.lr
-    return PhaseSpec(phase, section.max_steps, lr, cfg.gates if phase == "prune" else None)
+    return PhaseSpec(phase, section.max_steps, lr, training_gates(cfg.model, cfg.gates) if phase == "prune" else None)
+
+
+def cut_size(cfg: RunConfig, spec: PhaseSpec) -> int | None:
+    """Heads the final cut removes at the end of this phase; None when there is no cut (not the prune
+    phase, L0 mode, or `gates.final_cut: false`: the paper's rule, keep what the eval gate opens)."""
+    if spec.gates is None or not cfg.gates.final_cut:
+        return None
+    return heads_to_remove(cfg.model, cfg.gates)
+
+
+def seed_step(seed: int, rank: int, index: int, device: torch.device) -> torch.Generator:
+    """The randomness of micro-step `index`. Dropout draws from torch's global generator, seeded per rank,
+    so every rank drops its own units; the gates draw from the returned generator, seeded alike on every
+    rank, so all ranks train the same sampled architecture in a step (one sample per global batch, as a
+    single device with the whole batch would: the gradients the ranks average belong to one sub-network)."""
+    torch.manual_seed((seed * 1_000_003 + index) * 65_537 + rank + 1)
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
 
 
 def param_groups(module: TrainModule, cfg: RunConfig, spec: PhaseSpec) -> list[dict[str, Any]]:

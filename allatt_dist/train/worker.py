@@ -28,16 +28,19 @@ from allatt_dist.data.stream import LMStream
 from allatt_dist.evaluate import evaluate
 from allatt_dist.model.gates import GATE_PARAM, SparsityObjective
 from allatt_dist.model.registry import build_model as build_family_model
+from allatt_dist.model.targets import final_mask
 from allatt_dist.model.transformer import LanguageModel, count_params
 from allatt_dist.train.monitor import Monitor
 from allatt_dist.train.setup import (
     Phase,
     PhaseSpec,
     TrainModule,
+    cut_size,
     make_scheduler,
     make_torch_optimizer,
     param_groups,
     phase_spec,
+    seed_step,
 )
 
 CKPT_TAG = "ds"
@@ -114,6 +117,16 @@ def _gate_probs(lm: LanguageModel) -> tuple[np.ndarray, np.ndarray] | None:
         probs.append(gate.probabilities(logits).numpy())
         opened.append(gate.open_mask(logits).numpy())
     return np.stack(probs), np.stack(opened)
+
+
+def _final_cut(lm: LanguageModel, remove: int | None) -> None:
+    """Keep exactly the most open heads the target allows (`gates.final_cut`), on every rank alike: the
+    decision is made on the gathered fp32 logits (collective under ZeRO-3) and overrides the eval gate."""
+    if remove is None or not lm.gates:
+        return
+    logits = torch.stack([_master_weights(g)[GATE_PARAM] for g in lm.gates])  # (L, H)
+    for gate, keep in zip(lm.gates, final_mask(logits, remove), strict=True):
+        gate.cut = keep  # (H,) bool
 
 
 def _register_io_params(module: TrainModule) -> None:
@@ -194,7 +207,7 @@ def train_loop_per_worker(config: dict[str, WorkerJob]) -> None:
 
     corpus = load_corpus(cfg.data, splits=("train", "valid"))
     lm = build_model(cfg, spec, len(corpus.vocab), job.init_dir)
-    objective = SparsityObjective(cfg.gates) if spec.gates is not None else None
+    objective = SparsityObjective(spec.gates) if spec.gates is not None else None
     n_params = count_params(lm)  # before ZeRO-3 partitions the tensors
     module = TrainModule(lm, objective)
     groups = param_groups(module, cfg, spec)
@@ -242,7 +255,9 @@ def train_loop_per_worker(config: dict[str, WorkerJob]) -> None:
         lm_losses, stats = [], {}
         lr = scheduler.get_last_lr()[0]  # the rate this step's update uses (the scheduler steps after it)
         for c, (xc, yc) in enumerate(zip(x.chunk(accum), y.chunk(accum), strict=True)):
-            torch.manual_seed(cfg.train.seed * 1_000_003 + step * accum + c)  # same gate sample on every rank
+            noise = seed_step(cfg.train.seed, rank, step * accum + c, device)  # own dropout, shared gate sample
+            for gate in lm.gates:
+                gate.noise = noise
             loss, lm_loss, mems[c], stats = engine(xc.to(device), yc.to(device), mems[c], step)
             engine.backward(loss)
             engine.step()
@@ -254,6 +269,8 @@ def train_loop_per_worker(config: dict[str, WorkerJob]) -> None:
             logged = monitor.train_step(step, mean_loss, stats, lr, gn)
             tokens_per_s = logged["perf/tokens_per_s"]
         final = step == spec.max_steps
+        if final:
+            _final_cut(lm, cut_size(cfg, spec))  # before the last eval: it scores the model pruning will make
         if step % cfg.train.eval_every == 0 or final:
             limit = None if final else cfg.data.eval_max_segments
             ppl, n_tok = _eval(lm, valid, cfg, rank, world, limit)
@@ -287,8 +304,9 @@ def train_loop_per_worker(config: dict[str, WorkerJob]) -> None:
                 _export(lm, corpus.vocab, cfg, spec, phase_dir / "model", rank, step)
                 exported = True
             _checkpoint(engine, stream, mems, step, rank, metrics, Checkpoint)
-    if not exported:
-        _export(lm, corpus.vocab, cfg, spec, phase_dir / "model", rank, step)  # resumed after the last report
+    if not exported:  # resumed after the last report
+        _final_cut(lm, cut_size(cfg, spec))
+        _export(lm, corpus.vocab, cfg, spec, phase_dir / "model", rank, step)
     monitor.close()
 
 
@@ -313,6 +331,9 @@ def _export(lm: LanguageModel, vocab, cfg: RunConfig, spec: PhaseSpec, out: Path
     if rank == 0:
         copy = build_family_model(cfg.model, lm.vocab_size, spec.gates, lm.heads_per_layer)
         copy.load_state_dict(state)  # strict: the model has no buffers, its state is its parameters
+        for src, dst in zip(lm.gates, copy.gates, strict=True):
+            if src.cut is not None:  # store logits whose eval gate is the cut: pruning then keeps exactly it
+                dst.log_alpha.data = dst.agree(dst.log_alpha.data, src.cut)
         save_model_dir(copy, vocab, out, gates=spec.gates, extra={"phase": spec.phase, "step": step})
     if dist.is_initialized():
         dist.barrier()
