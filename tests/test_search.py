@@ -108,6 +108,8 @@ def test_leaderboard_files_and_independent_pareto_and_params(experiment):
         if m["pareto"]:
             with safe_open(str(exp / m["model_dir"] / "model.safetensors"), "pt") as f:
                 assert sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys()) == m["params"]
+                body = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if not k.startswith("io."))
+                assert body == m["non_embedding_params"], m["name"]
             heads = json.loads((exp / m["model_dir"] / "config.json").read_text())["heads_per_layer"]
             assert heads == m["heads_per_layer"]
     for m in board:

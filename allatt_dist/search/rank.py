@@ -25,10 +25,13 @@ COLUMNS: tuple[tuple[str, bool], ...] = (
     ("architecture", True),
     ("temperature", True),
     ("sparsity_target", True),
+    ("param_budget", True),
     ("l0_coefficient", False),
+    ("seed", True),
     ("heads_per_layer", True),
     ("sparsity", True),
     ("params", True),
+    ("non_embedding_params", True),
     ("valid_ppl", True),
     ("test_ppl", True),
     ("pareto", True),
@@ -92,13 +95,15 @@ def collect(exp_dir: Path) -> list[dict]:
     for run_dir in [exp_dir, *sorted(exp_dir.glob("dense-*"))]:
         dense = run_dir / "dense" / "model"
         if (dense / "config.json").is_file():
-            arch = _read(dense / "config.json").get("architecture")
+            meta = _read(dense / "config.json")
+            arch = meta.get("architecture")
             rows.append(
                 {
                     "name": f"dense-{arch}",
                     "status": "reference",
                     "source": dense,
                     "gated": False,
+                    "model": meta.get("model"),
                     "valid_ppl": _read(run_dir / "dense" / "result.json").get("valid_ppl"),
                 }
             )
@@ -118,6 +123,9 @@ def collect(exp_dir: Path) -> list[dict]:
                 "temperature": cfg.gates.temperature if cfg else None,
                 "sparsity_target": cfg.gates.sparsity_target if cfg else None,
                 "l0_coefficient": cfg.gates.l0_coefficient if cfg else None,
+                "param_budget": cfg.gates.param_budget if cfg else None,
+                "seed": cfg.train.seed if cfg else None,
+                "model": cfg.model.model_dump(mode="json") if cfg else None,
                 "valid_ppl": result.get("valid_ppl", (status.get("last") or {}).get("valid_ppl")),
             }
         )
@@ -218,4 +226,20 @@ def rank(
     run = _read(exp_dir / "run.yaml")
     data_cfg = data_config(run.get("data") or {}, data_overrides, str(exp_dir / "run.yaml"))
     score(rows, exp_dir, data_cfg, progress)
+    count_non_embedding(rows)
     return write_outputs(rows, exp_dir, budget)
+
+
+def count_non_embedding(rows: list[dict]) -> None:
+    """Each scored row's non-embedding parameters (the paper's count): the dense model's, less what each
+    removed head carries (model/targets.py, the per-head formula of the row's architecture)."""
+    from allatt_dist.config import ModelConfig
+    from allatt_dist.model.pruning import per_head_params
+    from allatt_dist.model.targets import non_embedding_params
+
+    for row in rows:
+        if row.get("heads_per_layer") is None or not row.get("model"):
+            continue
+        model = ModelConfig.model_validate(row["model"])
+        removed = model.num_layers * model.num_heads - sum(row["heads_per_layer"])
+        row["non_embedding_params"] = non_embedding_params(model) - removed * per_head_params(model)
