@@ -324,3 +324,50 @@ def test_release_placement_group():
     assert release_placement_group(pg_id) is True
     assert ray.util.placement_group_table()[pg_id]["state"] == "REMOVED"
     assert release_placement_group(pg_id) is False and release_placement_group(None) is False
+
+
+def _board(exp) -> list[tuple]:
+    """The leaderboard without trial ids (which differ between two searches): what a user compares."""
+    board = json.loads((exp / "leaderboard.json").read_text())["models"]
+    keys = ("status", "architecture", "sparsity_target", "temperature", "heads_per_layer", "params", "pareto")
+    return sorted(
+        (
+            *[json.dumps(m[k]) for k in keys],
+            *[f"{m[k]:.9g}" if m[k] is not None else "-" for k in ("valid_ppl", "test_ppl")],
+        )
+        for m in board
+    )
+
+
+@pytest.mark.ray
+def test_a_run_killed_mid_search_and_rerun_ends_like_an_uninterrupted_one(experiment, wt2_path, tmp_path):
+    """SIGKILL of the whole `allatt-dist run` process group (driver, its local Ray, the workers) once the
+    scheduler has judged two trials; the same command again must give the uninterrupted search's
+    leaderboard: the same trials stopped, the same models, the same numbers."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    reference, _ = experiment
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_cfg(wt2_path).to_dict()))
+    out = tmp_path / "exp"
+    cmd = [sys.executable, "-m", "allatt_dist.cli", "run", str(recipe), "--out", str(out), "--budget", str(10**9)]
+    cmd += ["--no-progress"]
+    first = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 1200
+    state = out / "scheduler.json"
+    while not (state.is_file() and len(json.loads(state.read_text())["decisions"]) >= 2):
+        assert first.poll() is None, "the run ended before it could be interrupted"
+        assert time.monotonic() < deadline, "the search never reached its second trial"
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert not (out / "leaderboard.json").exists()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _board(out) == _board(reference)

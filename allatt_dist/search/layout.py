@@ -76,21 +76,27 @@ class Experiment:
             self.root.mkdir(parents=True, exist_ok=True)
             self.search_file.write_text(yaml.safe_dump(spec, sort_keys=False))
 
-    def record_statuses(self, grid, max_steps: int) -> list[dict]:
-        """After the search: each trial's final status (finished / stopped by the scheduler / error)."""
+    def record_statuses(self, grid, max_steps: int, stops: dict[str, dict]) -> list[dict]:
+        """After the search: each trial's final status (finished / stopped by the scheduler / error).
+        `stops`: the scheduler's record of stopped trials (step and value at the decision), which wins
+        over a later result of a trial that a resumed search ran past its stop."""
         rows = []
         for r in grid:
             metrics = r.metrics or {}
             trial_id = metrics.get("trial_id") or Path(r.path).name
+            last = {k: metrics.get(k) for k in ("step", "valid_ppl", "expected_sparsity", "hard_sparsity")}
             if r.error is not None:
                 status = {"status": "error", "error": str(r.error).strip().splitlines()[-1][:400]}
+            elif trial_id in stops:
+                status = {"status": "stopped", "stopped_at_step": stops[trial_id]["step"]}
+                if stops[trial_id]["step"] != last["step"]:
+                    last = {"step": stops[trial_id]["step"], "valid_ppl": stops[trial_id]["value"]}
             elif metrics.get("step", 0) >= max_steps:
                 status = {"status": "finished"}
             else:
                 status = {"status": "stopped", "stopped_at_step": metrics.get("step")}
             trial_dir = self.trial_dir(trial_id)
             trial_dir.mkdir(parents=True, exist_ok=True)
-            last = {k: metrics.get(k) for k in ("step", "valid_ppl", "expected_sparsity", "hard_sparsity")}
             write_json(trial_dir / "status.json", {**status, "last": last})
             rows.append({"trial_id": trial_id, **status})
         return rows

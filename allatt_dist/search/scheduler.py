@@ -59,7 +59,7 @@ class TargetHalving(FIFOScheduler):
     @property
     def state(self) -> dict:
         if self._state is None:
-            self._state = {"recorded": {}, "decisions": {}}
+            self._state = {"recorded": {}, "decisions": {}, "stopped": {}}
             if self.state_file.is_file():
                 self._state = json.loads(self.state_file.read_text())
         return self._state
@@ -89,6 +89,8 @@ class TargetHalving(FIFOScheduler):
         cutoff = np.nanpercentile(others, (1 - 1 / self.rf) * 100) if others else None
         made[rung] = TrialScheduler.STOP if cutoff is not None and reward < cutoff else TrialScheduler.CONTINUE
         recorded[trial_id] = reward
+        if made[rung] == TrialScheduler.STOP:  # what the trial's record says, even if a resume runs it on
+            self.state.setdefault("stopped", {})[trial_id] = {"step": step, "value": float(value)}
         self._save()
         return made[rung]
 
@@ -96,6 +98,11 @@ class TargetHalving(FIFOScheduler):
         if self.time_attr not in result or self.metric not in result:
             return TrialScheduler.CONTINUE
         return self.decide(trial.trial_id, group_of(trial.config), int(result[self.time_attr]), result[self.metric])
+
+    @staticmethod
+    def stops(state_file: Path) -> dict[str, dict]:
+        """trial_id -> {"step", "value"} of every trial stopped (as decided, whatever ran after a resume)."""
+        return json.loads(state_file.read_text()).get("stopped", {}) if state_file.is_file() else {}
 
     def debug_string(self) -> str:
         return f"TargetHalving: rungs {self.rungs}, {len(self.state['recorded'])} group(s)"

@@ -147,7 +147,9 @@ def tune_search(plan: Plan, dense_dir: Path | None = None) -> list[dict]:
     if not restore:
         exp.scheduler_file.unlink(missing_ok=True)  # decisions of a search whose Tune state was deleted
     grid = _tuner(plan, exp, dense_models, restore).fit()
-    rows = exp.record_statuses(grid, plan.cfg.prune.max_steps)
+    from allatt_dist.search.scheduler import TargetHalving
+
+    rows = exp.record_statuses(grid, plan.cfg.prune.max_steps, TargetHalving.stops(exp.scheduler_file))
     check_some_trial_ran(rows, exp.root)
     return rows
 
