@@ -41,8 +41,17 @@ def model_meta(model: FamilyModel, vocab: Vocab, gates: GateConfig | None, extra
         "params": count_params(model),
         "vocab_size": model.vocab_size,
         "vocab_fingerprint": vocab.fingerprint(),
+        "final_cut": _cut_of(model),
         **(extra or {}),
     }
+
+
+def _cut_of(model: FamilyModel) -> list[list[bool]] | None:
+    """The final cut's kept heads per gated layer (None when no cut was made): pruning keeps exactly these."""
+    cuts = [g.cut for g in model.gates]
+    if not cuts or any(c is None for c in cuts):
+        return None
+    return [[bool(x) for x in c.tolist()] for c in cuts]
 
 
 def save_model_dir(
@@ -132,4 +141,10 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> tupl
         raise CheckpointError(f"{d / 'vocab.txt'}: not UTF-8 text (byte {e.start})") from None
     if len(vocab) != model.vocab_size or vocab.fingerprint() != meta.get("vocab_fingerprint"):
         raise CheckpointError(f"{d / 'vocab.txt'}: does not match the model's vocabulary")
+    cut = meta.get("final_cut")
+    if cut is not None:
+        if [len(c) for c in cut] != [g.log_alpha.numel() for g in model.gates]:
+            raise CheckpointError(f"{d / 'config.json'}: final_cut does not match the model's gates")
+        for gate, keep in zip(model.gates, cut, strict=True):
+            gate.cut = torch.tensor(keep, dtype=torch.bool)  # (H,)
     return model.to(device).eval(), vocab, meta

@@ -66,14 +66,24 @@ def test_final_cut_keeps_the_most_open_heads_and_pruning_keeps_exactly_them():
         gate.cut = k
     x = torch.randint(0, 300, (2, 8))  # (B, T)
     want = lm(x).log_probs  # (B, T, V) under the cut
-    # what export stores: logits moved across the threshold only where they disagree with the cut
-    for gate, k in zip(lm.gates, keep, strict=True):
-        moved = gate.agree(gate.log_alpha.data, k)
-        assert torch.equal(moved[(gate.log_alpha.data > 0) == k], gate.log_alpha.data[(gate.log_alpha.data > 0) == k])
-        gate.log_alpha.data, gate.cut = moved, None
     pruned = prune_model(lm)
     assert sum(pruned.heads_per_layer) == 5
     torch.testing.assert_close(pruned(x).log_probs, want, atol=1e-5, rtol=1e-5)
+
+
+def test_an_exported_cut_comes_back_with_the_model(tmp_path):
+    from allatt_dist.data.vocab import Vocab
+    from allatt_dist.modelio import load_model_dir, save_model_dir
+
+    lm = build_model(MODEL, 300, gates=GateConfig(sparsity_target=0.5)).eval()
+    keep = torch.tensor([[True, False, True, False], [False, False, True, True]])  # (L, H)
+    for gate, k in zip(lm.gates, keep, strict=True):
+        gate.cut = k  # every log alpha is +2 (open): the cut alone decides
+    vocab = Vocab.build([f"w{i}" for i in range(298)])
+    meta = save_model_dir(lm, vocab, tmp_path / "m", gates=GateConfig(sparsity_target=0.5))
+    assert meta["final_cut"] == keep.tolist()
+    back, _, _ = load_model_dir(tmp_path / "m")
+    assert prune_model(back).heads_per_layer == [2, 2]
 
 
 def test_each_rank_drops_its_own_units_and_all_ranks_sample_the_same_gates():

@@ -84,16 +84,6 @@ class HeadGate(nn.Module):
         return (self.log_alpha if log_alpha is None else log_alpha).detach() > self.threshold
 
     @torch.no_grad()
-    def agree(self, log_alpha: torch.Tensor, mask: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
-        """`log_alpha` (H,) with only the heads whose eval gate disagrees with `mask` moved across theta
-        (to theta +- margin): what an exported model stores so that pruning keeps exactly `mask`."""
-        la = log_alpha.clone()  # (H,)
-        m = mask.to(la.device)  # (H,)
-        la[m & (la <= self.threshold)] = self.threshold + margin
-        la[~m & (la > self.threshold)] = self.threshold - margin
-        return la
-
-    @torch.no_grad()
     def set_open(self, mask: torch.Tensor, margin: float = 3.0) -> None:
         """Set the logits so that exactly the heads in `mask` (H,) bool are open: theta +- margin."""
         m = mask.to(self.log_alpha.device)  # (H,)

@@ -332,8 +332,7 @@ def _export(lm: LanguageModel, vocab, cfg: RunConfig, spec: PhaseSpec, out: Path
         copy = build_family_model(cfg.model, lm.vocab_size, spec.gates, lm.heads_per_layer)
         copy.load_state_dict(state)  # strict: the model has no buffers, its state is its parameters
         for src, dst in zip(lm.gates, copy.gates, strict=True):
-            if src.cut is not None:  # store logits whose eval gate is the cut: pruning then keeps exactly it
-                dst.log_alpha.data = dst.agree(dst.log_alpha.data, src.cut)
+            dst.cut = src.cut  # saved in config.json: the exported model's eval gate and pruning keep exactly it
         save_model_dir(copy, vocab, out, gates=spec.gates, extra={"phase": spec.phase, "step": step})
     if dist.is_initialized():
         dist.barrier()
