@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from allatt_dist.errors import UserError
+from allatt_dist.search.records import record_test_ppl, trial_run_name
 
 FIELDS = [
     "name",
@@ -78,8 +79,10 @@ def collect(exp_dir: Path) -> list[dict]:
             arch = _read(dense / "config.json").get("architecture")
             rows.append(
                 {
-                    "name": f"dense-{arch}",
+                    "name": "dense" if run_dir == exp_dir else run_dir.name,  # records.run_name / its folder
                     "status": "reference",
+                    "dir": run_dir,
+                    "architecture": arch,
                     "source": dense,
                     "gated": False,
                     "valid_ppl": _read(run_dir / "dense" / "result.json").get("valid_ppl"),
@@ -93,8 +96,9 @@ def collect(exp_dir: Path) -> list[dict]:
         finished = status.get("status") == "finished" and (trial / "prune" / "model" / "config.json").is_file()
         rows.append(
             {
-                "name": f"{run.get('model', {}).get('architecture', 'model')}-{trial.name}",
+                "name": trial_run_name(trial),  # the trial's TensorBoard run and status.json name
                 "status": "finished" if finished else status.get("status", "incomplete"),
+                "dir": trial,
                 "source": trial / "prune" / "model" if finished else None,
                 "gated": True,
                 "architecture": run.get("model", {}).get("architecture"),
@@ -213,4 +217,5 @@ def rank(
     run = _read(exp_dir / "run.yaml")
     data_cfg = data_config(run.get("data") or {}, data_overrides, str(exp_dir / "run.yaml"))
     score(rows, exp_dir, data_cfg, progress)
+    record_test_ppl(exp_dir, rows)  # records: test perplexity into each scored run's HParams entry
     return write_outputs(rows, exp_dir, budget)

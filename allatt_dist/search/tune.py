@@ -10,13 +10,12 @@ reach Tune through `TuneReportCallback`, so ASHA sees validation perplexity at e
       search.yaml                   the config the search started with (a resume must match it)
       tune/                         Ray Tune's experiment state (what `Tuner.restore` reads)
       trials/<trial_id>/            run.yaml, params.json, status.json (final: written by the driver),
-                                    error.txt (when the trial function raised), prune/{tb,model,...}
-      hparams/<trial_id>/           TensorBoard HParams events (temperature, target -> ppl, params)
+                                    error.txt (when the trial function raised), prune/{model,pruned,...}
+      tb/                           TensorBoard: dense, prune/<label>/<trial_id>, HParams (search/records.py)
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -26,25 +25,10 @@ import yaml
 from allatt_dist.cluster.session import check_fits
 from allatt_dist.config import RunConfig, config_to_dict, saved_config_diff
 from allatt_dist.errors import UserError
+from allatt_dist.search.records import finalize_trial, record_dense, run_name, tb_run_dir, write_experiment, write_json
 from allatt_dist.search.space import TuneConfig, param_space, parse_tune, trial_config
 
 TUNE_NAME = "tune"
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    tmp.replace(path)
-
-
-def _hparams(exp_dir: Path, trial_id: str, params: dict[str, Any], metrics: dict[str, Any]) -> None:
-    from torch.utils.tensorboard import SummaryWriter
-
-    hp = {k: v for k, v in params.items() if isinstance(v, (int, float, str, bool))}
-    keep = ("valid_ppl", "params", "hard_sparsity", "expected_sparsity")
-    values = {f"hparam/{k}": float(metrics[k]) for k in keep if isinstance(metrics.get(k), (int, float))}
-    with SummaryWriter(str(exp_dir / "hparams" / trial_id)) as w:
-        w.add_hparams(hp, values, run_name=".")
 
 
 def run_trial(params: dict[str, Any], base: dict, exp_dir: str, dense_dirs: dict[str, str], verbose: bool) -> None:
@@ -60,34 +44,18 @@ def run_trial(params: dict[str, Any], base: dict, exp_dir: str, dense_dirs: dict
     run_dir = exp / "trials" / trial_id
     dense_dir = dense_dirs[cfg.model.architecture]
     prepare_run_dir(cfg, run_dir, force=True)
-    _write_json(run_dir / "params.json", params)
-    _write_json(run_dir / "status.json", {"status": "running"})
+    write_json(run_dir / "params.json", params)
+    write_json(run_dir / "status.json", {"status": "running"})
+    tb = tb_run_dir(exp, run_name(config_to_dict(cfg), params, trial_id))  # records: the run named by what it is
     try:
-        metrics = run_phase(
-            cfg, run_dir, "prune", verbose, progress=False, init_dir=Path(dense_dir), callbacks=[TuneReportCallback()]
-        )
+        run_phase(cfg, run_dir, "prune", verbose, False, Path(dense_dir), callbacks=[TuneReportCallback()], tb_dir=tb)
     except Exception as e:
         # Not status.json: the driver writes the final status of every trial after the search
         # (`record_statuses`), and a trial the scheduler stops also ends up here, in a process that
         # may outlive the search and would overwrite "stopped" with this error.
         (run_dir / "error.txt").write_text(str(e)[:4000] + "\n")
         raise
-    _write_json(run_dir / "status.json", {"status": "finished"})
-    _hparams(exp, trial_id, params, metrics)
-
-
-def _trial_name(trial) -> str:
-    short = {
-        "gates.temperature": "temp",
-        "gates.sparsity_target": "target",
-        "gates.l0_coefficient": "l0",
-        "model.architecture": "arch",
-    }
-    bits = [
-        f"{short.get(k, k.split('.')[-1])}={v:.3g}" if isinstance(v, float) else f"{short.get(k, k)}={v}"
-        for k, v in sorted(trial.config.items())
-    ]
-    return f"{trial.trial_id}_" + ",".join(bits)
+    write_json(run_dir / "status.json", {"status": "finished"})  # the driver's record follows (records.py)
 
 
 def search_algorithm(tc: TuneConfig):
@@ -120,14 +88,17 @@ def _tuner(cfg: RunConfig, tc: TuneConfig, exp_dir: Path, dense_dirs: dict[str, 
     path = str((exp_dir / TUNE_NAME).resolve())
     if restore:  # callbacks are not pickled with the experiment: the release hook must come back too
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
-        tuner._local_tuner._run_config.callbacks = [_release_callback(exp_dir)]
+        hooks = [_release_callback(exp_dir), _records_callback(exp_dir, cfg, dense_dirs)]
+        tuner._local_tuner._run_config.callbacks = hooks
         return tuner
-    if tc.scheduler.type == "asha":
+    last_rung = last_decision_step(cfg)  # records: no rung is decided at the last report
+    if tc.scheduler.type == "asha" and min(tc.scheduler.grace_period, cfg.prune.max_steps) <= last_rung:
         scheduler = ASHAScheduler(
             time_attr="step",
-            max_t=cfg.prune.max_steps + 1,  # never stop a trial at its last report: let it finish
+            max_t=last_rung,
             grace_period=min(tc.scheduler.grace_period, cfg.prune.max_steps),
             reduction_factor=tc.scheduler.reduction_factor,
+            stop_last_trials=False,  # max_t only bounds the rungs: every survivor trains to prune.max_steps
         )
     else:
         scheduler = FIFOScheduler()
@@ -142,14 +113,15 @@ def _tuner(cfg: RunConfig, tc: TuneConfig, exp_dir: Path, dense_dirs: dict[str, 
             search_alg=search_alg,
             num_samples=tc.num_samples,
             max_concurrent_trials=max_concurrent,
-            trial_name_creator=_trial_name,
+            trial_name_creator=lambda t: run_name(config_to_dict(cfg), t.config, t.trial_id),
             trial_dirname_creator=lambda t: t.trial_id,
         ),
         run_config=tune.RunConfig(
             name=TUNE_NAME,
             storage_path=str(exp_dir.resolve()),
             verbose=1 if verbose else 0,
-            callbacks=[_release_callback(exp_dir)] + ([] if verbose else [_progress_callback(expected_trials(tc))]),
+            callbacks=[_release_callback(exp_dir), _records_callback(exp_dir, cfg, dense_dirs)]
+            + ([] if verbose else [_progress_callback(expected_trials(tc))]),
         ),
     )
 
@@ -230,23 +202,38 @@ def _release_callback(exp_dir: Path):
     return ReleaseTrialResources()
 
 
-def record_statuses(exp_dir: Path, grid, max_steps: int) -> list[dict]:
+def last_decision_step(cfg: RunConfig) -> int:
+    """The last report before the final one: every ASHA rung must be at or below it, or the rung would
+    be decided at the last report and could stop a trial that has already trained all its steps."""
+    every = cfg.train.checkpoint_every
+    return ((cfg.prune.max_steps - 1) // every) * every
+
+
+def _records_callback(exp_dir: Path, cfg: RunConfig, dense_dirs: dict[str, str]):
+    """On every trial end, the driver writes the trial's record (status.json, HParams entry), and completes
+    the files of a trial stopped at its last step (records.py): stopped trials get one too."""
+    from ray import tune
+
+    class RecordTrial(tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            finalize_trial(exp_dir, trial.trial_id, trial.last_result or {}, None, cfg.prune.max_steps, dense_dirs)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            err = exp_dir / "trials" / trial.trial_id / "error.txt"
+            why = err.read_text() if err.is_file() else "the trial failed"
+            finalize_trial(exp_dir, trial.trial_id, trial.last_result or {}, why, cfg.prune.max_steps, dense_dirs)
+
+    return RecordTrial()
+
+
+def record_statuses(exp_dir: Path, grid, max_steps: int, dense_dirs: dict[str, str]) -> list[dict]:
     """After the search: each trial's final status (finished / stopped by the scheduler / error)."""
     rows = []
     for r in grid:
         metrics = r.metrics or {}
         trial_id = metrics.get("trial_id") or Path(r.path).name
-        if r.error is not None:
-            status = {"status": "error", "error": str(r.error).strip().splitlines()[-1][:400]}
-        elif metrics.get("step", 0) >= max_steps:
-            status = {"status": "finished"}
-        else:
-            status = {"status": "stopped", "stopped_at_step": metrics.get("step")}
-        trial_dir = exp_dir / "trials" / trial_id
-        trial_dir.mkdir(parents=True, exist_ok=True)
-        last = {k: metrics.get(k) for k in ("step", "valid_ppl", "expected_sparsity", "hard_sparsity")}
-        _write_json(trial_dir / "status.json", {**status, "last": last})
-        rows.append({"trial_id": trial_id, **status})
+        error = str(r.error) if r.error is not None else None
+        rows.append(finalize_trial(exp_dir, trial_id, metrics, error, max_steps, dense_dirs))
     return rows
 
 
@@ -290,9 +277,11 @@ def tune_search(
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # verbose=0 is then really quiet
     restore = tune.Tuner.can_restore(str((exp_dir / TUNE_NAME).resolve()))
     check_same_search(exp_dir, cfg, restore)
-    tuner = _tuner(cfg, tc, exp_dir, {a: str(d.resolve()) for a, d in dirs.items()}, verbose, restore)
-    grid = tuner.fit()
-    rows = record_statuses(exp_dir, grid, cfg.prune.max_steps)
+    dense_dirs = {a: str(d.resolve()) for a, d in dirs.items()}
+    write_experiment(exp_dir, config_to_dict(cfg), tc.space)  # records: the HParams columns, then the reference
+    record_dense(exp_dir)
+    grid = _tuner(cfg, tc, exp_dir, dense_dirs, verbose, restore).fit()
+    rows = record_statuses(exp_dir, grid, cfg.prune.max_steps, dense_dirs)
     check_some_trial_ran(rows, exp_dir)
     return rows
 

@@ -4,10 +4,10 @@
       run.yaml                  resolved config of this run (a different config is refused unless --force)
       <phase>/                  dense | prune | finetune
         checkpoints/            Ray Train storage: checkpoint_*/ (DeepSpeed shards, memory, stream position)
-        tb/                     TensorBoard events of rank 0
         model/                  consolidated final model (model.safetensors, config.json, vocab.txt)
         pruned/                 prune phase only: the physically pruned model
         result.json             final metrics of the phase
+      tb/<phase>/               TensorBoard events of rank 0 (`tensorboard --logdir RUN/tb`: runs dense, prune, ...)
 
 Re-running the same command resumes: Ray Train finds its state under checkpoints/ and every worker
 restarts from the latest checkpoint; finished phases are skipped.
@@ -107,7 +107,9 @@ def phase_done(run_dir: Path, phase: Phase, cfg: RunConfig) -> bool:
     return json.loads(res.read_text()).get("step", 0) >= phase_spec(cfg, phase).max_steps
 
 
-def _trainer(cfg: RunConfig, run_dir: Path, phase: Phase, init_dir: Path | None, board, verbose: bool, callbacks):
+def _trainer(
+    cfg: RunConfig, run_dir: Path, phase: Phase, init_dir: Path | None, board, verbose: bool, callbacks, tb: Path | None
+):
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchTrainer
@@ -126,6 +128,7 @@ def _trainer(cfg: RunConfig, run_dir: Path, phase: Phase, init_dir: Path | None,
         "init_dir": str(init_dir.resolve()) if init_dir else None,
         "board": board,
         "on_gpu": sc.use_gpu,
+        "tb_dir": str(tb.resolve()) if tb else None,  # None: the run's own tb/<phase>
     }
     return TorchTrainer(
         train_loop_per_worker,
@@ -181,25 +184,32 @@ def run_phase(
     progress: bool = True,
     init_dir: Path | None = None,
     callbacks: list | None = None,
+    tb_dir: Path | None = None,
 ) -> dict:
     """Train one phase through Ray Train; returns (and writes) its result.json.
 
     `init_dir` overrides the model the phase starts from (a Tune trial starts from a shared dense
-    model); `callbacks` are Ray Train callbacks (Tune's report callback in a trial).
+    model); `callbacks` are Ray Train callbacks (Tune's report callback in a trial); `tb_dir` where
+    TensorBoard events go (a trial's run named by what it is) instead of RUN/tb/<phase>.
     """
-    from allatt_dist.model.pruning import prune_model
-    from allatt_dist.modelio import load_model_dir, save_model_dir
-
     cfg = with_resolved_data(cfg)
     check_fits(cfg.scaling)
     deepspeed_config(cfg, cfg.scaling.use_gpu)  # validates precision / optimizer before any worker starts
     init_dir = init_dir or init_dir_for(run_dir, phase, cfg)
     board = RemoteProgressBoard.remote()
-    trainer = _trainer(cfg, run_dir, phase, init_dir, board, verbose, callbacks)
+    trainer = _trainer(cfg, run_dir, phase, init_dir, board, verbose, callbacks, tb_dir)
     result = fit_with_progress(trainer, board, f"{run_dir.name}/{phase}", progress)
     metrics = dict(result.metrics or {})
     metrics["checkpoint"] = result.checkpoint.path if result.checkpoint else None
-    phase_dir = run_dir / phase
+    return finish_phase(run_dir / phase, phase, metrics, init_dir)
+
+
+def finish_phase(phase_dir: Path, phase: Phase, metrics: dict, init_dir: Path | None) -> dict:
+    """After the last step (its model exported): the prune phase's pruned model, then result.json.
+    Also how the Tune driver completes a trial the scheduler stopped at its last report."""
+    from allatt_dist.model.pruning import prune_model
+    from allatt_dist.modelio import load_model_dir, save_model_dir
+
     if phase == "prune":
         gated, vocab, _ = load_model_dir(phase_dir / "model")
         pruned = prune_model(gated)

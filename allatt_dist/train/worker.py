@@ -26,7 +26,7 @@ from allatt_dist.data.stream import LMStream
 from allatt_dist.evaluate import evaluate
 from allatt_dist.model.gates import SparsityObjective
 from allatt_dist.model.transformer import LanguageModel, count_params
-from allatt_dist.train.monitor import Monitor
+from allatt_dist.train.monitor import Monitor, tb_dir
 from allatt_dist.train.setup import (
     PhaseSpec,
     TrainModule,
@@ -35,6 +35,7 @@ from allatt_dist.train.setup import (
     make_torch_optimizer,
     param_groups,
     phase_spec,
+    tb_step_offset,
 )
 
 CKPT_TAG = "ds"
@@ -210,11 +211,12 @@ def train_loop_per_worker(job: dict) -> None:
     if rank == 0:
         _record_placement_group(phase_dir)
     monitor = Monitor(
-        phase_dir / "tb" if rank == 0 else None,
+        Path(job.get("tb_dir") or tb_dir(phase_dir.parent, spec.phase)) if rank == 0 else None,
         job.get("board") if rank == 0 else None,
         spec.max_steps,
         spec.phase,
         cfg.train.batch_size * cfg.model.seq_len,
+        step_offset=tb_step_offset(cfg, spec.phase),
     )
     valid = corpus.tokens("valid")
     last_eval: dict = {}
@@ -245,7 +247,6 @@ def train_loop_per_worker(job: dict) -> None:
             ppl, n_tok = _eval(lm, valid, cfg, rank, world, limit)
             gate_state = _gate_probs(lm)
             monitor.valid_ppl = ppl
-            monitor.scalars(step, {"valid/ppl": ppl})
             last_eval = {"valid_ppl": ppl, "valid_tokens": n_tok}
             if gate_state is not None:
                 probs, opened = gate_state
@@ -253,6 +254,8 @@ def train_loop_per_worker(job: dict) -> None:
                 last_eval["hard_sparsity"] = float(1.0 - opened.mean())
                 last_eval["open_heads"] = [int(n) for n in opened.sum(axis=1)]
                 last_eval["gate_probs"] = probs.tolist()  # (layers, heads), as logged in gates/heatmap
+            shown = ("valid_tokens", "hard_sparsity", "open_heads")
+            monitor.evaluation(step, {"valid/ppl": ppl}, {k: last_eval[k] for k in shown if k in last_eval} | stats)
             monitor.progress(step)
         if step % cfg.train.checkpoint_every == 0 or final:
             (train_loss,) = _all_mean([float(np.mean(lm_losses))])  # the global batch's loss, not rank 0's rows
