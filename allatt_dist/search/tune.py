@@ -77,7 +77,6 @@ def search_algorithm(tc: TuneConfig):
 
 def _tuner(cfg: RunConfig, tc: TuneConfig, exp_dir: Path, dense_dirs: dict[str, str], verbose: bool, restore: bool):
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     trainable = tune.with_resources(
         tune.with_parameters(
@@ -91,17 +90,7 @@ def _tuner(cfg: RunConfig, tc: TuneConfig, exp_dir: Path, dense_dirs: dict[str, 
         hooks = [_release_callback(exp_dir), _records_callback(exp_dir, cfg, dense_dirs)]
         tuner._local_tuner._run_config.callbacks = hooks
         return tuner
-    last_rung = last_decision_step(cfg)  # records: no rung is decided at the last report
-    if tc.scheduler.type == "asha" and min(tc.scheduler.grace_period, cfg.prune.max_steps) <= last_rung:
-        scheduler = ASHAScheduler(
-            time_attr="step",
-            max_t=last_rung,
-            grace_period=min(tc.scheduler.grace_period, cfg.prune.max_steps),
-            reduction_factor=tc.scheduler.reduction_factor,
-            stop_last_trials=False,  # max_t only bounds the rungs: every survivor trains to prune.max_steps
-        )
-    else:
-        scheduler = FIFOScheduler()
+    scheduler = make_scheduler(cfg, tc)
     search_alg, max_concurrent = search_algorithm(tc)
     return tune.Tuner(
         trainable,
@@ -123,6 +112,23 @@ def _tuner(cfg: RunConfig, tc: TuneConfig, exp_dir: Path, dense_dirs: dict[str, 
             callbacks=[_release_callback(exp_dir), _records_callback(exp_dir, cfg, dense_dirs)]
             + ([] if verbose else [_progress_callback(expected_trials(tc))]),
         ),
+    )
+
+
+def make_scheduler(cfg: RunConfig, tc: TuneConfig):
+    """ASHA with every rung at or below the last report before the final one (records: a trial that has
+    trained all its steps is never stopped at its last report); FIFO when no rung would fit."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    grace, last_rung = min(tc.scheduler.grace_period, cfg.prune.max_steps), last_decision_step(cfg)
+    if tc.scheduler.type != "asha" or grace > last_rung:
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr="step",
+        max_t=last_rung,
+        grace_period=grace,
+        reduction_factor=tc.scheduler.reduction_factor,
+        stop_last_trials=False,  # max_t only bounds the rungs: every survivor trains to prune.max_steps
     )
 
 

@@ -102,7 +102,7 @@ def eval_table(step: int, values: dict) -> str:
 
     def cell(v) -> str:
         if isinstance(v, float):
-            return f"{v:.6g}"
+            return f"{v:.8g}"
         return " / ".join(str(x) for x in v) if isinstance(v, list) else str(v)
 
     rows = [f"| {k} | {cell(v)} |" for k, v in values.items()]
