@@ -218,16 +218,23 @@ def last_decision_step(cfg: RunConfig) -> int:
 def _records_callback(exp_dir: Path, cfg: RunConfig, dense_dirs: dict[str, str]):
     """On every trial end, the driver writes the trial's record (status.json, HParams entry), and completes
     the files of a trial stopped at its last step (records.py): stopped trials get one too."""
+    import sys
+
     from ray import tune
 
     class RecordTrial(tune.Callback):
+        def record(self, trial, error: str | None) -> None:
+            try:
+                finalize_trial(exp_dir, trial.trial_id, trial.last_result or {}, error, cfg.prune.max_steps, dense_dirs)
+            except Exception as e:  # never end the search over a record: record_statuses retries after it
+                print(f"search: could not record trial {trial.trial_id} yet: {e}", file=sys.stderr, flush=True)
+
         def on_trial_complete(self, iteration, trials, trial, **info):
-            finalize_trial(exp_dir, trial.trial_id, trial.last_result or {}, None, cfg.prune.max_steps, dense_dirs)
+            self.record(trial, None)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             err = exp_dir / "trials" / trial.trial_id / "error.txt"
-            why = err.read_text() if err.is_file() else "the trial failed"
-            finalize_trial(exp_dir, trial.trial_id, trial.last_result or {}, why, cfg.prune.max_steps, dense_dirs)
+            self.record(trial, err.read_text() if err.is_file() else "the trial failed")
 
     return RecordTrial()
 
