@@ -74,27 +74,26 @@ def gate_heatmap_png(probs: np.ndarray, opened: np.ndarray, title: str) -> np.nd
     return plt.imread(buf, format="png")[..., :3]
 
 
-def layout(gated: bool) -> dict:
+def layout() -> dict:
     """The Custom Scalars dashboard: what a user reads first (loss, validation perplexity) on top, every
-    run on one chart per tag, so trials compare at a glance. Phases' layouts merge by category title."""
-    out = {
+    run on one chart per tag, so trials compare at a glance. Every phase writes the whole layout
+    (TensorBoard merges the runs' layouts in run order, so a shorter one would reorder the categories)."""
+    return {
         "1. train and valid": {
             "train loss": ["Multiline", [r"^train/loss$"]],
             "valid perplexity": ["Multiline", [r"^valid/ppl$"]],
-        }
-    }
-    if gated:
-        out["2. sparsity"] = {
+        },
+        "2. sparsity (prune)": {
             "expected sparsity vs target": ["Multiline", [r"^gates/expected_sparsity$", r"^gates/target$"]],
             "realised sparsity (eval gates)": ["Multiline", [r"^gates/hard_sparsity$"]],
             "open heads per layer": ["Multiline", [r"^gates/open_heads/"]],
-        }
-    out["3. optimisation"] = {
-        "learning rate": ["Multiline", [r"^train/lr$"]],
-        "gradient norm": ["Multiline", [r"^train/grad_norm$"]],
-        "tokens/s": ["Multiline", [r"^perf/tokens_per_s$"]],
+        },
+        "3. optimisation": {
+            "learning rate": ["Multiline", [r"^train/lr$"]],
+            "gradient norm": ["Multiline", [r"^train/grad_norm$"]],
+            "tokens/s": ["Multiline", [r"^perf/tokens_per_s$"]],
+        },
     }
-    return out
 
 
 def eval_table(step: int, values: dict) -> str:
@@ -123,7 +122,7 @@ class Monitor:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(tb_dir))
-            self.writer.add_custom_scalars(layout(phase == "prune"))
+            self.writer.add_custom_scalars(layout())
         self.t0 = time.perf_counter()
         self.last_t, self.last_step = self.t0, None
         self.valid_ppl: float | None = None
