@@ -75,7 +75,7 @@ def run_case(
     t0 = time.monotonic()
     res = train(make_plan(cfg, run_dir, progress=False), ["dense"])["dense"]
     wall = time.monotonic() - t0
-    times = step_times(run_dir / "dense/tb")
+    times = step_times(run_dir / "tb/dense")
     # windows of log_every steps that start after the warm-up; the last one also evaluates
     timed = [times[s] for s in sorted(times) if s - log_every >= skip and s < steps]
     step_s = statistics.median(timed)

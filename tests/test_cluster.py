@@ -544,7 +544,7 @@ def test_submit_trains_on_both_nodes(cluster, wt2_path, tmp_path_factory):
     assert result["step"] == 20
     assert len(set(result["node_ids"])) == 2, result["node_ids"]
     assert list((dense / "checkpoints").rglob("checkpoint_*")), "no checkpoint"
-    assert list((dense / "tb").rglob("events.out.tfevents.*")), "no TensorBoard events"
+    assert list((out / "tb" / "dense").rglob("events.out.tfevents.*")), "no TensorBoard events"
     assert (dense / "model" / "config.json").is_file()
     assert not (out / "prune").exists(), "--phase dense after `--` did not reach the job"
 

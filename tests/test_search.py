@@ -7,9 +7,18 @@ here (same row layout, memory carried), not `allatt_dist.evaluate`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import types
+import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -147,14 +156,117 @@ def test_one_models_test_ppl_recomputed_independently(experiment, wt2_cfg):
     assert math.exp(total / count) == pytest.approx(entry["test_ppl"], rel=1e-4)
 
 
+@contextlib.contextmanager
+def tensorboard_on(logdir: Path):
+    """A real `tensorboard` on a free loopback port, serving `logdir`; yields its base URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", "127.0.0.1"]
+    proc = subprocess.Popen(
+        [*cmd, "--port", str(port), "--load_fast", "false", "--reload_interval", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def http(url: str, body: dict | None = None):
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def hparams_over_http(url: str, sessions: int) -> tuple[dict, list[dict], list[str]]:
+    """TensorBoard's HParams experiment, session groups and run names, once `sessions` are loaded."""
+    statuses = ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"]
+    query = {"experimentName": "", "allowedStatuses": statuses, "colParams": [], "startIndex": 0, "sliceSize": 100}
+    deadline, groups = time.monotonic() + 90, []
+    while time.monotonic() < deadline:
+        try:
+            groups = http(url + "/data/plugin/hparams/session_groups", query)["sessionGroups"]
+            if len(groups) >= sessions:
+                break
+        except OSError:
+            pass  # not listening yet
+        time.sleep(0.5)
+    return http(url + "/data/plugin/hparams/experiment", {"experimentName": ""}), groups, http(url + "/data/runs")
+
+
 @pytest.mark.ray
-def test_hparams_and_tensorboard_logdir(experiment):
+def test_every_trial_in_tensorboard_hparams_over_http(experiment):
+    """What a user sees in TensorBoard's HParams tab, read from its own HTTP data API: every trial
+    (finished and stopped) and the dense reference, with hyperparameters, status and final metrics,
+    under the one name the leaderboard and status.json use; no run beside those."""
     exp, _ = experiment
-    finished = [p.parent for p in exp.glob("trials/*/status.json") if json.loads(p.read_text())["status"] == "finished"]
-    assert finished
-    for trial in finished:
-        assert list((exp / "hparams" / trial.name).rglob("events.out.tfevents.*"))
-        assert list((trial / "prune" / "tb").glob("events.out.tfevents.*"))
+    board = {m["name"]: m for m in json.loads((exp / "leaderboard.json").read_text())["models"]}
+    trials = {p.parent.name: json.loads(p.read_text()) for p in exp.glob("trials/*/status.json")}
+    names = {st["name"]: st for st in trials.values()}
+    assert set(board) == set(names) | {"dense"} and len(names) == 4
+    with tensorboard_on(exp / "tb") as url:
+        info, groups, runs = hparams_over_http(url, sessions=5)
+    assert sorted(runs) == sorted(board), "a run that is neither the dense run nor a trial"
+    columns = {h["name"]: h for h in info["hparamInfos"]}
+    for key, values in TINY["tune"]["space"].items():
+        assert columns[key]["differs"] and columns[key]["domainDiscrete"] == values["grid"]
+    assert columns["status"]["differs"] and not columns["model.architecture"]["differs"]
+    assert {m["name"]["tag"] for m in info["metricInfos"]} >= {"result/valid_ppl", "result/test_ppl"}
+    assert sorted(g["name"] for g in groups) == sorted(board)
+    for g in groups:
+        hp, row = g["hparams"], board[g["name"]]
+        metric = {m["name"]["tag"]: m["value"] for m in g["metricValues"]}
+        assert hp["status"] == row["status"] and hp["model.architecture"] == row["architecture"]
+        assert metric["result/valid_ppl"] == pytest.approx(row["valid_ppl"], rel=1e-6)
+        if row["test_ppl"] is not None:  # `rank` wrote it
+            assert metric["result/test_ppl"] == pytest.approx(row["test_ppl"], rel=1e-6)
+            assert metric["result/params"] == row["params"]
+        if g["name"] == "dense":
+            continue
+        status = names[g["name"]]
+        assert f"temp={hp['gates.temperature']:.3g}" in g["name"]
+        assert f"target={hp['gates.sparsity_target']:.3g}" in g["name"]
+        assert hp["gates.temperature"] == row["temperature"]
+        assert hp["gates.sparsity_target"] == row["sparsity_target"]
+        if status["status"] == "stopped":
+            assert metric["result/last_step"] == status["stopped_at_step"] < TINY["prune"]["max_steps"]
+            assert "result/test_ppl" not in metric
+        else:
+            assert metric["result/last_step"] == TINY["prune"]["max_steps"]
+
+
+@pytest.mark.ray
+def test_a_trial_stopped_at_its_last_report_gets_all_its_records(experiment, tmp_path):
+    """The driver completes a trial whose model was exported at its last step but which the scheduler
+    stopped at that report (result.json, pruned model, HParams entry); an earlier stop is `stopped`."""
+    from allatt_dist.search.records import finalize_trial
+
+    exp, _ = experiment
+    done = next(p.parent for p in exp.glob("trials/*/status.json") if json.loads(p.read_text())["status"] == "finished")
+    result = json.loads((done / "prune" / "result.json").read_text())
+    copy = tmp_path / "exp"
+    for trial_id in ("last", "early"):
+        shutil.copytree(done, copy / "trials" / trial_id, ignore=shutil.ignore_patterns("checkpoints"))
+        shutil.rmtree(copy / "trials" / trial_id / "prune" / "pruned")
+        (copy / "trials" / trial_id / "prune" / "result.json").unlink()
+    dense = {"all_attention": str(exp / "dense" / "model")}
+    last = {k: result[k] for k in ("step", "valid_ppl", "hard_sparsity", "expected_sparsity")}
+    row = finalize_trial(copy, "last", last, None, TINY["prune"]["max_steps"], dense)
+    trial = copy / "trials" / "last"
+    assert row["status"] == "finished" and json.loads((trial / "status.json").read_text())["status"] == "finished"
+    redone = json.loads((trial / "prune" / "result.json").read_text())
+    assert redone["params"] == result["params"] and redone["heads_per_layer"] == result["heads_per_layer"]
+    assert (trial / "prune" / "pruned" / "config.json").is_file()
+    assert list((copy / "tb" / row["name"]).glob("events.out.tfevents.*.hparams"))
+
+    row = finalize_trial(copy, "early", {**last, "step": 10}, None, TINY["prune"]["max_steps"], dense)
+    assert row["status"] == "stopped" and row["stopped_at_step"] == 10
+    assert not (copy / "trials" / "early" / "prune" / "result.json").exists()
+    assert list((copy / "tb" / row["name"]).glob("events.out.tfevents.*.hparams"))
 
 
 @pytest.mark.ray
@@ -190,6 +302,30 @@ def test_tune_again_with_another_config_or_dense_model_is_refused(experiment, wt
     with pytest.raises(CheckpointError, match="does not match the recipe"):
         tune_search(make_plan(deeper, exp))  # every trial would fail on the dense weights
     assert (exp / "search.yaml").read_text() == recorded
+
+
+@pytest.mark.parametrize("max_steps, every, grace", [(200, 100, 100), (200, 50, 100), (30, 10, 10), (35, 10, 5)])
+def test_the_scheduler_never_stops_a_trial_at_its_last_report(tmp_path, max_steps, every, grace):
+    """Trials reporting at every checkpoint: even ones bad throughout (stopped early), odd ones the best
+    until their last report, then the worst. No trial is stopped at its last step."""
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from allatt_dist.search.scheduler import TargetHalving
+
+    sched = TargetHalving(grace, 2, max_steps, tmp_path / "scheduler.json")
+    sched.set_search_properties("valid_ppl", "min")
+    reports = sorted({*range(every, max_steps, every), max_steps})
+    stops = []
+    for i in range(8):
+        trial = types.SimpleNamespace(trial_id=f"t{i}", config={"gates.sparsity_target": 0.5})
+        sched.on_trial_add(None, trial)
+        for step in reports:
+            ppl = 100.0 + i if i % 2 == 0 else (90.0 - i if step < max_steps else 1000.0)
+            if sched.on_trial_result(None, trial, {"step": step, "valid_ppl": ppl}) == TrialScheduler.STOP:
+                stops.append(step)
+                break
+    assert stops and max(stops) < max_steps, stops
 
 
 # ----- bad input: one line, nothing written -------------------------------------------------------------

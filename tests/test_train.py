@@ -117,9 +117,11 @@ def scalars(tb_dir: Path, tag: str) -> dict[int, float]:
 
 
 def curve(tb_dir: Path, tag: str = "train/loss") -> np.ndarray:
-    """Values of `tag` at steps 1..N (asserting that no step is missing)."""
+    """Values of `tag` at its steps, first..last (asserting that no step is missing; a prune or finetune
+    run's steps continue the phases before it)."""
     by_step = scalars(tb_dir, tag)
-    assert sorted(by_step) == list(range(1, len(by_step) + 1)), f"{tag}: steps missing in {sorted(by_step)}"
+    first = min(by_step)
+    assert sorted(by_step) == list(range(first, first + len(by_step))), f"{tag}: steps missing in {sorted(by_step)}"
     return np.array([by_step[s] for s in sorted(by_step)])
 
 
@@ -305,10 +307,10 @@ def test_dense_then_prune_with_two_workers(run, request):
     assert prune["heads_per_layer"] == pruned_meta["heads_per_layer"] == pruned.heads_per_layer == open_heads
     assert prune["hard_sparsity"] == pytest.approx(1 - sum(open_heads) / probs.size)
     assert pruned_meta["params"] == prune["params"] <= prune["dense_params"] == dense["params"]
-    tb = run_dir / "prune/tb"
+    tb, last = run_dir / "tb/prune", DENSE_STEPS + PRUNE_STEPS  # one timeline: prune continues dense's steps
     for i, n in enumerate(open_heads):
-        assert scalars(tb, f"gates/open_heads/layer_{i}")[PRUNE_STEPS] == n
-    assert scalars(tb, "gates/hard_sparsity")[PRUNE_STEPS] == pytest.approx(prune["hard_sparsity"])
+        assert scalars(tb, f"gates/open_heads/layer_{i}")[last] == n
+    assert scalars(tb, "gates/hard_sparsity")[last] == pytest.approx(prune["hard_sparsity"])
 
     # The physically pruned model scores text exactly like the gated one in eval mode.
     valid = load_corpus(cfg.data, splits=("train", "valid")).tokens("valid")
@@ -341,7 +343,7 @@ def test_zero3_trains_like_zero2(zero2, zero3):
     (and the ZeRO-3 dense phase survived two kills, so this is also the check of exact resumption)."""
     for phase in ("dense", "prune"):
         np.testing.assert_allclose(
-            curve(zero3[1] / phase / "tb"), curve(zero2[1] / phase / "tb"), rtol=1e-3, err_msg=phase
+            curve(zero3[1] / "tb" / phase), curve(zero2[1] / "tb" / phase), rtol=1e-3, err_msg=phase
         )
     np.testing.assert_allclose(zero3[2]["prune"]["gate_probs"], zero2[2]["prune"]["gate_probs"], atol=1e-3)
     assert zero3[2]["dense"]["valid_ppl"] == pytest.approx(zero2[2]["dense"]["valid_ppl"], rel=1e-3)
@@ -353,7 +355,7 @@ def test_bf16_trains_like_fp32(zero2, bf16):
     from allatt_dist.modelio import load_model_dir
 
     for phase in ("dense", "prune"):
-        got, want = curve(bf16[1] / phase / "tb"), curve(zero2[1] / phase / "tb")
+        got, want = curve(bf16[1] / "tb" / phase), curve(zero2[1] / "tb" / phase)
         assert np.isfinite(got).all() and len(got) == len(want)
         # Step by step over the start of the dense phase; later the two trajectories drift apart by
         # rounding (batches of 4 rows, lr 5e-3; the prune phase starts from the drifted dense models), so
@@ -371,7 +373,7 @@ def test_bf16_trains_like_fp32(zero2, bf16):
 
 def test_two_workers_match_one_worker_at_the_same_global_batch(zero2, one_worker):
     """Each of 2 ranks takes half of the global batch's rows; averaged gradients make the same updates."""
-    two, one = zero2[1] / "dense/tb", one_worker[1] / "dense/tb"
+    two, one = zero2[1] / "tb/dense", one_worker[1] / "tb/dense"
     loss2, loss1 = curve(two), curve(one)
     assert len(loss1) == len(loss2) == DENSE_STEPS
     np.testing.assert_allclose(loss2, loss1, rtol=1e-3)
@@ -391,7 +393,7 @@ def test_two_workers_match_one_worker_at_the_same_global_batch(zero2, one_worker
 
 def test_gradient_accumulation_matches_two_workers(zero2, accum):
     """Two micro-batches accumulated on one worker make the same updates as two workers' halves."""
-    np.testing.assert_allclose(curve(accum[1] / "dense/tb"), curve(zero2[1] / "dense/tb"), rtol=1e-3)
+    np.testing.assert_allclose(curve(accum[1] / "tb/dense"), curve(zero2[1] / "tb/dense"), rtol=1e-3)
     assert accum[2]["dense"]["world_size"] == 1
     assert accum[2]["dense"]["valid_ppl"] == pytest.approx(zero2[2]["dense"]["valid_ppl"], rel=1e-3)
 
@@ -406,7 +408,7 @@ def test_adaptive_softmax_trains(adaptive):
     from allatt_dist.modelio import load_model_dir
 
     cfg, run_dir, results = adaptive
-    loss = curve(run_dir / "dense/tb")
+    loss = curve(run_dir / "tb/dense")
     assert len(loss) == 20 and np.isfinite(loss).all() and loss[-5:].mean() < loss[:5].mean() - 1.0
     model, _, meta = load_model_dir(run_dir / "dense/model")
     assert isinstance(model.io, AdaptiveIO) and meta["params"] == results["dense"]["params"]
@@ -423,7 +425,7 @@ def test_adaptive_softmax_trains(adaptive):
 
 def test_tensorboard_tags_and_values(zero2):
     cfg, run_dir, _ = zero2
-    dense_files, prune_files = event_files(run_dir / "dense/tb"), event_files(run_dir / "prune/tb")
+    dense_files, prune_files = event_files(run_dir / "tb/dense"), event_files(run_dir / "tb/prune")
     assert len(dense_files) == len(prune_files) == 1  # rank 0 writes, one writer per phase
     dense, prune = load_events(dense_files[0]), load_events(prune_files[0])
     train_tags = {
@@ -450,8 +452,9 @@ def test_tensorboard_tags_and_values(zero2):
     assert train_tags | gate_tags <= set(prune.Tags()["scalars"])
     assert prune.Tags()["images"] == ["gates/heatmap"]
 
-    for acc, max_steps in ((dense, cfg.train.max_steps), (prune, cfg.prune.max_steps)):
-        s = {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+    # One timeline: the prune run's steps continue the dense run's (61..80 after 1..60).
+    for acc, max_steps, off in ((dense, cfg.train.max_steps, 0), (prune, cfg.prune.max_steps, DENSE_STEPS)):
+        s = {tag: {e.step - off: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
         steps = list(range(1, max_steps + 1))
         assert sorted(s["train/loss"]) == steps  # log_every=1
         loss = np.array([s["train/loss"][i] for i in steps])
@@ -469,7 +472,7 @@ def test_tensorboard_tags_and_values(zero2):
         assert sorted(s["valid/ppl"]) == [20, 40, 60][: max_steps // 20]
         assert all(1 < v < 1e5 for v in s["valid/ppl"].values())
 
-    s = {tag: {e.step: e.value for e in prune.Scalars(tag)} for tag in prune.Tags()["scalars"]}
+    s = {tag: {e.step - DENSE_STEPS: e.value for e in prune.Scalars(tag)} for tag in prune.Tags()["scalars"]}
     g, total = cfg.gates, cfg.model.num_layers * cfg.model.num_heads
     for step, target in s["gates/target"].items():  # the target ramps in over the gate warm-up
         assert target == pytest.approx(g.sparsity_target * min(1.0, step / g.warmup_steps), rel=1e-5)
@@ -489,9 +492,25 @@ def test_tensorboard_tags_and_values(zero2):
     from PIL import Image
 
     images = prune.Images("gates/heatmap")
-    assert [im.step for im in images] == [20]
+    assert [im.step for im in images] == [DENSE_STEPS + 20]
     img = Image.open(io.BytesIO(images[0].encoded_image_string))
-    assert img.format == "PNG" and img.size == (images[0].width, images[0].height) and min(img.size) > 20
+    assert img.format == "PNG" and img.size == (images[0].width, images[0].height) and min(img.size) > 200
+
+    # Exact values, whatever the smoothing: each eval is also a text table, and the Custom Scalars layout
+    # opens on training loss and validation perplexity.
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    for acc, phase, off in ((dense, "dense", 0), (prune, "prune", DENSE_STEPS)):
+        texts = acc.Tensors(f"eval/{phase}/text_summary")
+        assert [t.step for t in texts] == [off + 20 * k for k in range(1, len(texts) + 1)] and texts
+        last = texts[-1].tensor_proto.string_val[0].decode()
+        ppl = {e.step: e.value for e in acc.Scalars("valid/ppl")}[texts[-1].step]
+        shown = next(line for line in last.splitlines() if line.startswith("| valid/ppl |"))
+        assert float(shown.split("|")[2]) == pytest.approx(ppl, rel=1e-6)
+        layout = layout_pb2.Layout.FromString(acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+        assert layout.category[0].title == "1. train and valid"
+        assert [c.title for c in layout.category[0].chart] == ["train loss", "valid perplexity"]
+    assert "| open_heads |" in last and "| hard_sparsity |" in last
 
 
 # ---- 3. faults and re-runs ------------------------------------------------------------------------
@@ -533,11 +552,11 @@ def _check_restart(before: dict[int, float], after: dict[int, float], killed_aft
 def test_worker_killed_mid_run_recovers(zero3, zero2):
     """A training worker SIGKILLed after step 20: with max_failures=1 the group restarts from the checkpoint."""
     _, run_dir, results, faults = zero3
-    segments = _restart_segments(run_dir / "dense/tb")
+    segments = _restart_segments(run_dir / "tb/dense")
     assert len(segments) == 3, [sorted(s) for s in segments]  # start, restart after the worker kill, re-run
     first, second, _ = segments
     assert max(first) >= faults["worker_kill_after"]
-    _check_restart(first, second, faults["worker_kill_after"], curve(zero2[1] / "dense/tb"))
+    _check_restart(first, second, faults["worker_kill_after"], curve(zero2[1] / "tb/dense"))
     assert results["dense"]["step"] == DENSE_STEPS
 
 
@@ -546,8 +565,8 @@ def test_driver_killed_then_rerun_resumes(zero3, zero2):
     _, run_dir, _, faults = zero3
     assert faults["driver_returncode"] == -signal.SIGKILL, faults["driver_stderr"][-3000:]
     assert not faults["result_before_rerun"]
-    _, second, third = _restart_segments(run_dir / "dense/tb")
-    resumed_from = _check_restart(second, third, faults["driver_kill_after"], curve(zero2[1] / "dense/tb"))
+    _, second, third = _restart_segments(run_dir / "tb/dense")
+    resumed_from = _check_restart(second, third, faults["driver_kill_after"], curve(zero2[1] / "tb/dense"))
     assert resumed_from == faults["registered_at_driver_kill"]  # the newest checkpoint Ray Train had recorded
     assert max(third) == DENSE_STEPS
     assert json.loads((run_dir / "dense/result.json").read_text())["step"] == DENSE_STEPS

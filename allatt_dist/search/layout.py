@@ -5,9 +5,10 @@ EXP_DIR/
   dense-<arch>/dense/           the dense model of every other searched architecture
   search.yaml                   the config the search started with (a resume must match it)
   tune/                         Ray Tune's experiment state (what `Tuner.restore` reads)
+  scheduler.json                every early-stopping decision (replayed on resume: search/scheduler.py)
   trials/<trial_id>/            run.yaml, params.json, status.json (final: written by the driver),
-                                error.txt (when the trial function raised), prune/{tb,model,...}
-  hparams/<trial_id>/           TensorBoard HParams events (temperature, target -> ppl, params)
+                                error.txt (when the trial function raised), prune/{model,pruned,...}
+  tb/                           TensorBoard: dense, prune/<label>/<trial_id>, HParams (search/records.py)
 """
 
 from __future__ import annotations
@@ -76,29 +77,17 @@ class Experiment:
             self.root.mkdir(parents=True, exist_ok=True)
             self.search_file.write_text(yaml.safe_dump(spec, sort_keys=False))
 
-    def record_statuses(self, grid, max_steps: int, stops: dict[str, dict]) -> list[dict]:
-        """After the search: each trial's final status (finished / stopped by the scheduler / error).
-        `stops`: the scheduler's record of stopped trials (step and value at the decision), which wins
-        over a later result of a trial that a resumed search ran past its stop."""
+    def record_statuses(self, grid, max_steps: int, dense_models: dict[str, str]) -> list[dict]:
+        """After the search: every trial's final record (search/records.py: status.json, the HParams entry,
+        the files of a trial stopped at its last step), from Tune's results."""
+        from allatt_dist.search.records import finalize_trial
+
         rows = []
         for r in grid:
             metrics = r.metrics or {}
             trial_id = metrics.get("trial_id") or Path(r.path).name
-            last = {k: metrics.get(k) for k in ("step", "valid_ppl", "expected_sparsity", "hard_sparsity")}
-            if r.error is not None:
-                status = {"status": "error", "error": str(r.error).strip().splitlines()[-1][:400]}
-            elif trial_id in stops:
-                status = {"status": "stopped", "stopped_at_step": stops[trial_id]["step"]}
-                if stops[trial_id]["step"] != last["step"]:
-                    last = {"step": stops[trial_id]["step"], "valid_ppl": stops[trial_id]["value"]}
-            elif metrics.get("step", 0) >= max_steps:
-                status = {"status": "finished"}
-            else:
-                status = {"status": "stopped", "stopped_at_step": metrics.get("step")}
-            trial_dir = self.trial_dir(trial_id)
-            trial_dir.mkdir(parents=True, exist_ok=True)
-            write_json(trial_dir / "status.json", {**status, "last": last})
-            rows.append({"trial_id": trial_id, **status})
+            error = str(r.error) if r.error is not None else None
+            rows.append(finalize_trial(self.root, trial_id, metrics, error, max_steps, dense_models))
         return rows
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from allatt_dist.errors import UserError
+from allatt_dist.search.records import record_test_ppl, trial_run_name
 
 # The leaderboard's columns, declared once: (name, shown in leaderboard.md). JSON and CSV hold them all.
 COLUMNS: tuple[tuple[str, bool], ...] = (
@@ -99,8 +100,10 @@ def collect(exp_dir: Path) -> list[dict]:
             arch = meta.get("architecture")
             rows.append(
                 {
-                    "name": f"dense-{arch}",
+                    "name": "dense" if run_dir == exp_dir else run_dir.name,  # records.run_name / its folder
                     "status": "reference",
+                    "dir": run_dir,
+                    "architecture": arch,
                     "source": dense,
                     "gated": False,
                     "model": meta.get("model"),
@@ -115,8 +118,9 @@ def collect(exp_dir: Path) -> list[dict]:
         arch = cfg.model.architecture if cfg else None
         rows.append(
             {
-                "name": f"{arch or 'model'}-{trial.name}",
+                "name": trial_run_name(trial),  # the trial's TensorBoard run and status.json name
                 "status": "finished" if finished else status.get("status", "incomplete"),
+                "dir": trial,
                 "source": trial / "prune" / "model" if finished else None,
                 "gated": True,
                 "architecture": arch,
@@ -227,6 +231,7 @@ def rank(
     data_cfg = data_config(run.get("data") or {}, data_overrides, str(exp_dir / "run.yaml"))
     score(rows, exp_dir, data_cfg, progress)
     count_non_embedding(rows)
+    record_test_ppl(exp_dir, rows)  # records: test perplexity into each scored run's HParams entry
     return write_outputs(rows, exp_dir, budget)
 
 

@@ -46,7 +46,7 @@ def group_of(config: dict) -> str:
 class TargetHalving(FIFOScheduler):
     def __init__(self, grace: int, reduction_factor: float, max_steps: int, state_file: Path, time_attr: str = "step"):
         super().__init__()
-        self.rungs = rungs(grace, reduction_factor, max_steps)
+        self.rungs, self.max_steps = rungs(grace, reduction_factor, max_steps), max_steps
         self.rf, self.time_attr, self.state_file = reduction_factor, time_attr, Path(state_file)
         self.mode = "min"
         self._state: dict | None = None  # loaded on first use: a restored copy reads the recorded decisions
@@ -81,6 +81,8 @@ class TargetHalving(FIFOScheduler):
         made = self.state["decisions"].setdefault(trial_id, {})
         if TrialScheduler.STOP in made.values():  # a resumed trial reporting again after its stop
             return TrialScheduler.STOP
+        if step >= self.max_steps:  # its last report: it has trained all its steps, its records follow
+            return TrialScheduler.CONTINUE
         if rung in made:  # the same answer as before an interruption
             return made[rung]
         reward = -float(value) if self.mode == "min" else float(value)

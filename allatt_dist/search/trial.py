@@ -13,16 +13,7 @@ from typing import Any
 
 from allatt_dist.plan import Plan
 from allatt_dist.search.layout import Experiment, write_json
-
-
-def _hparams(exp: Experiment, trial_id: str, params: dict[str, Any], metrics: dict[str, Any]) -> None:
-    from torch.utils.tensorboard import SummaryWriter
-
-    hp = {k: v for k, v in params.items() if isinstance(v, (int, float, str, bool))}
-    keep = ("valid_ppl", "params", "hard_sparsity", "expected_sparsity")
-    values = {f"hparam/{k}": float(metrics[k]) for k in keep if isinstance(metrics.get(k), (int, float))}
-    with SummaryWriter(str(exp.root / "hparams" / trial_id)) as w:
-        w.add_hparams(hp, values, run_name=".")
+from allatt_dist.search.records import run_name, tb_run_dir
 
 
 def run_trial(params: dict[str, Any], plan: Plan, dense_models: dict[str, Path]) -> None:
@@ -38,9 +29,14 @@ def run_trial(params: dict[str, Any], plan: Plan, dense_models: dict[str, Path])
     prepare_run_dir(trial)
     write_json(trial.out / "params.json", params)
     write_json(trial.out / "status.json", {"status": "running"})
+    tb = tb_run_dir(exp.root, run_name(trial.cfg.to_dict(), params, trial_id))  # the run named by what it is
     try:
-        metrics = run_phase(
-            trial, "prune", init_dir=dense_models[trial.cfg.model.architecture], callbacks=[TuneReportCallback()]
+        run_phase(
+            trial,
+            "prune",
+            init_dir=dense_models[trial.cfg.model.architecture],
+            callbacks=[TuneReportCallback()],
+            tb_dir=tb,
         )
     except Exception as e:
         # Not status.json: the driver writes the final status of every trial after the search
@@ -48,5 +44,4 @@ def run_trial(params: dict[str, Any], plan: Plan, dense_models: dict[str, Path])
         # that may outlive the search and would overwrite "stopped" with this error.
         (trial.out / "error.txt").write_text(str(e)[:4000] + "\n")
         raise
-    write_json(trial.out / "status.json", {"status": "finished"})
-    _hparams(exp, trial_id, params, metrics)
+    write_json(trial.out / "status.json", {"status": "finished"})  # the driver's record follows (records.py)

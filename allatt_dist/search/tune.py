@@ -33,18 +33,16 @@ def param_space(tc: TuneConfig) -> dict[str, Any]:
     return {key: make[kind](values) for key, dom in tc.space.items() for kind, values in dom.items()}
 
 
-def trial_name(trial) -> str:
-    short = {
-        "gates.temperature": "temp",
-        "gates.sparsity_target": "target",
-        "gates.l0_coefficient": "l0",
-        "model.architecture": "arch",
-    }
-    bits = [
-        f"{short.get(k, k.split('.')[-1])}={v:.3g}" if isinstance(v, float) else f"{short.get(k, k)}={v}"
-        for k, v in sorted(trial.config.items())
-    ]
-    return f"{trial.trial_id}_" + ",".join(bits)
+class TrialName:
+    """Tune's trial name: the run's one name (search/records.py), e.g. prune/temp=0.33,target=0.25/<id>."""
+
+    def __init__(self, base: dict):
+        self.base = base
+
+    def __call__(self, trial) -> str:
+        from allatt_dist.search.records import run_name
+
+        return run_name(self.base, trial.config, trial.trial_id)
 
 
 def search_algorithm(tc: TuneConfig):
@@ -80,7 +78,7 @@ def scheduler(plan: Plan, exp: Experiment):
 def _tuner(plan: Plan, exp: Experiment, dense_models: dict[str, Path], restore: bool):
     from ray import tune
 
-    from allatt_dist.search.callbacks import ReleaseTrialResources, TrialProgress
+    from allatt_dist.search.callbacks import RecordTrial, ReleaseTrialResources, TrialProgress
     from allatt_dist.search.trial import run_trial
 
     tc = plan.cfg.tune
@@ -90,7 +88,8 @@ def _tuner(plan: Plan, exp: Experiment, dense_models: dict[str, Path], restore: 
     if restore:  # the callbacks come back with the pickled run config
         return tune.Tuner.restore(str(exp.tune_dir), trainable, resume_unfinished=True, resume_errored=True)
     search_alg, max_concurrent = search_algorithm(tc)
-    callbacks = [ReleaseTrialResources()] + ([] if plan.verbose else [TrialProgress(tc.expected_trials())])
+    record = RecordTrial(exp.root, plan.cfg.prune.max_steps, {a: str(d) for a, d in dense_models.items()})
+    callbacks = [ReleaseTrialResources(), record] + ([] if plan.verbose else [TrialProgress(tc.expected_trials())])
     return tune.Tuner(
         trainable,
         param_space=param_space(tc),
@@ -101,7 +100,7 @@ def _tuner(plan: Plan, exp: Experiment, dense_models: dict[str, Path], restore: 
             search_alg=search_alg,
             num_samples=tc.num_samples,
             max_concurrent_trials=max_concurrent,
-            trial_name_creator=trial_name,
+            trial_name_creator=TrialName(plan.cfg.to_dict()),
             trial_dirname_creator=lambda t: t.trial_id,
         ),
         run_config=tune.RunConfig(
@@ -130,6 +129,7 @@ def tune_search(plan: Plan, dense_dir: Path | None = None) -> list[dict]:
     from ray import tune
 
     from allatt_dist.cluster.capacity import check_fits_with_drivers
+    from allatt_dist.search.records import record_dense, write_experiment
 
     if plan.cfg.tune is None:
         raise UserError("tune: section missing (see docs/search.md)")
@@ -146,10 +146,10 @@ def tune_search(plan: Plan, dense_dir: Path | None = None) -> list[dict]:
     exp.check_same_search(plan.cfg, restore)
     if not restore:
         exp.scheduler_file.unlink(missing_ok=True)  # decisions of a search whose Tune state was deleted
+    write_experiment(exp.root, plan.cfg.to_dict(), plan.cfg.tune.space)  # HParams columns, then the reference
+    record_dense(exp.root)
     grid = _tuner(plan, exp, dense_models, restore).fit()
-    from allatt_dist.search.scheduler import TargetHalving
-
-    rows = exp.record_statuses(grid, plan.cfg.prune.max_steps, TargetHalving.stops(exp.scheduler_file))
+    rows = exp.record_statuses(grid, plan.cfg.prune.max_steps, {a: str(d) for a, d in dense_models.items()})
     check_some_trial_ran(rows, exp.root)
     return rows
 

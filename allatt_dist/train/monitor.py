@@ -1,5 +1,8 @@
 """What the user watches: TensorBoard events (rank 0) and a progress line on the driver.
 
+A phase's events go to `tb_dir(run_dir, phase)` = RUN/tb/<phase>, so `tensorboard --logdir RUN/tb` names
+the runs `dense`, `prune`, `finetune` (a search names its trials' runs itself: search/records.py).
+
 Workers push a small dict to a `ProgressBoard` Ray actor; the driver polls it and draws one tqdm
 bar, so progress reaches the terminal from any node without Ray's per-worker log prefixes.
 """
@@ -13,6 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import ray
+
+TB_DIR = "tb"
+
+
+def tb_dir(run_dir: Path, phase: str) -> Path:
+    """Where a phase of a run writes its TensorBoard events."""
+    return Path(run_dir) / TB_DIR / phase
 
 
 class ProgressBoard:
@@ -31,19 +41,32 @@ class ProgressBoard:
 RemoteProgressBoard = ray.remote(num_cpus=0)(ProgressBoard)
 
 
-def gate_heatmap_png(probs: np.ndarray, title: str) -> np.ndarray:
-    """(layers, heads) gate probabilities -> RGB image (H, W, 3) uint8 for TensorBoard."""
+def gate_heatmap_png(probs: np.ndarray, opened: np.ndarray, title: str) -> np.ndarray:
+    """(layers, heads) gate probabilities and eval-open mask -> RGB image (H, W, 3) uint8 for TensorBoard.
+
+    Each cell prints P(open); a kept head (the eval gate opens it: pruning keeps it) gets a thick black
+    frame, a pruned one a hatch and its value struck through with "x", so 0.49 and 0.62 never look alike.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
 
-    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * probs.shape[1], 1.0 + 0.35 * probs.shape[0]), dpi=80)
-    im = ax.imshow(probs, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-    ax.set_xlabel("head")
+    n_layers, n_heads = probs.shape
+    fig, ax = plt.subplots(figsize=(1.8 + 0.75 * n_heads, 1.3 + 0.55 * n_layers), dpi=100)
+    im = ax.imshow(probs, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")  # red closed, green open
+    for (i, j), p in np.ndenumerate(probs):
+        kept = bool(opened[i, j])
+        ax.text(j, i, f"{p:.2f}" if kept else f"{p:.2f}\npruned", ha="center", va="center", fontsize=8)
+        style = {"lw": 2.5, "ec": "black"} if kept else {"hatch": "//", "ec": "0.4", "lw": 0}
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, **style))
+    ax.set_xticks(range(n_heads))
+    ax.set_yticks(range(n_layers))
+    ax.set_xlabel("head (framed: kept, hatched: pruned)")
     ax.set_ylabel("layer")
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax)
+    ax.set_title(f"{title}\nkept {int(opened.sum())}/{opened.size} heads", fontsize=9)
+    fig.colorbar(im, ax=ax, label="P(gate open)")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")
     plt.close(fig)
@@ -51,17 +74,55 @@ def gate_heatmap_png(probs: np.ndarray, title: str) -> np.ndarray:
     return plt.imread(buf, format="png")[..., :3]
 
 
+def layout() -> dict:
+    """The Custom Scalars dashboard: what a user reads first (loss, validation perplexity) on top, every
+    run on one chart per tag, so trials compare at a glance. Every phase writes the whole layout
+    (TensorBoard merges the runs' layouts in run order, so a shorter one would reorder the categories)."""
+    return {
+        "1. train and valid": {
+            "train loss": ["Multiline", [r"^train/loss$"]],
+            "valid perplexity": ["Multiline", [r"^valid/ppl$"]],
+        },
+        "2. sparsity (prune)": {
+            "expected sparsity vs target": ["Multiline", [r"^gates/expected_sparsity$", r"^gates/target$"]],
+            "realised sparsity (eval gates)": ["Multiline", [r"^gates/hard_sparsity$"]],
+            "open heads per layer": ["Multiline", [r"^gates/open_heads/"]],
+        },
+        "3. optimisation": {
+            "learning rate": ["Multiline", [r"^train/lr$"]],
+            "gradient norm": ["Multiline", [r"^train/grad_norm$"]],
+            "tokens/s": ["Multiline", [r"^perf/tokens_per_s$"]],
+        },
+    }
+
+
+def eval_table(step: int, values: dict) -> str:
+    """One evaluation as a markdown table (TensorBoard's Text tab): exact values, no smoothing."""
+
+    def cell(v) -> str:
+        if isinstance(v, float):
+            return f"{v:.8g}"
+        return " / ".join(str(x) for x in v) if isinstance(v, list) else str(v)
+
+    rows = [f"| {k} | {cell(v)} |" for k, v in values.items()]
+    return "\n".join([f"**step {step}**", "", "| metric | value |", "|---|---|", *rows])
+
+
 class Monitor:
     """Rank-0 TensorBoard writer plus the progress feed (every rank may call; others do nothing)."""
 
-    def __init__(self, tb_dir: Path | None, board, max_steps: int, phase: str, tokens_per_step: int):
+    def __init__(
+        self, tb_dir: Path | None, board, max_steps: int, phase: str, tokens_per_step: int, step_offset: int = 0
+    ):
         self.board, self.max_steps, self.phase = board, max_steps, phase
         self.tokens_per_step = tokens_per_step
+        self.offset = step_offset  # TensorBoard steps continue the previous phases' count: one timeline
         self.writer = None
         if tb_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(tb_dir))
+            self.writer.add_custom_scalars(layout())
         self.t0 = time.perf_counter()
         self.last_t, self.last_step = self.t0, None
         self.valid_ppl: float | None = None
@@ -71,7 +132,7 @@ class Monitor:
             return
         for k, v in values.items():
             if v is not None and math.isfinite(float(v)):
-                self.writer.add_scalar(k, float(v), step)
+                self.writer.add_scalar(k, float(v), self.offset + step)
 
     def train_step(self, step: int, loss: float, stats: dict, lr: float, grad_norm: float | None) -> dict:
         now = time.perf_counter()
@@ -96,11 +157,19 @@ class Monitor:
         if self.writer is None:
             return
         open_heads = opened.sum(axis=1)
-        for i, n in enumerate(open_heads):
-            self.writer.add_scalar(f"gates/open_heads/layer_{i}", int(n), step)
-        self.writer.add_scalar("gates/hard_sparsity", 1.0 - float(open_heads.sum()) / probs.size, step)
-        img = gate_heatmap_png(probs, f"{self.phase}: P(gate open), step {step}")
-        self.writer.add_image("gates/heatmap", img, step, dataformats="HWC")
+        values = {f"gates/open_heads/layer_{i}": int(n) for i, n in enumerate(open_heads)}
+        values["gates/hard_sparsity"] = 1.0 - float(open_heads.sum()) / probs.size
+        self.scalars(step, values)
+        img = gate_heatmap_png(probs, opened, f"{self.phase}: P(gate open), step {self.offset + step}")
+        self.writer.add_image("gates/heatmap", img, self.offset + step, dataformats="HWC")
+
+    def evaluation(self, step: int, values: dict[str, float], shown: dict) -> None:
+        """The eval's scalars, and with `shown` the same values exact, as a text table (Text tab, `eval/<phase>`)."""
+        if self.writer is None:
+            return
+        self.scalars(step, values)
+        table = {"phase step": f"{step}/{self.max_steps}", **values, **shown}
+        self.writer.add_text(f"eval/{self.phase}", eval_table(self.offset + step, table), self.offset + step)
 
     def progress(self, step: int, **fields) -> None:
         if self.board is None:

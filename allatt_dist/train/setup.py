@@ -79,6 +79,13 @@ def seed_step(seed: int, rank: int, index: int, device: torch.device) -> torch.G
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
 
 
+def tb_step_offset(cfg: RunConfig, phase: Phase) -> int:
+    """Steps of the phases before `phase` (TensorBoard continues their count: dense, then prune, then
+    finetune on one axis). Taken from the config: a trial's dense model is the recipe's dense phase."""
+    before = PHASES[: PHASES.index(phase)]
+    return sum(phase_spec(cfg, p).max_steps for p in before)
+
+
 def param_groups(module: TrainModule, cfg: RunConfig, spec: PhaseSpec) -> list[dict[str, Any]]:
     """Weights (with weight decay) and, when gated, gate logits + Lagrange multipliers (own lr, no decay)."""
     gate_ids = {id(p) for p in module.gate_parameters().values()}

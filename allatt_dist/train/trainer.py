@@ -4,10 +4,10 @@
       run.yaml                  resolved config of this run (a different config is refused unless --force)
       <phase>/                  dense | prune | finetune
         checkpoints/            Ray Train storage: checkpoint_*/ (DeepSpeed shards, memory, stream position)
-        tb/                     TensorBoard events of rank 0
         model/                  consolidated final model (model.safetensors, config.json, vocab.txt)
         pruned/                 prune phase only: the physically pruned model
         result.json             final metrics of the phase
+      tb/<phase>/               TensorBoard events of rank 0 (`tensorboard --logdir RUN/tb`: runs dense, prune, ...)
 
 Re-running the same command resumes: Ray Train finds its state under checkpoints/ and every worker
 restarts from the latest checkpoint; finished phases are skipped.
@@ -25,7 +25,7 @@ from allatt_dist.config import ModelConfig, RunConfig
 from allatt_dist.errors import CheckpointError, UserError
 from allatt_dist.plan import Plan
 from allatt_dist.recipe import saved_config_diff
-from allatt_dist.train.monitor import RemoteProgressBoard, follow_progress
+from allatt_dist.train.monitor import TB_DIR, RemoteProgressBoard, follow_progress
 from allatt_dist.train.setup import PHASES, Phase, phase_spec
 from allatt_dist.train.worker import WorkerJob
 
@@ -103,7 +103,7 @@ def phase_done(run_dir: Path, phase: Phase, cfg: RunConfig) -> bool:
     return json.loads(res.read_text()).get("step", 0) >= phase_spec(cfg, phase).max_steps
 
 
-def _trainer(plan: Plan, phase: Phase, init_dir: Path | None, board, callbacks):
+def _trainer(plan: Plan, phase: Phase, init_dir: Path | None, board, callbacks, tb_dir: Path | None):
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchTrainer
@@ -115,7 +115,8 @@ def _trainer(plan: Plan, phase: Phase, init_dir: Path | None, board, callbacks):
     if sc.use_gpu:
         resources["GPU"] = sc.gpus_per_worker
     env = {"DS_ACCELERATOR": "cuda" if sc.use_gpu else "cpu", "ALLATT_VERBOSE": "1" if plan.verbose else "0"}
-    job = WorkerJob(cfg, plan.ds_config, phase, plan.out / phase, init_dir, board)
+    tb = tb_dir or plan.out / TB_DIR / phase  # a trial's run is named by what it is (search/records.py)
+    job = WorkerJob(cfg, plan.ds_config, phase, plan.out / phase, init_dir, board, tb)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},  # pickled to every worker: typed, nothing re-read there
@@ -162,23 +163,31 @@ def _last_line(err: BaseException) -> str:
     return (errs or lines or [type(err).__name__])[-1][:400]
 
 
-def run_phase(plan: Plan, phase: Phase, init_dir: Path | None = None, callbacks: list | None = None) -> dict:
+def run_phase(
+    plan: Plan, phase: Phase, init_dir: Path | None = None, callbacks: list | None = None, tb_dir: Path | None = None
+) -> dict:
     """Train one phase of `plan` through Ray Train; returns (and writes) its result.json.
 
     `init_dir` overrides the model the phase starts from (a Tune trial starts from a shared dense
-    model); `callbacks` are Ray Train callbacks (Tune's report callback in a trial).
+    model); `callbacks` are Ray Train callbacks (Tune's report callback in a trial); `tb_dir` where
+    TensorBoard events go (a trial's run named by what it is) instead of RUN/tb/<phase>.
     """
-    from allatt_dist.model.pruning import prune_model
-    from allatt_dist.modelio import load_model_dir, read_meta, save_model_dir
-
     run_dir = plan.out
     init_dir = init_dir or init_dir_for(run_dir, phase, plan.cfg)
     board = RemoteProgressBoard.remote()
-    trainer = _trainer(plan, phase, init_dir, board, callbacks)
+    trainer = _trainer(plan, phase, init_dir, board, callbacks, tb_dir)
     result = fit_with_progress(trainer, board, f"{run_dir.name}/{phase}", plan.progress)
     metrics = dict(result.metrics or {})
     metrics["checkpoint"] = result.checkpoint.path if result.checkpoint else None
-    phase_dir = run_dir / phase
+    return finish_phase(run_dir / phase, phase, metrics, init_dir)
+
+
+def finish_phase(phase_dir: Path, phase: Phase, metrics: dict, init_dir: Path | None) -> dict:
+    """After the last step (its model exported): the prune phase's pruned model, then result.json.
+    Also how the Tune driver completes a trial the scheduler stopped at its last report."""
+    from allatt_dist.model.pruning import prune_model
+    from allatt_dist.modelio import load_model_dir, read_meta, save_model_dir
+
     if phase == "prune":
         gated, vocab, _ = load_model_dir(phase_dir / "model")
         pruned = prune_model(gated)

@@ -41,6 +41,7 @@ from allatt_dist.train.setup import (
     param_groups,
     phase_spec,
     seed_step,
+    tb_step_offset,
 )
 
 CKPT_TAG = "ds"
@@ -56,6 +57,7 @@ class WorkerJob:
     phase_dir: Path  # absolute: RUN_DIR/<phase>
     init_dir: Path | None  # the model this phase starts from (None: fresh dense model)
     board: Any  # the driver's progress actor handle
+    tb_dir: Path  # where rank 0 writes TensorBoard events: RUN/tb/<phase>, or a trial's named run
 
 
 def build_model(cfg: RunConfig, spec: PhaseSpec, vocab_size: int, init_dir: Path | None) -> LanguageModel:
@@ -237,11 +239,12 @@ def train_loop_per_worker(config: dict[str, WorkerJob]) -> None:
     dist.all_gather_object(node_ids, ray.get_runtime_context().get_node_id())
     pg = get_current_placement_group()  # reported: a Tune callback frees it when a scheduler stops the trial
     monitor = Monitor(
-        phase_dir / "tb" if rank == 0 else None,
+        job.tb_dir if rank == 0 else None,
         job.board if rank == 0 else None,
         spec.max_steps,
         spec.phase,
         cfg.train.batch_size * cfg.model.seq_len,
+        step_offset=tb_step_offset(cfg, spec.phase),
     )
     valid = corpus.tokens("valid")
     last_eval: dict = {}
@@ -276,7 +279,6 @@ def train_loop_per_worker(config: dict[str, WorkerJob]) -> None:
             ppl, n_tok = _eval(lm, valid, cfg, rank, world, limit)
             gate_state = _gate_probs(lm)
             monitor.valid_ppl = ppl
-            monitor.scalars(step, {"valid/ppl": ppl})
             last_eval = {"valid_ppl": ppl, "valid_tokens": n_tok}
             if gate_state is not None:
                 probs, opened = gate_state
@@ -284,6 +286,8 @@ def train_loop_per_worker(config: dict[str, WorkerJob]) -> None:
                 last_eval["hard_sparsity"] = float(1.0 - opened.mean())
                 last_eval["open_heads"] = [int(n) for n in opened.sum(axis=1)]
                 last_eval["gate_probs"] = probs.tolist()  # (layers, heads), as logged in gates/heatmap
+            shown = ("valid_tokens", "hard_sparsity", "open_heads")
+            monitor.evaluation(step, {"valid/ppl": ppl}, {k: last_eval[k] for k in shown if k in last_eval} | stats)
             monitor.progress(step)
         if step % cfg.train.checkpoint_every == 0 or final:
             (train_loss,) = _all_mean([float(np.mean(lm_losses))])  # the global batch's loss, not rank 0's rows
