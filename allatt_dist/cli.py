@@ -1,7 +1,8 @@
 """`allatt-dist` command line: a thin layer that parses arguments and calls the library.
 
-Every user error (`UserError`) is printed as one line on stderr with exit status 2; results are
-printed as JSON on stdout.
+Every user error (`UserError`) is printed as one line on stderr with exit status 2; what the machine
+refused during the run (a full disk, memory: `EnvironmentFailure`, `OSError`, `MemoryError`) as one
+line with exit status 1; results are printed as JSON on stdout.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import warnings
 from pathlib import Path
 
 from allatt_dist.cliargs import add_override_arg, positive_int
-from allatt_dist.errors import UserError
+from allatt_dist.errors import EnvironmentFailure, UserError
 from allatt_dist.outputs import check_new_model_dir, check_output_dir
 from allatt_dist.runlock import check_not_in_use, hold
 
@@ -246,6 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"allatt-dist {args.command}: interrupted", file=sys.stderr)
         return 130
+    except EnvironmentFailure as e:
+        if getattr(args, "verbose", False):
+            raise
+        print(f"allatt-dist {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except (MemoryError, RuntimeError, OSError) as e:
         msg = _environment_failure(e)
         if msg is None or getattr(args, "verbose", False):
