@@ -48,11 +48,23 @@ def test_keep_counts_whole_checkpoints_and_partial_ones_are_removed(tmp_path):
     for step in (10, 20, 30):
         ck.publish(_write(root, step, nonce=f"s{step}"), root, step, keep=2)
     _write(root, 40, nonce="killed")  # a kill while writing step 40
-    (root / "checkpoint_00000050").mkdir()  # a folder that was never published (no manifest)
     (root / ".trash-checkpoint_00000005-ab").mkdir()  # a kill while deleting
+    ray_own = ["checkpoint_2026-11-29_22-00-00.000000", "checkpoint_manager_snapshot.json"]
+    (root / ray_own[0]).mkdir()  # Ray Train's (an earlier version's) record: not ours, left alone
+    (root / ray_own[1]).write_text("{}")
     assert [p.name for p in ck.published(root)] == ["checkpoint_00000030", "checkpoint_00000020"]
     assert ck.resume_point(root, report=_no_warning) == ck.published(root)[0]
-    assert sorted(p.name for p in root.iterdir()) == ["checkpoint_00000020", "checkpoint_00000030"]
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint_00000020", "checkpoint_00000030", *ray_own]
+
+
+def test_a_checkpoint_folder_without_its_manifest_is_skipped(tmp_path):
+    root = tmp_path / "checkpoints"
+    ck.publish(_write(root, 10), root, 10, keep=2)
+    (root / "checkpoint_00000020").mkdir()  # a copy cut short, or a manifest deleted
+    said: list[str] = []
+    assert ck.resume_point(root, report=said.append) == root / "checkpoint_00000010"
+    assert len(said) == 1 and "checkpoint_00000020/MANIFEST.json: missing" in said[0]
+    assert not (root / "checkpoint_00000020").exists()
 
 
 def test_a_truncated_newest_checkpoint_is_skipped_naming_the_file(tmp_path):

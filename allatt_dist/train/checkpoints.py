@@ -106,16 +106,25 @@ def _step_of(path: Path) -> int:
         return -1
 
 
-def published(root: Path) -> list[Path]:
-    """Published checkpoints (a manifest inside), newest step first."""
+def _ours(root: Path) -> list[Path]:
+    """Folders named as this module publishes them (checkpoint_<step>), newest step first. Ray Train's
+    own files there (checkpoint_manager_snapshot.json) and an earlier version's checkpoint_<date>
+    folders, which Ray Train's record may name, are not ours: left alone."""
     if not root.is_dir():
         return []
-    found = [p for p in root.glob(f"{PREFIX}*") if _step_of(p) >= 0 and (p / MANIFEST).is_file()]
+    found = [p for p in root.glob(f"{PREFIX}*") if p.is_dir() and _step_of(p) >= 0]
     return sorted(found, key=_step_of, reverse=True)
+
+
+def published(root: Path) -> list[Path]:
+    """Published checkpoints (a manifest inside), newest step first."""
+    return [p for p in _ours(root) if (p / MANIFEST).is_file()]
 
 
 def problem(ckpt: Path, checksums: bool = True) -> str | None:
     """Why `ckpt` cannot be resumed from, naming the file (None: it is whole)."""
+    if not (ckpt / MANIFEST).is_file():
+        return f"{ckpt / MANIFEST}: missing (the checkpoint was never completed)"
     try:
         files = json.loads((ckpt / MANIFEST).read_text())["files"]
         items = [(ckpt / rel, int(v["size"]), str(v["sha256"])) for rel, v in files.items()]
@@ -138,13 +147,11 @@ def warn(message: str) -> None:
 
 
 def remove_unfinished(root: Path) -> None:
-    """Staging and trash folders (a kill while writing or deleting) and checkpoint folders that were
-    never published (no manifest: an earlier version's, or a copy cut short)."""
+    """Staging and trash folders: what a process killed while writing or deleting a checkpoint left."""
     if not root.is_dir():
         return
     for p in root.iterdir():
-        never_published = p.name.startswith(PREFIX) and p.is_dir() and not (p / MANIFEST).is_file()
-        if p.name.startswith((STAGING, TRASH)) or never_published:
+        if p.name.startswith((STAGING, TRASH)):
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -152,7 +159,7 @@ def resume_point(root: Path, report: Callable[[str], None] = warn) -> Path | Non
     """The driver, before a phase (re)starts: the newest whole checkpoint, after removing what is not
     whole (each damaged one reported in one line that names its file). None: start from step 0."""
     remove_unfinished(root)
-    for ckpt in published(root):
+    for ckpt in _ours(root):
         why = problem(ckpt)
         if why is None:
             return ckpt
