@@ -104,6 +104,8 @@ def hold(run_dir: str | Path, command: str | None = None) -> Iterator[Path]:
 
     Raises `RunDirInUse` (one line, exit 2) when a live process holds it, or holds a folder around it."""
     run_dir = Path(run_dir).resolve()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir}: exists and is not a folder")
     _check_ancestors(run_dir)
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)

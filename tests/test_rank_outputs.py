@@ -153,3 +153,16 @@ def test_rank_killed_at_any_moment_leaves_a_whole_result(tmp_path, corpus_dir):
     assert view is not None and not view[1]
     leftovers = [p.name for d in (exp, exp / "models") for p in d.iterdir() if p.name.startswith(".")]
     assert leftovers == [], f"temporary folders left: {leftovers}"
+
+
+def test_two_rank_commands_at_once_one_is_refused_naming_the_other(tmp_path, corpus_dir):
+    exp = _experiment(tmp_path, corpus_dir, {"a": 1, "b": 2})
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "allatt_dist.cli", "rank", str(exp)]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in "ab"]
+    outs = [(p.pid, *p.communicate(timeout=600), p.returncode) for p in procs]
+    assert sorted(rc for *_, rc in outs) == [0, 2], [(rc, err[-500:]) for _, _, err, rc in outs]
+    (winner, *_), (_, _, refusal, _) = sorted(outs, key=lambda o: o[3])
+    assert refusal.strip().count("\n") == 0 and f"in use by pid {winner} on " in refusal, refusal
+    assert "allatt-dist rank" in refusal  # the other command, as it was typed
+    assert consistent_view(exp)[1] == []

@@ -58,6 +58,13 @@ def test_every_writing_command_is_refused_on_a_directory_in_use(tmp_path, wt2_pa
     assert not exp.exists(), "the lock's folder, empty after the command, is left behind"
 
 
+def test_a_file_is_no_run_directory(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    r = _cli("rank", str(tmp_path / "afile"))
+    assert r.returncode == 2 and r.stderr.strip().endswith("afile: exists and is not a folder"), r.stderr
+    assert (tmp_path / "afile").read_text() == "x"
+
+
 def test_prune_into_a_run_in_use_is_refused(tmp_path):
     run = tmp_path / "run"
     with hold(run):
