@@ -163,7 +163,7 @@ def resume_point(root: Path, report: Callable[[str], None] = warn) -> Path | Non
         why = problem(ckpt)
         if why is None:
             return ckpt
-        report(f"checkpoint {ckpt.name} skipped: {why}")
+        report(f"{ckpt.name} skipped: {why}")
         _discard(ckpt)
     return None
 
