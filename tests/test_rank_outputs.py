@@ -32,15 +32,19 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL = ModelConfig(num_layers=2, hidden_dim=16, num_heads=4, num_persistent=4, seq_len=16, mem_len=16)
 
 
-@pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory, wt2_path) -> Path:
-    """WikiText-2 mini with a 40-line test split (the vocabulary comes from train: unchanged)."""
-    d = tmp_path_factory.mktemp("corpus")
+def _short_corpus(d: Path, wt2_path: Path, test_lines: int) -> Path:
+    """WikiText-2 mini with a short test split (the vocabulary comes from train: unchanged)."""
+    d.mkdir(parents=True, exist_ok=True)
     for split in ("train", "valid"):
         shutil.copy(wt2_path / f"{split}.txt", d / f"{split}.txt")
     lines = (wt2_path / "test.txt").read_text().splitlines(keepends=True)
-    (d / "test.txt").write_text("".join(lines[:40]))
+    (d / "test.txt").write_text("".join(lines[:test_lines]))
     return d
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory, wt2_path) -> Path:
+    return _short_corpus(tmp_path_factory.mktemp("corpus"), wt2_path, 40)
 
 
 def _trial(exp: Path, name: str, seed: int, vocab, cfg) -> None:
@@ -155,14 +159,27 @@ def test_rank_killed_at_any_moment_leaves_a_whole_result(tmp_path, corpus_dir):
     assert leftovers == [], f"temporary folders left: {leftovers}"
 
 
-def test_two_rank_commands_at_once_one_is_refused_naming_the_other(tmp_path, corpus_dir):
-    exp = _experiment(tmp_path, corpus_dir, {"a": 1, "b": 2})
+def test_two_rank_commands_at_once_one_is_refused_naming_the_other(tmp_path, wt2_path):
+    corpus = _short_corpus(tmp_path / "corpus", wt2_path, 1000)  # a ranking that lasts a while
+    exp = _experiment(tmp_path, corpus, {"a": 1, "b": 2})
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "allatt_dist.cli", "rank", str(exp)]
-    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in "ab"]
-    outs = [(p.pid, *p.communicate(timeout=600), p.returncode) for p in procs]
-    assert sorted(rc for *_, rc in outs) == [0, 2], [(rc, err[-500:]) for _, _, err, rc in outs]
-    (winner, *_), (_, _, refusal, _) = sorted(outs, key=lambda o: o[3])
-    assert refusal.strip().count("\n") == 0 and f"in use by pid {winner} on " in refusal, refusal
-    assert "allatt-dist rank" in refusal  # the other command, as it was typed
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while f'"pid": {first.pid},' not in _text(exp / ".lock") and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    out, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-2000:]
+    assert second.returncode == 2, (second.returncode, second.stderr[-2000:])
+    refusal = second.stderr.strip()
+    assert refusal.count("\n") == 0 and f"in use by pid {first.pid} on " in refusal, refusal
+    assert f"(allatt-dist rank {exp})" in refusal  # the other command, as it was typed
     assert consistent_view(exp)[1] == []
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""
