@@ -1,7 +1,8 @@
 """`allatt-dist` command line: a thin layer that parses arguments and calls the library.
 
-Every user error (`UserError`) is printed as one line on stderr with exit status 2; results are
-printed as JSON on stdout.
+Every user error (`UserError`) is printed as one line on stderr with exit status 2; what the machine
+refused during the run (a full disk, memory: `EnvironmentFailure`, `OSError`, `MemoryError`) as one
+line with exit status 1; results are printed as JSON on stdout.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import warnings
 from pathlib import Path
 
 from allatt_dist.cliargs import add_override_arg, positive_int
-from allatt_dist.errors import UserError
+from allatt_dist.errors import EnvironmentFailure, UserError
 from allatt_dist.outputs import check_new_model_dir, check_output_dir
+from allatt_dist.runlock import check_not_in_use, hold
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -56,8 +58,9 @@ def cmd_train(a: argparse.Namespace) -> dict:
     from allatt_dist.train.trainer import train
 
     plan = _plan(a, "runs", search=False)
-    _connect(a, plan, search=False)
-    return train(plan, None if a.phase == "all" else [a.phase])
+    with hold(plan.out):  # one writer per run directory, taken before Ray starts
+        _connect(a, plan, search=False)
+        return train(plan, None if a.phase == "all" else [a.phase])
 
 
 def cmd_prune(a: argparse.Namespace) -> dict:
@@ -65,6 +68,7 @@ def cmd_prune(a: argparse.Namespace) -> dict:
     from allatt_dist.modelio import load_model_dir, save_model_dir
 
     check_new_model_dir(Path(a.out), Path(a.checkpoint), a.force)
+    check_not_in_use(Path(a.out))
     gated, vocab, meta = load_model_dir(a.checkpoint)
     if not gated.gates:
         raise UserError(f"{a.checkpoint}: holds an ungated model (nothing to prune); give a prune-phase model")
@@ -108,22 +112,26 @@ def cmd_tune(a: argparse.Namespace) -> list:
     from allatt_dist.search.tune import tune_search
 
     plan = _plan(a, "experiments", search=True)
-    _connect(a, plan, search=True)
-    return tune_search(plan, Path(a.dense) if a.dense else None)
+    with hold(plan.out):
+        _connect(a, plan, search=True)
+        return tune_search(plan, Path(a.dense) if a.dense else None)
 
 
 def cmd_rank(a: argparse.Namespace) -> dict:
     from allatt_dist.search.rank import rank
 
-    return rank(Path(a.experiment), a.budget, progress=sys.stderr.isatty(), data_overrides=a.overrides)
+    exp = Path(a.experiment)
+    with hold(exp):
+        return rank(exp, a.budget, progress=sys.stderr.isatty(), data_overrides=a.overrides)
 
 
 def cmd_run(a: argparse.Namespace) -> dict:
     from allatt_dist.search.pipeline import run_pipeline
 
     plan = _plan(a, "experiments", search=True)
-    _connect(a, plan, search=True)
-    return run_pipeline(plan, a.budget)
+    with hold(plan.out):
+        _connect(a, plan, search=True)
+        return run_pipeline(plan, a.budget)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -239,6 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"allatt-dist {args.command}: interrupted", file=sys.stderr)
         return 130
+    except EnvironmentFailure as e:
+        if getattr(args, "verbose", False):
+            raise
+        print(f"allatt-dist {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except (MemoryError, RuntimeError, OSError) as e:
         msg = _environment_failure(e)
         if msg is None or getattr(args, "verbose", False):

@@ -1,13 +1,15 @@
 """Model directories: `model.safetensors` + `config.json` + `vocab.txt`, loadable without pickle.
 
-Written atomically (a temporary sibling directory renamed into place), so a crash never leaves a
-half-written model where a good one was.
+Written atomically (built in a temporary sibling directory, then swapped in: allatt_dist/atomic.py),
+so a reader never sees a half-written model, and a crash never leaves one where a good one was.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,6 +20,7 @@ from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from allatt_dist.atomic import replace_dir
 from allatt_dist.config import GateConfig, ModelConfig
 from allatt_dist.data.vocab import Vocab
 from allatt_dist.errors import CheckpointError, DataError
@@ -65,25 +68,28 @@ def save_model_dir(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = model_meta(model, vocab, gates, extra)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; a model directory is meant to be shared
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
+        try:
+            save_file(state, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
+        except SafetensorError as e:  # a write the file system refused (full, too large): an OSError
+            code = _os_errno(str(e))
+            raise OSError(code, os.strerror(code), str(out / "model.safetensors")) from None
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
         vocab.save(tmp / "vocab.txt")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)  # one step where the system allows: never a half-written model at `out`
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return meta
+
+
+def _os_errno(message: str) -> int:
+    """The errno in a safetensors I/O message ('... (os error 28)'); EIO when it names none."""
+    m = re.search(r"os error (\d+)", message)
+    return int(m.group(1)) if m else errno.EIO
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:

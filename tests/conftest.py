@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
-import pytest
-import torch
+# Before anything imports Ray: the local instances tests start are loopback-only, as the CLI's are
+# (allatt_dist/cluster/session.py); CLI subprocesses inherit it.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+assert "ray" not in sys.modules, "ray was imported before tests/conftest.py could close the local instance"
 
-from allatt_dist.config import DataConfig
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from allatt_dist.config import DataConfig  # noqa: E402
 
 # Tiny models on a 2-core machine that also runs Ray workers: one intra-op thread is several times
 # faster than two fighting for the cores (evaluating the test split: 11 s vs 75 s when loaded).
@@ -29,3 +35,24 @@ def wt2_path() -> Path:
 @pytest.fixture(scope="session")
 def wt2_cfg(wt2_path: Path) -> DataConfig:
     return DataConfig(path=str(wt2_path))
+
+
+def _home_state(home: Path) -> dict[str, tuple[int, int] | None]:
+    """What the suite must leave as it found: HOME's top-level names, and Ray's files under it."""
+    state: dict[str, tuple[int, int] | None] = {p.name: None for p in home.iterdir()}
+    for sub in (".ray", "ray_results"):
+        for p in (home / sub).rglob("*"):
+            st = p.lstat()
+            state[str(p.relative_to(home))] = (st.st_size, st.st_mtime_ns)
+    return state
+
+
+@pytest.fixture(scope="session", autouse=True)
+def home_untouched():
+    """Tests create nothing outside their temporary directories: HOME is the same after the suite."""
+    home = Path.home()
+    before = _home_state(home)
+    yield
+    after = _home_state(home)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k, 0) != after.get(k, 0))
+    assert not changed, f"the test suite changed {home}: {changed[:10]}"

@@ -466,7 +466,8 @@ def cluster(tmp_path_factory):
     token_file = base / "auth_token"
     token_file.write_text(token)
     token_file.chmod(0o600)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_API_SERVER", "RAY_AUTH"))}
+    drop = ("RAY_ADDRESS", "RAY_API_SERVER", "RAY_AUTH", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")  # conftest's: 1 node
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file), RAY_USAGE_STATS_ENABLED="0")
     gcs_port, dash_port = _free_port(), _free_port()
     common = ["--block", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"]

@@ -395,7 +395,7 @@ def test_quickstart_recipe_searches_at_least_four_trials():
     assert cfg.scaling.num_workers == 2
 
 
-def test_random_search_is_reproducible_from_tune_seed(wt2_path):
+def test_random_search_is_reproducible_from_tune_seed(wt2_path, tmp_path):
     from allatt_dist.search.tune import param_space, search_algorithm
 
     space = {"gates.temperature": {"uniform": [0.1, 1.0]}, "gates.sparsity_target": {"grid": [0.25, 0.5]}}
@@ -405,7 +405,8 @@ def test_random_search_is_reproducible_from_tune_seed(wt2_path):
         tc = tiny_cfg(wt2_path, **tune, max_concurrent_trials=concurrent).tune
         alg, limit = search_algorithm(tc)
         assert limit is None  # the generator itself holds the concurrency limit
-        alg.add_configurations({"e": {"run": lambda c: None, "config": param_space(tc), "num_samples": tc.num_samples}})
+        spec = {"run": lambda c: None, "config": param_space(tc), "num_samples": tc.num_samples}
+        alg.add_configurations({"e": {**spec, "storage_path": str(tmp_path)}})  # not ~/ray_results
         return [t.config for t in iter(alg.next_trial, None)]
 
     first = sampled(0)

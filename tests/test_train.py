@@ -9,7 +9,7 @@ One Ray instance serves the whole module, and runs of the same tiny recipe are s
   accum       1 worker, 2 accumulated micro-batches: dense only. Its loss curve must be zero2's.
   adaptive    adaptive input/softmax, 20 dense steps: ZeRO-2 with bf16 (the paper recipe's settings), ZeRO-3.
   zero3       2 workers, ZeRO-3: dense started by the CLI in a subprocess; one training worker is
-              SIGKILLed once the step-20 checkpoint is recorded (Ray Train restarts the group,
+              SIGKILLed once the step-20 checkpoint is published (Ray Train restarts the group,
               scaling.max_failures=1), then the driver itself once step 30's is; the same `train` call
               again resumes the dense phase from its last checkpoint and runs prune. Exact resumption
               means the merged loss curve is zero2's too.
@@ -41,6 +41,7 @@ from allatt_dist.config import RunConfig
 from allatt_dist.errors import UserError
 from allatt_dist.plan import make_plan
 from allatt_dist.recipe import build_config, deep_merge
+from allatt_dist.train.checkpoints import published
 from allatt_dist.train.setup import lr_multiplier
 from allatt_dist.train.trainer import prepare_run_dir, train
 
@@ -125,26 +126,23 @@ def curve(tb_dir: Path, tag: str = "train/loss") -> np.ndarray:
     return np.array([by_step[s] for s in sorted(by_step)])
 
 
-def registered_checkpoint_step(phase_dir: Path) -> int:
-    """Step of the newest checkpoint in Ray Train's own record, the one a restart resumes from.
+def published_checkpoint_step(phase_dir: Path) -> int:
+    """Step of the newest published checkpoint (train/checkpoints.py), the one a restart resumes from.
 
-    Ray Train's controller registers a reported checkpoint when it next polls the workers (every 2 s),
-    so this lags the checkpoint folders on disk; a kill before the registration loses that checkpoint."""
-    try:
-        snap = json.loads((phase_dir / "checkpoints/checkpoint_manager_snapshot.json").read_text())
-        return max((int(r["metrics"]["step"]) for r in snap["checkpoint_results"]), default=0)
-    except (OSError, ValueError, KeyError):
-        return 0  # none yet (or being replaced)
+    A checkpoint is published (renamed into place, whole) before its metrics are reported, so a kill
+    right after this step is seen resumes from it."""
+    newest = published(phase_dir / "checkpoints")
+    return int(newest[0].name.rsplit("_", 1)[1]) if newest else 0
 
 
-def wait_for_registered_checkpoint(phase_dir: Path, step: int, alive, timeout: float = 300.0) -> int:
+def wait_for_published_checkpoint(phase_dir: Path, step: int, alive, timeout: float = 300.0) -> int:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout and alive():
-        seen = registered_checkpoint_step(phase_dir)
+        seen = published_checkpoint_step(phase_dir)
         if seen >= step:
             return seen
         time.sleep(0.05)
-    raise AssertionError(f"no checkpoint at step >= {step} in Ray Train's record after {time.monotonic() - t0:.0f}s")
+    raise AssertionError(f"no checkpoint at step >= {step} published after {time.monotonic() - t0:.0f}s")
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
@@ -216,11 +214,11 @@ def zero3(ray_address, base_cfg, tmp_path_factory):
     faults: dict = {}
     try:
         running = lambda: proc.poll() is None  # noqa: E731
-        faults["worker_kill_after"] = wait_for_registered_checkpoint(run_dir / "dense", 20, running)
+        faults["worker_kill_after"] = wait_for_published_checkpoint(run_dir / "dense", 20, running)
         workers = alive_train_workers(ray_address)
         assert len(workers) == 2, workers
         os.kill(workers[-1].pid, signal.SIGKILL)
-        faults["driver_kill_after"] = wait_for_registered_checkpoint(run_dir / "dense", 30, running)
+        faults["driver_kill_after"] = wait_for_published_checkpoint(run_dir / "dense", 30, running)
         proc.send_signal(signal.SIGKILL)
     except AssertionError as e:
         proc.kill()
@@ -231,7 +229,7 @@ def zero3(ray_address, base_cfg, tmp_path_factory):
     while alive_train_workers(ray_address) and time.monotonic() - t1 < 60:  # Ray ends a dead driver's actors
         time.sleep(0.5)
     faults["result_before_rerun"] = (run_dir / "dense/result.json").exists()
-    faults["registered_at_driver_kill"] = registered_checkpoint_step(run_dir / "dense")
+    faults["published_at_driver_kill"] = published_checkpoint_step(run_dir / "dense")
     print(f"[zero3: dense killed twice in {time.monotonic() - t0:.0f}s]", end=" ", flush=True)
     return cfg, run_dir, _train(cfg, run_dir, ["dense", "prune"]), faults
 
@@ -535,8 +533,8 @@ def _restart_segments(tb_dir: Path) -> list[dict[int, float]]:
 
 
 def _check_restart(before: dict[int, float], after: dict[int, float], killed_after: int, reference) -> int:
-    """`after` is the curve of the restarted workers: it starts right after the checkpoint Ray Train had
-    recorded when the process was killed (not at step 1), and its first step gives the loss of the
+    """`after` is the curve of the restarted workers: it starts right after the newest checkpoint
+    published when the process was killed (not at step 1), and its first step gives the loss of the
     uninterrupted run `reference` (and of the killed run, if that step's events reached the disk before
     the kill). Returns that checkpoint's step."""
     first = min(after)
@@ -567,7 +565,7 @@ def test_driver_killed_then_rerun_resumes(zero3, zero2):
     assert not faults["result_before_rerun"]
     _, second, third = _restart_segments(run_dir / "tb/dense")
     resumed_from = _check_restart(second, third, faults["driver_kill_after"], curve(zero2[1] / "tb/dense"))
-    assert resumed_from == faults["registered_at_driver_kill"]  # the newest checkpoint Ray Train had recorded
+    assert resumed_from == faults["published_at_driver_kill"]  # the newest checkpoint published at the kill
     assert max(third) == DENSE_STEPS
     assert json.loads((run_dir / "dense/result.json").read_text())["step"] == DENSE_STEPS
 

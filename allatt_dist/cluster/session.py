@@ -1,25 +1,56 @@
 """Connecting to Ray: an in-process local instance by default, or an existing cluster.
 
-Whether a run's workers fit the cluster is `capacity.py`'s question.
+The local instance is closed by default: every port of it (GCS, raylet, object manager, workers,
+dashboard and its agents) listens on the loopback interface only, and it requires a token that only
+this process and the processes Ray starts for it know (nothing is written to ~/.ray). Whether a
+run's workers fit the cluster is `capacity.py`'s question.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
+import secrets
 import socket
+from pathlib import Path
 
 from allatt_dist.errors import UserError
+
+# Ray picks the node address of a new local instance from this switch, read when `ray` is imported:
+# "0" (Ray's own default on macOS and Windows) makes it 127.0.0.1, and Ray's servers then bind
+# loopback only. The `allatt-dist` CLI sets it before importing Ray; a user may set it to "1".
+LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
+def _close_local_instance() -> None:
+    """Before a local `ray.init`: loopback only, and a token of this process's own unless the user
+    chose one (Ray would otherwise generate ~/.ray/auth_token, which changes later `ray` commands)."""
+    os.environ.setdefault(LOCAL_ONLY_ENV, "0")
+    if not any(os.environ.get(k) for k in AUTH_ENV) and not (Path.home() / ".ray" / "auth_token").exists():
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and IPv4-mapped loopback (::ffff:127.0.0.1)."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host == "localhost"
+    return ip.is_loopback or bool(getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback)
 
 
 def connect(address: str | None = None, verbose: bool = False, num_cpus: int | None = None) -> None:
     """`ray.init` once per process. With no address (and no RAY_ADDRESS) a local Ray starts in-process
     with its dashboard, which Ray Train needs to release the placement groups of stopped trials."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if not address:
+        _close_local_instance()  # before `import ray`: Ray reads the switch when imported
     import ray
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS") or None
     quiet = logging.INFO if verbose else logging.ERROR
     kwargs = dict(logging_level=quiet, log_to_driver=verbose, configure_logging=True)
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
@@ -29,10 +60,17 @@ def connect(address: str | None = None, verbose: bool = False, num_cpus: int | N
         if address:
             ray.init(address=address, **kwargs)
         else:
-            ray.init(include_dashboard=True, num_cpus=num_cpus, **kwargs)
+            ray.init(include_dashboard=True, dashboard_host="127.0.0.1", num_cpus=num_cpus, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = address or "a local Ray instance"
         raise UserError(f"could not connect to Ray at {where}: {str(e).splitlines()[0]}") from None
+    if not address and os.environ.get(LOCAL_ONLY_ENV) == "0" and not is_loopback(ray.util.get_node_ip_address()):
+        logging.getLogger(__name__).warning(
+            "the local Ray listens beyond loopback (on %s): `ray` was imported before %s=0 was set; "
+            "set it in the environment to keep a local run closed",
+            ray.util.get_node_ip_address(),
+            LOCAL_ONLY_ENV,
+        )
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:

@@ -10,12 +10,14 @@ by the scheduler or failed are listed with their status, never dropped.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import shutil
 from pathlib import Path
 
 import yaml
 
+from allatt_dist import atomic
 from allatt_dist.errors import UserError
 from allatt_dist.search.records import record_test_ppl, trial_run_name
 
@@ -169,34 +171,47 @@ def score(rows: list[dict], exp_dir: Path, data_cfg, progress: bool) -> None:
 
 
 def write_outputs(rows: list[dict], exp_dir: Path, budget: int | None) -> dict:
+    """Publish the ranking so that a reader of the experiment sees, at any instant, a leaderboard whose
+    every model folder is there and whole (the old result or the new one, never a mix):
+
+    1. each model on the new front is swapped into models/<name> in one step (atomic.replace_dir):
+       folders the old leaderboard names stay whole, new ones appear whole;
+    2. pareto.png, leaderboard.csv, .md and, last, .json each replace the old file in one step;
+    3. only then are the model folders that the new leaderboard does not name removed.
+    """
     flags = pareto_flags([(r["test_ppl"], r["params"]) if r.get("test_ppl") is not None else None for r in rows])
     models = exp_dir / "models"
-    shutil.rmtree(models, ignore_errors=True)
+    models.mkdir(exist_ok=True)
+    atomic.remove_leftovers(exp_dir)  # what a `rank` killed while replacing left
+    atomic.remove_leftovers(models)
     for r, front in zip(rows, flags, strict=True):
         r["pareto"] = front
         r["model_dir"] = None
         if front:
-            dest = models / r["name"]
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(r["work"], dest)
-            r["model_dir"] = str(dest.relative_to(exp_dir))
-    shutil.rmtree(exp_dir / ".rank-work", ignore_errors=True)
+            atomic.replace_dir(r["work"], models / r["name"])
+            r["model_dir"] = str((models / r["name"]).relative_to(exp_dir))
     rows.sort(key=lambda r: (r.get("test_ppl") is None, r.get("test_ppl") or 0.0, r["name"]))
     table = [{k: r.get(k) for k in FIELDS} for r in rows]
     out = {"models": table}
     if budget is not None:
         fits = [r for r in table if r.get("test_ppl") is not None and r["params"] <= budget]
         out["budget"] = {"params": budget, "best": fits[0]["name"] if fits else None}
-    (exp_dir / "leaderboard.json").write_text(json.dumps(out, indent=2) + "\n")
-    with open(exp_dir / "leaderboard.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        w.writeheader()
-        for r in table:
-            w.writerow({k: json.dumps(v) if isinstance(v, list) else v for k, v in r.items()})
-    (exp_dir / "leaderboard.md").write_text(markdown(table, out.get("budget")))
     from allatt_dist.search.plot import pareto_plot
 
-    pareto_plot(table, exp_dir / "pareto.png")
+    pareto_plot(table, exp_dir / "pareto.png")  # written under a temporary name and renamed
+    rows_csv = io.StringIO(newline="")
+    w = csv.DictWriter(rows_csv, fieldnames=FIELDS)
+    w.writeheader()
+    for r in table:
+        w.writerow({k: json.dumps(v) if isinstance(v, list) else v for k, v in r.items()})
+    atomic.write_text(exp_dir / "leaderboard.csv", rows_csv.getvalue())
+    atomic.write_text(exp_dir / "leaderboard.md", markdown(table, out.get("budget")))
+    atomic.write_text(exp_dir / "leaderboard.json", json.dumps(out, indent=2) + "\n")
+    named = {r["name"] for r in rows if r["pareto"]}
+    for d in models.iterdir():
+        if d.is_dir() and not d.name.startswith(".") and d.name not in named:
+            atomic.discard_dir(d)
+    shutil.rmtree(exp_dir / ".rank-work", ignore_errors=True)
     return out
 
 

@@ -3,14 +3,16 @@
     RUN_DIR/
       run.yaml                  resolved config of this run (a different config is refused unless --force)
       <phase>/                  dense | prune | finetune
-        checkpoints/            Ray Train storage: checkpoint_*/ (DeepSpeed shards, memory, stream position)
+        checkpoints/            checkpoint_<step>/ (DeepSpeed shards, memory, stream position, MANIFEST.json):
+                                whole or absent (train/checkpoints.py); Ray Train's own run state
         model/                  consolidated final model (model.safetensors, config.json, vocab.txt)
         pruned/                 prune phase only: the physically pruned model
         result.json             final metrics of the phase
       tb/<phase>/               TensorBoard events of rank 0 (`tensorboard --logdir RUN/tb`: runs dense, prune, ...)
 
-Re-running the same command resumes: Ray Train finds its state under checkpoints/ and every worker
-restarts from the latest checkpoint; finished phases are skipped.
+Re-running the same command resumes: the driver checks the checkpoints (a damaged one is skipped
+with a warning naming its file) before anything is rewritten, and every worker restarts from the
+newest whole one; finished phases are skipped.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from pathlib import Path
 import yaml
 
 from allatt_dist.config import ModelConfig, RunConfig
-from allatt_dist.errors import CheckpointError, UserError
+from allatt_dist.errors import CheckpointError, EnvironmentFailure, UserError
 from allatt_dist.plan import Plan
 from allatt_dist.recipe import saved_config_diff
+from allatt_dist.train import checkpoints
 from allatt_dist.train.monitor import TB_DIR, RemoteProgressBoard, follow_progress
 from allatt_dist.train.setup import PHASES, Phase, phase_spec
 from allatt_dist.train.worker import WorkerJob
@@ -44,7 +47,8 @@ IDENTITY = ("model", "data", "gates")  # what makes two runs different runs (ste
 
 
 def prepare_run_dir(plan: Plan) -> None:
-    """Refuse a run directory that holds another config's run; otherwise write run.yaml.
+    """Refuse a run directory that holds another config's run; otherwise check the checkpoints of the
+    unfinished phases (train/checkpoints.py: resume_point) and then write run.yaml.
 
     A directory in which no phase has finished (a first attempt that failed on bad input) holds nothing
     worth keeping: it is taken over, so the corrected command can be run again as it is."""
@@ -58,6 +62,9 @@ def prepare_run_dir(plan: Plan) -> None:
                 f"{run_dir}: holds a run of another config (differs in {', '.join(diff[:4])}); "
                 "use another --out or --force to reuse it"
             )
+    for phase in PHASES:  # the resume points are known good (damaged checkpoints set aside) first
+        if not phase_done(run_dir, phase, plan.cfg):
+            checkpoints.resume_point(run_dir / phase / "checkpoints")
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = saved.with_suffix(".tmp")
     tmp.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -104,7 +111,7 @@ def phase_done(run_dir: Path, phase: Phase, cfg: RunConfig) -> bool:
 
 
 def _trainer(plan: Plan, phase: Phase, init_dir: Path | None, board, callbacks, tb_dir: Path | None):
-    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchTrainer
 
@@ -130,7 +137,6 @@ def _trainer(plan: Plan, phase: Phase, init_dir: Path | None, board, callbacks, 
             name="checkpoints",
             storage_path=str(plan.out / phase),
             failure_config=FailureConfig(max_failures=sc.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             worker_runtime_env={"env_vars": env},
             callbacks=callbacks or None,
         ),
@@ -153,8 +159,30 @@ def fit_with_progress(trainer, board, desc: str, show: bool):
         follow_progress(board, lambda: not t.is_alive(), desc)
     t.join()
     if "error" in box:
-        raise TrainingFailed(f"{desc}: training failed: {_last_line(box['error'])}") from box["error"]
+        err = box["error"]
+        if environmental(err):
+            raise EnvironmentFailure(f"{desc}: training failed: {_last_line(err)}") from err
+        raise TrainingFailed(f"{desc}: training failed: {_last_line(err)}") from err
     return box["result"]
+
+
+def environmental(err: BaseException) -> bool:
+    """Whether a failed fit came from the machine (a worker's OSError or MemoryError, an out-of-memory
+    kill) rather than from the input: looks through Ray's wrappers (worker failures, causes)."""
+    seen, todo = set(), [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        text = str(e).lower()
+        if isinstance(e, (OSError, MemoryError)) or type(e).__name__ == "OutOfMemoryError":
+            return True
+        if isinstance(e, RuntimeError) and ("out of memory" in text or "no space left" in text):
+            return True
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None), getattr(e, "controller_failure", None)]
+        todo += list((getattr(e, "worker_failures", None) or {}).values())
+    return False
 
 
 def _last_line(err: BaseException) -> str:
@@ -176,10 +204,15 @@ def run_phase(
     init_dir = init_dir or init_dir_for(run_dir, phase, plan.cfg)
     board = RemoteProgressBoard.remote()
     trainer = _trainer(plan, phase, init_dir, board, callbacks, tb_dir)
-    result = fit_with_progress(trainer, board, f"{run_dir.name}/{phase}", plan.progress)
-    metrics = dict(result.metrics or {})
-    metrics["checkpoint"] = result.checkpoint.path if result.checkpoint else None
-    return finish_phase(run_dir / phase, phase, metrics, init_dir)
+    fit_with_progress(trainer, board, f"{run_dir.name}/{phase}", plan.progress)
+    phase_dir = run_dir / phase
+    checkpoints.remove_unfinished(phase_dir / "checkpoints")  # what a worker killed while writing left
+    # The last report's metrics are those of the final checkpoint (Ray Train's Result carries metrics
+    # only with checkpoints it stores itself, and the workers publish their own: train/checkpoints.py).
+    newest = checkpoints.published(phase_dir / "checkpoints")
+    metrics = json.loads((newest[0] / "metrics.json").read_text()) if newest else {}
+    metrics["checkpoint"] = str(newest[0]) if newest else None
+    return finish_phase(phase_dir, phase, metrics, init_dir)
 
 
 def finish_phase(phase_dir: Path, phase: Phase, metrics: dict, init_dir: Path | None) -> dict:

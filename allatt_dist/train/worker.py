@@ -2,9 +2,10 @@
 
 Builds the phase's model, wraps it in a DeepSpeed engine (ZeRO 0-3), streams this rank's rows of the
 corpus, and every `checkpoint_every` steps saves the DeepSpeed state (plus this rank's memory and
-the stream position) and reports it to Ray Train. On restart (worker failure or a re-run of the same
-command) it resumes from the latest reported checkpoint exactly: step, stream position, LR schedule,
-warm-up step, Lagrange multipliers and gate logits all come back.
+the stream position) as one checkpoint that is published whole or not at all (train/checkpoints.py),
+then reports the metrics to Ray Train. On restart (worker failure or a re-run of the same command)
+it resumes from the newest checkpoint every rank can load, exactly: step, stream position, LR
+schedule, warm-up step, Lagrange multipliers and gate logits all come back.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from allatt_dist.model.gates import GATE_PARAM, SparsityObjective
 from allatt_dist.model.registry import build_model as build_family_model
 from allatt_dist.model.targets import final_mask
 from allatt_dist.model.transformer import LanguageModel, count_params
+from allatt_dist.train import checkpoints
 from allatt_dist.train.monitor import Monitor
 from allatt_dist.train.setup import (
     Phase,
@@ -194,7 +195,6 @@ def train_loop_per_worker(config: dict[str, WorkerJob]) -> None:
     """Ray Train entry point; `config["job"]` is the phase's `WorkerJob`."""
     import deepspeed
     import ray.train
-    from ray.train import Checkpoint
     from ray.util import get_current_placement_group
 
     if os.environ.get("ALLATT_VERBOSE") != "1":
@@ -226,14 +226,8 @@ def train_loop_per_worker(config: dict[str, WorkerJob]) -> None:
     stream = LMStream(corpus.tokens("train"), cfg.train.batch_size, cfg.model.seq_len, rank, world)
     accum = cfg.deepspeed.grad_accum_steps
     mems: list[list[torch.Tensor] | None] = [None] * accum
-    step = 0
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            _, client = engine.load_checkpoint(d, tag=CKPT_TAG, load_module_strict=True)
-            step = int(client["step"])
-            stream.load_state_dict(client["stream"])
-            mems = _load_mems(Path(d) / f"mems_rank{rank}.safetensors", accum, device)
+    step, loaded = _resume(engine, stream, phase_dir / "checkpoints", rank, world, accum, device)
+    mems = loaded or mems
 
     node_ids = [None] * world
     dist.all_gather_object(node_ids, ray.get_runtime_context().get_node_id())
@@ -307,23 +301,66 @@ def train_loop_per_worker(config: dict[str, WorkerJob]) -> None:
             if final:  # export first: a Tune scheduler may stop the trial at its last report
                 _export(lm, corpus.vocab, cfg, spec, phase_dir / "model", rank, step)
                 exported = True
-            _checkpoint(engine, stream, mems, step, rank, metrics, Checkpoint)
+            _checkpoint(engine, stream, mems, step, rank, world, metrics, phase_dir / "checkpoints", cfg)
     if not exported:  # resumed after the last report
         _final_cut(lm, cut_size(cfg, spec))
         _export(lm, corpus.vocab, cfg, spec, phase_dir / "model", rank, step)
     monitor.close()
 
 
-def _checkpoint(engine, stream, mems, step, rank, metrics, checkpoint_cls) -> None:
-    """All ranks save their DeepSpeed shards into a local dir that Ray merges and persists."""
+def _resume(engine, stream, root: Path, rank: int, world: int, accum: int, device):
+    """(step, memory) of the newest checkpoint every rank can load (0, None: none, start afresh).
+
+    All ranks try the same candidates in the same order and agree on each: one rank failing to load
+    moves all of them to the next older one, so no rank resumes from another step than the others."""
+    from allatt_dist.errors import CheckpointError
+
+    tried = []
+    for ckpt in checkpoints.candidates(root):
+        try:
+            _, client = engine.load_checkpoint(str(ckpt), tag=CKPT_TAG, load_module_strict=True)
+            if client is None:
+                raise FileNotFoundError(f"no DeepSpeed state under {ckpt / CKPT_TAG}")
+            mems = _load_mems(ckpt / f"mems_rank{rank}.safetensors", accum, device)
+            error = None
+        except Exception as e:  # noqa: BLE001 - any failure moves every rank to an older checkpoint
+            error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        errors = [error] * world
+        if dist.is_initialized() and world > 1:
+            dist.all_gather_object(errors, error)
+        bad = [f"rank {r}: {e}" for r, e in enumerate(errors) if e is not None]
+        if not bad:
+            stream.load_state_dict(client["stream"])
+            return int(client["step"]), mems
+        tried.append(ckpt.name)
+        if rank == 0:
+            checkpoints.warn(f"checkpoint {ckpt} could not be loaded ({bad[0]}); trying an older one")
+    if tried:  # a failed load may have changed the engine's state: never train on from it
+        raise CheckpointError(f"{root}: no checkpoint could be loaded (tried {', '.join(tried)})")
+    return 0, None
+
+
+def _checkpoint(engine, stream, mems, step, rank, world, metrics, root: Path, cfg: RunConfig) -> None:
+    """Every rank writes its DeepSpeed shards and memory into one staging folder; rank 0 publishes it
+    (manifest, rename) once all have; then the metrics go to Ray Train (and Tune): a checkpoint is on
+    disk, whole, before a scheduler can see the report and stop the trial."""
     import ray.train
 
-    with tempfile.TemporaryDirectory(prefix="allatt-ckpt-") as d:
-        engine.save_checkpoint(d, tag=CKPT_TAG, client_state={"step": step, "stream": stream.state_dict()})
-        _save_mems(Path(d) / f"mems_rank{rank}.safetensors", mems)
-        if rank == 0:
-            (Path(d) / "metrics.json").write_text(json.dumps(metrics))
-        ray.train.report(metrics, checkpoint=checkpoint_cls.from_directory(d))
+    nonce = [checkpoints.new_nonce() if rank == 0 else None]
+    if dist.is_initialized() and world > 1:
+        dist.broadcast_object_list(nonce, src=0)
+    staging = checkpoints.staging_dir(root, step, nonce[0])
+    engine.save_checkpoint(str(staging), tag=CKPT_TAG, client_state={"step": step, "stream": stream.state_dict()})
+    _save_mems(staging / f"mems_rank{rank}.safetensors", mems)
+    if rank == 0:
+        (staging / "metrics.json").write_text(json.dumps(metrics))
+    if dist.is_initialized():
+        dist.barrier()  # every rank's files are complete
+    if rank == 0:
+        checkpoints.publish(staging, root, step, cfg.train.keep_checkpoints)
+    if dist.is_initialized():
+        dist.barrier()
+    ray.train.report(metrics)
 
 
 def _export(lm: LanguageModel, vocab, cfg: RunConfig, spec: PhaseSpec, out: Path, rank: int, step: int) -> None:
