@@ -124,6 +124,11 @@ def test_leaderboard_files_and_independent_pareto_and_params(experiment):
     for m in board:
         if m["status"] == "stopped":
             assert m["test_ppl"] is None and m["name"] in names
+    # every target asked for has a pruned model on disk (its best), beside the Pareto front; nothing else
+    assert {m["sparsity_target"] for m in board if m["model_dir"] and m["status"] == "finished"} == {0.2, 0.8}
+    on_disk = {p.parent.relative_to(exp / "models").as_posix() for p in (exp / "models").rglob("config.json")}
+    assert on_disk == {m["name"] for m in board if m["model_dir"]}
+    assert all(m["model_dir"] for m in board if m["pareto"])
     assert json.loads((exp / "leaderboard.json").read_text())["budget"]["best"] == board[0]["name"]
 
 

@@ -174,7 +174,7 @@ def write_outputs(rows: list[dict], exp_dir: Path, budget: int | None) -> dict:
     """Publish the ranking so that a reader of the experiment sees, at any instant, a leaderboard whose
     every model folder is there and whole (the old result or the new one, never a mix):
 
-    1. each model on the new front is swapped into models/<name> in one step (atomic.replace_dir):
+    1. each model on the new front (and each target's best) is swapped into models/<name> in one step:
        folders the old leaderboard names stay whole, new ones appear whole;
     2. pareto.png, leaderboard.csv, .md and, last, .json each replace the old file in one step;
     3. only then are the model folders that the new leaderboard does not name removed.
@@ -183,11 +183,14 @@ def write_outputs(rows: list[dict], exp_dir: Path, budget: int | None) -> dict:
     models = exp_dir / "models"
     models.mkdir(exist_ok=True)
     atomic.remove_leftovers(exp_dir)  # what a `rank` killed while replacing left
-    atomic.remove_leftovers(models)
+    for d in [models, *sorted(p for p in models.rglob("*") if p.is_dir() and not p.name.startswith("."))]:
+        atomic.remove_leftovers(d)  # model names nest (prune/<label>/<id>): leftovers may sit at any level
+    best = best_of_each_target(rows)
     for r, front in zip(rows, flags, strict=True):
         r["pareto"] = front
         r["model_dir"] = None
-        if front:
+        if front or id(r) in best:
+            (models / r["name"]).parent.mkdir(parents=True, exist_ok=True)
             atomic.replace_dir(r["work"], models / r["name"])
             r["model_dir"] = str((models / r["name"]).relative_to(exp_dir))
     rows.sort(key=lambda r: (r.get("test_ppl") is None, r.get("test_ppl") or 0.0, r["name"]))
@@ -207,12 +210,30 @@ def write_outputs(rows: list[dict], exp_dir: Path, budget: int | None) -> dict:
     atomic.write_text(exp_dir / "leaderboard.csv", rows_csv.getvalue())
     atomic.write_text(exp_dir / "leaderboard.md", markdown(table, out.get("budget")))
     atomic.write_text(exp_dir / "leaderboard.json", json.dumps(out, indent=2) + "\n")
-    named = {r["name"] for r in rows if r["pareto"]}
-    for d in models.iterdir():
-        if d.is_dir() and not d.name.startswith(".") and d.name not in named:
-            atomic.discard_dir(d)
+    named = {r["name"] for r in rows if r["model_dir"]}
+    for meta in sorted(models.rglob("config.json")):  # model folders may nest (prune/<label>/<id>)
+        rel = meta.parent.relative_to(models)
+        if not any(part.startswith(".") for part in rel.parts) and rel.as_posix() not in named:
+            atomic.discard_dir(meta.parent)
+    for d in sorted((p for p in models.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        if not d.name.startswith(".") and not any(d.iterdir()):
+            d.rmdir()  # a label folder whose models are all gone
     shutil.rmtree(exp_dir / ".rank-work", ignore_errors=True)
     return out
+
+
+def best_of_each_target(rows: list[dict]) -> set[int]:
+    """id() of the scored trial with the lowest test perplexity in each target (architecture and sparsity
+    target, budget or L0 coefficient): kept under models/ beside the Pareto front, so every target asked
+    for has a model on disk even when a sparser one is dominated."""
+    best: dict[tuple, dict] = {}
+    for r in rows:
+        if not r["gated"] or r.get("test_ppl") is None:
+            continue
+        key = (r.get("architecture"), r.get("sparsity_target"), r.get("param_budget"), r.get("l0_coefficient"))
+        if key not in best or r["test_ppl"] < best[key]["test_ppl"]:
+            best[key] = r
+    return {id(r) for r in best.values()}
 
 
 def _fmt(v) -> str:
