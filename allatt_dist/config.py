@@ -38,8 +38,44 @@ def _kind(ann: Any) -> str:
     return "a value of the documented kind"
 
 
+# The model switches each preset (`model.variant`) fixes; see docs/model.md, "Variants".
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "ours": {
+        "final_norm": True,
+        "persistent_content_bias": True,
+        "zero_memory_start": False,
+        "positions": "sinusoid",
+        "attn_out_bias": False,
+        "adaptive_proj": False,
+    },
+    "authors": {  # aiha-lab/Attention-Head-Pruning, the code behind Shim et al. 2021
+        "final_norm": False,
+        "persistent_content_bias": False,
+        "zero_memory_start": True,
+        "positions": "learned",
+        "attn_out_bias": True,
+        "adaptive_proj": True,  # with cutoffs; without them the switch stays off (nothing to project)
+    },
+}
+# ... and the gate switches (checked by RunConfig, where both sections are known).
+GATE_PRESETS: dict[str, dict[str, Any]] = {
+    "ours": {"open_at_threshold": False, "output_scaling": True},
+    "authors": {"open_at_threshold": True, "output_scaling": False},
+}
+
+
+def _apply_preset(section: BaseModel, name: str, preset: dict[str, Any], variant: str) -> None:
+    """Set `section`'s switches to `preset`; a key the recipe gave with another value is an error."""
+    for key, want in preset.items():
+        got = getattr(section, key)
+        if key in section.model_fields_set and got != want:
+            raise ValueError(f"{name}.{key}: {got!r} contradicts model.variant {variant} (which sets {want!r})")
+        section.__dict__[key] = want  # no re-validation: the value is one of the field's own
+
+
 class ModelConfig(_Section):
     architecture: Literal["all_attention", "transformer_xl"] = "all_attention"
+    variant: Literal["ours", "authors"] | None = None
     num_layers: int = Field(4, gt=0)
     hidden_dim: int = Field(256, gt=0)
     num_heads: int = Field(4, gt=0)
@@ -52,9 +88,32 @@ class ModelConfig(_Section):
     adaptive_div: int = Field(4, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     dropatt: float = Field(0.0, ge=0.0, lt=1.0)
+    word_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    final_norm: bool = True
+    persistent_content_bias: bool = True
+    zero_memory_start: bool = False
+    positions: Literal["sinusoid", "learned"] = "sinusoid"
+    position_len: int | None = Field(None, gt=0)
+    attn_out_bias: bool = False
+    adaptive_proj: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
+        if self.variant is not None:
+            preset = dict(MODEL_PRESETS[self.variant])
+            if not self.adaptive_cutoffs:  # no shortlist: nothing to project, the switch stays as given
+                del preset["adaptive_proj"]
+            _apply_preset(self, "model", preset, self.variant)
+        if self.adaptive_proj and not self.adaptive_cutoffs:
+            raise ValueError("model.adaptive_proj needs model.adaptive_cutoffs (there is no shortlist to project)")
+        if self.position_len is not None:
+            if self.positions != "learned":
+                raise ValueError("model.position_len applies only with model.positions: learned")
+            if self.position_len < self.seq_len + self.mem_len:
+                raise ValueError(
+                    f"model.position_len ({self.position_len}) must be >= model.seq_len + model.mem_len "
+                    f"({self.seq_len + self.mem_len})"
+                )
         if self.hidden_dim % self.num_heads:
             raise ValueError(
                 f"model.hidden_dim ({self.hidden_dim}) must be divisible by model.num_heads ({self.num_heads})"
@@ -70,6 +129,11 @@ class ModelConfig(_Section):
     def head_dim(self) -> int:
         return self.hidden_dim // self.num_heads
 
+    @property
+    def position_rows(self) -> int:
+        """Rows of the learned relative-position table (distances 0 .. rows-1)."""
+        return self.position_len or self.seq_len + self.mem_len
+
 
 class GateConfig(_Section):
     temperature: float = Field(1.0 / 3.0, gt=0.0)
@@ -80,6 +144,7 @@ class GateConfig(_Section):
     warmup_start: int = Field(0, ge=0)
     warmup_steps: int = Field(0, ge=0)
     output_scaling: bool = True
+    open_at_threshold: bool = False
     lr: float = Field(0.05, gt=0.0)
     gamma: float = Field(-0.1, lt=0.0)
     zeta: float = Field(1.1, gt=1.0)
@@ -167,6 +232,12 @@ class RunConfig(_Section):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     tune: dict[str, Any] | None = None  # validated by allatt_dist.search.space
+
+    @model_validator(mode="after")
+    def _gate_preset(self) -> RunConfig:
+        if self.model.variant is not None:
+            _apply_preset(self.gates, "gates", GATE_PRESETS[self.model.variant], self.model.variant)
+        return self
 
     @model_validator(mode="after")
     def _batch(self) -> RunConfig:

@@ -31,6 +31,7 @@ class HeadGate(nn.Module):
         super().__init__()
         self.beta, self.gamma, self.zeta = cfg.temperature, cfg.gamma, cfg.zeta
         self.threshold = open_threshold(cfg)  # theta: open when log_alpha + noise > theta
+        self.inclusive = cfg.open_at_threshold  # open also at equality (>=), as the authors' code
         self.log_alpha = nn.Parameter(torch.empty(num_heads))  # (H,)
         self.reset_parameters(cfg)
 
@@ -59,7 +60,7 @@ class HeadGate(nn.Module):
         u = torch.rand_like(self.log_alpha).clamp(eps, 1 - eps)  # (H,)
         s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / self.beta)  # (H,)
         soft = self._stretch(s)  # (H,)
-        return _HardThreshold.apply(soft)  # (H,) exactly 0/1, straight-through gradient
+        return _HardThreshold.apply(soft, self.inclusive)  # (H,) exactly 0/1, straight-through gradient
 
     def open_probability(self) -> torch.Tensor:
         """P(s_bar > 0) under the Hard Concrete distribution, (H,): the L0 term of one head.
@@ -72,8 +73,10 @@ class HeadGate(nn.Module):
         return torch.sigmoid(self.log_alpha - self.beta * math.log(-self.gamma / self.zeta))
 
     def open_mask(self, log_alpha: torch.Tensor | None = None) -> torch.Tensor:
-        """Heads kept by pruning, (H,) bool: exactly those the eval gate leaves open (log_alpha > theta)."""
-        return (self.log_alpha if log_alpha is None else log_alpha).detach() > self.threshold
+        """Heads kept by pruning, (H,) bool: exactly those the eval gate leaves open (log_alpha > theta;
+        >= with `gates.open_at_threshold`)."""
+        la = (self.log_alpha if log_alpha is None else log_alpha).detach()  # (H,)
+        return la >= self.threshold if self.inclusive else la > self.threshold
 
 
 def open_threshold(cfg: GateConfig) -> float:
@@ -103,16 +106,17 @@ def warmup_factor(step: int, cfg: GateConfig) -> float:
 
 
 class _HardThreshold(torch.autograd.Function):
-    """1[s_bar > 0.5] forward, identity backward (straight-through). Unlike `hard + soft - soft.detach()`,
-    which rounds an open gate to 0.99999994 for some samples, the forward value is exactly 0 or 1."""
+    """1[s_bar > 0.5] (or >= with `inclusive`) forward, identity backward (straight-through). Unlike
+    `hard + soft - soft.detach()`, which rounds an open gate to 0.99999994 for some samples, the
+    forward value is exactly 0 or 1."""
 
     @staticmethod
-    def forward(ctx, soft: torch.Tensor) -> torch.Tensor:
-        return (soft > 0.5).to(soft.dtype)
+    def forward(ctx, soft: torch.Tensor, inclusive: bool = False) -> torch.Tensor:
+        return (soft >= 0.5 if inclusive else soft > 0.5).to(soft.dtype)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
 
 
 class _FlipGrad(torch.autograd.Function):
