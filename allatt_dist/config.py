@@ -187,6 +187,7 @@ class DataConfig(_Section):
 class PhaseConfig(_Section):
     max_steps: int = Field(200, gt=0)
     lr: float | None = Field(None, gt=0.0)
+    constant_lr: bool = False
 
 
 class TrainConfig(_Section):

@@ -44,6 +44,7 @@ class PhaseSpec:
     max_steps: int
     lr: float
     gates: GateConfig | None  # gated model and sparsity objective in the prune phase
+    constant_lr: bool = False  # no warm-up, no decay (prune.constant_lr / finetune.constant_lr)
 
 
 def phase_spec(cfg: RunConfig, phase: Phase) -> PhaseSpec:
@@ -51,7 +52,7 @@ def phase_spec(cfg: RunConfig, phase: Phase) -> PhaseSpec:
         return PhaseSpec(phase, cfg.train.max_steps, cfg.train.lr, None)
     section = cfg.prune if phase == "prune" else cfg.finetune
     lr = section.lr or cfg.train.lr
-    return PhaseSpec(phase, section.max_steps, lr, cfg.gates if phase == "prune" else None)
+    return PhaseSpec(phase, section.max_steps, lr, cfg.gates if phase == "prune" else None, section.constant_lr)
 
 
 def param_groups(module: TrainModule, cfg: RunConfig, spec: PhaseSpec) -> list[dict[str, Any]]:
@@ -76,12 +77,13 @@ def lr_multiplier(step: int, cfg: RunConfig, max_steps: int) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def make_scheduler(cfg: RunConfig, max_steps: int):
-    """A callable for `deepspeed.initialize(lr_scheduler=...)`: torch's LambdaLR, gates kept constant."""
+def make_scheduler(cfg: RunConfig, max_steps: int, constant: bool = False):
+    """A callable for `deepspeed.initialize(lr_scheduler=...)`: torch's LambdaLR, gates kept constant
+    (and the weights too with `constant`)."""
 
     def build(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         fns = [
-            (lambda s: 1.0) if g.get("name") == "gates" else (lambda s: lr_multiplier(s, cfg, max_steps))
+            (lambda s: 1.0) if g.get("name") == "gates" or constant else (lambda s: lr_multiplier(s, cfg, max_steps))
             for g in optimizer.param_groups
         ]
         return torch.optim.lr_scheduler.LambdaLR(optimizer, fns)

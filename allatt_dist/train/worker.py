@@ -187,7 +187,7 @@ def train_loop_per_worker(job: dict) -> None:
         model=module,
         model_parameters=groups,
         optimizer=None if on_gpu else make_torch_optimizer(groups, cfg),
-        lr_scheduler=make_scheduler(cfg, spec.max_steps),
+        lr_scheduler=make_scheduler(cfg, spec.max_steps, spec.constant_lr),
         config=ds_cfg,
         dist_init_required=False,
     )
