@@ -32,7 +32,8 @@ def flops_per_token(cfg, vocab_size: int, heads_per_layer: list[int] | None = No
       q 2dI + k,v 4dI K/T + positions 2dI K/(B T) + context scores (content and position) 4IK
       + persistent scores 2IN + weighted values 2I(K+N) + output projection 2Id  (per layer)
       + Transformer-XL feed-forward 4 d ffn_dim (per layer, that architecture only)
-      + output layer 2dV (full softmax) or, adaptive, the head plus every tail cluster in full.
+      + output layer 2dV (full softmax) or, adaptive, the head plus every tail cluster in full
+      (+ 4d^2 for the two shortlist projections with `model.adaptive_proj`).
     Masked scores count (they are computed). Norms, softmax and the optimizer are left out.
     """
     d, t, dh = cfg.hidden_dim, cfg.seq_len, cfg.head_dim
@@ -49,7 +50,7 @@ def flops_per_token(cfg, vocab_size: int, heads_per_layer: list[int] | None = No
     cut = [c for c in cfg.adaptive_cutoffs if c < vocab_size]
     if not cut:
         return total + 2 * d * vocab_size
-    total += 2 * d * (cut[0] + len(cut))
+    total += 2 * d * (cut[0] + len(cut)) + (4 * d * d if getattr(cfg, "adaptive_proj", False) else 0)
     edges = cut + [vocab_size]
     for j in range(len(cut)):
         hsz = d // (cfg.adaptive_div ** (j + 1))
