@@ -46,7 +46,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
         "zero_memory_start": False,
         "positions": "sinusoid",
         "attn_out_bias": False,
-        "adaptive_proj": False,
+        "adaptive_proj": True,  # with cutoffs (measured: docs/results.md); without them off
     },
     "authors": {  # aiha-lab/Attention-Head-Pruning, the code behind Shim et al. 2021
         "final_norm": False,
@@ -95,10 +95,12 @@ class ModelConfig(_Section):
     positions: Literal["sinusoid", "learned"] = "sinusoid"
     position_len: int | None = Field(None, gt=0)
     attn_out_bias: bool = False
-    adaptive_proj: bool = False
+    adaptive_proj: bool | None = None  # None: on when there are cutoffs
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
+        if self.adaptive_proj is None:
+            self.__dict__["adaptive_proj"] = bool(self.adaptive_cutoffs)
         if self.variant is not None:
             preset = dict(MODEL_PRESETS[self.variant])
             if not self.adaptive_cutoffs:  # no shortlist: nothing to project, the switch stays as given

@@ -137,9 +137,12 @@ def corpus(wt2_path):
     return load_corpus(DataConfig(path=str(wt2_path)))
 
 
-def model_cfg(arch: str = "all_attention", cutoffs: list[int] | None = None, variant: str | None = None) -> ModelConfig:
+def model_cfg(
+    arch: str = "all_attention", cutoffs: list[int] | None = None, variant: str | None = None, proj: bool | None = None
+) -> ModelConfig:
     return ModelConfig(
         variant=variant,
+        adaptive_proj=proj,
         architecture=arch,
         num_layers=2,
         hidden_dim=32,
@@ -160,13 +163,13 @@ def text_segments(corpus, b: int = 2, t: int = 8):
     return (x0, y0), (x1, y1)
 
 
-@pytest.mark.parametrize("variant", [None, "authors"])
+@pytest.mark.parametrize("variant,proj", [(None, None), (None, False), ("authors", None)])
 @pytest.mark.parametrize(
     "arch,cutoffs", [("all_attention", None), ("all_attention", [500, 3000]), ("transformer_xl", None)]
 )
-def test_model_loss_and_grads_match_reference(corpus, arch, cutoffs, variant):
+def test_model_loss_and_grads_match_reference(corpus, arch, cutoffs, variant, proj):
     torch.manual_seed(4)
-    model = LanguageModel(model_cfg(arch, cutoffs, variant), len(corpus.vocab))
+    model = LanguageModel(model_cfg(arch, cutoffs, variant, proj), len(corpus.vocab))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))

@@ -42,6 +42,7 @@ def segments(corpus: Corpus) -> list[tuple[torch.Tensor, torch.Tensor]]:
 # output projection's bias), and that bias under output scaling (folded, and 0 for an emptied layer).
 SWITCHES = {
     "ours": ({}, {}),
+    "no_adaptive_proj": ({"adaptive_proj": False}, {}),  # torch's adaptive softmax as is
     "authors": ({"variant": "authors"}, {}),
     "bias_scaled": ({"attn_out_bias": True, "persistent_content_bias": False}, {"output_scaling": True}),
 }
@@ -244,6 +245,7 @@ def test_paper_config_param_count():
         mem_len=192,
         adaptive_cutoffs=[20000, 40000, 200000],
         adaptive_div=4,
+        adaptive_proj=False,  # torch's adaptive softmax as is (the default adds 772,023: test_variants.py)
     )
     vocab = 267_735
     with torch.device("meta"):

@@ -126,10 +126,12 @@ def test_paper_recipe_builds_the_authors_parameter_count():
         gated = LanguageModel(cfg.model, 267_735, cfg.gates)
     assert count_params(dense) == formula(cfg.model, 267_735) == 74_104_978
     assert count_params(gated, include_gates=True) == 74_105_106
-    fields = {k: v for k, v in cfg.model.model_dump().items() if k not in MODEL_PRESETS["ours"]}
+    fields = {k: v for k, v in cfg.model.model_dump().items() if k not in {*MODEL_PRESETS["ours"], "variant"}}
     ours = ModelConfig(**(fields | {"variant": "ours"}))  # the same shape, our switches
+    plain = ModelConfig(**(fields | {"adaptive_proj": False}))  # ... without the shortlist projections
     with torch.device("meta"):
-        assert count_params(LanguageModel(ours, 267_735)) == 73_129_179
+        assert count_params(LanguageModel(ours, 267_735)) == formula(ours, 267_735) == 73_901_202
+        assert count_params(LanguageModel(plain, 267_735)) == 73_129_179
 
 
 def test_constant_lr_phase_holds_the_rate():
@@ -307,10 +309,11 @@ def test_authors_preset_sets_every_switch_and_ours_is_the_default():
     assert (g.open_at_threshold, g.output_scaling) == (True, False)
     again = build_config({"model": m.model_dump(), "gates": g.model_dump()})  # a saved run.yaml reloads
     assert again == run
-    plain = build_config({"model": SMALL})
-    assert plain.model == build_config({"model": SMALL | {"variant": "ours"}}).model.model_copy(
-        update={"variant": None}
-    )
+    for cutoffs in ([], [100]):
+        plain = build_config({"model": SMALL | {"adaptive_cutoffs": cutoffs}})
+        ours = build_config({"model": SMALL | {"adaptive_cutoffs": cutoffs, "variant": "ours"}})
+        assert plain.model == ours.model.model_copy(update={"variant": None})
+        assert plain.model.adaptive_proj == bool(cutoffs)  # the default: projections wherever there are cutoffs
 
 
 BAD = {
