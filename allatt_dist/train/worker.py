@@ -113,7 +113,8 @@ def _register_io_params(module: TrainModule) -> None:
     """
     import deepspeed
 
-    for p in module.lm.io.parameters():
+    table = [module.lm.pos_table] if module.lm.pos_table is not None else []  # learned positions: read alike
+    for p in [*module.lm.io.parameters(), *table]:
         deepspeed.zero.register_external_parameter(module, p)
         deepspeed.zero.register_external_parameter(module.lm, p)
 
