@@ -179,9 +179,8 @@ class RelPersistentAttention(nn.Module):
             qu = q + self.r_w_bias[None, :, None, :]  # (B,H,T,dh)
         else:  # bare query for every key; u·k_j joins the context keys' bias instead
             qu = q  # (B,H,T,dh)
-            bias = bias + torch.matmul(k, self.r_w_bias[None, :, :, None]).transpose(-1, -2) / math.sqrt(
-                self.dh
-            )  # (B,H,T,K)
+            uk = torch.matmul(k, self.r_w_bias[None, :, :, None]).transpose(-1, -2)  # (B,H,1,K) u·k_j
+            bias = bias + uk / math.sqrt(self.dh)  # (B,H,T,K)
         if self.n:
             pk, pv = self.persistent(k.dtype)
             k = torch.cat([k, pk[None].expand(b, -1, -1, -1)], dim=2)  # (B,H,K+N,dh)
