@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from allatt_dist.errors import ConfigError
+from allatt_dist.variants import GATE_PRESETS, MODEL_PRESETS, apply_preset
 
 
 class _Section(BaseModel):
@@ -36,41 +37,6 @@ def _kind(ann: Any) -> str:
     if ann is float or float in args:
         return "a number"
     return "a value of the documented kind"
-
-
-# The model switches each preset (`model.variant`) fixes; see docs/model.md, "Variants".
-MODEL_PRESETS: dict[str, dict[str, Any]] = {
-    "ours": {
-        "final_norm": True,
-        "persistent_content_bias": True,
-        "zero_memory_start": False,
-        "positions": "sinusoid",
-        "attn_out_bias": False,
-        "adaptive_proj": True,  # with cutoffs (measured: docs/results.md); without them off
-    },
-    "authors": {  # aiha-lab/Attention-Head-Pruning, the code behind Shim et al. 2021
-        "final_norm": False,
-        "persistent_content_bias": False,
-        "zero_memory_start": True,
-        "positions": "learned",
-        "attn_out_bias": True,
-        "adaptive_proj": True,  # with cutoffs; without them the switch stays off (nothing to project)
-    },
-}
-# ... and the gate switches (checked by RunConfig, where both sections are known).
-GATE_PRESETS: dict[str, dict[str, Any]] = {
-    "ours": {"open_at_threshold": False, "output_scaling": True},
-    "authors": {"open_at_threshold": True, "output_scaling": False},
-}
-
-
-def _apply_preset(section: BaseModel, name: str, preset: dict[str, Any], variant: str) -> None:
-    """Set `section`'s switches to `preset`; a key the recipe gave with another value is an error."""
-    for key, want in preset.items():
-        got = getattr(section, key)
-        if key in section.model_fields_set and got != want:
-            raise ValueError(f"{name}.{key}: {got!r} contradicts model.variant {variant} (which sets {want!r})")
-        section.__dict__[key] = want  # no re-validation: the value is one of the field's own
 
 
 class ModelConfig(_Section):
@@ -105,7 +71,7 @@ class ModelConfig(_Section):
             preset = dict(MODEL_PRESETS[self.variant])
             if not self.adaptive_cutoffs:  # no shortlist: nothing to project, the switch stays as given
                 del preset["adaptive_proj"]
-            _apply_preset(self, "model", preset, self.variant)
+            apply_preset(self, "model", preset, self.variant)
         if self.adaptive_proj and not self.adaptive_cutoffs:
             raise ValueError("model.adaptive_proj needs model.adaptive_cutoffs (there is no shortlist to project)")
         if self.position_len is not None:
@@ -239,7 +205,7 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _gate_preset(self) -> RunConfig:
         if self.model.variant is not None:
-            _apply_preset(self.gates, "gates", GATE_PRESETS[self.model.variant], self.model.variant)
+            apply_preset(self.gates, "gates", GATE_PRESETS[self.model.variant], self.model.variant)
         return self
 
     @model_validator(mode="after")
