@@ -11,6 +11,8 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from allatt_dist.variants import GATE_PRESETS, MODEL_PRESETS, apply_preset
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
@@ -36,6 +38,7 @@ def _kind(ann: Any) -> str:
 
 class ModelConfig(_Section):
     architecture: str = "all_attention"  # a registered family (allatt_dist/model/registry.py)
+    variant: Literal["ours", "authors"] | None = None
     num_layers: int = Field(4, gt=0)
     hidden_dim: int = Field(256, gt=0)
     num_heads: int = Field(4, gt=0)
@@ -48,6 +51,14 @@ class ModelConfig(_Section):
     adaptive_div: int = Field(4, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     dropatt: float = Field(0.0, ge=0.0, lt=1.0)
+    word_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    final_norm: bool = True
+    persistent_content_bias: bool = True
+    zero_memory_start: bool = False
+    positions: Literal["sinusoid", "learned"] = "sinusoid"
+    position_len: int | None = Field(None, gt=0)
+    attn_out_bias: bool = False
+    adaptive_proj: bool | None = None  # None: on when there are cutoffs
 
     @field_validator("architecture")
     @classmethod
@@ -62,6 +73,23 @@ class ModelConfig(_Section):
     def _check(self) -> ModelConfig:
         from allatt_dist.model.registry import get_family
 
+        if self.adaptive_proj is None:
+            self.__dict__["adaptive_proj"] = bool(self.adaptive_cutoffs)
+        if self.variant is not None:
+            preset = dict(MODEL_PRESETS[self.variant])
+            if not self.adaptive_cutoffs:  # no shortlist: nothing to project, the switch stays as given
+                del preset["adaptive_proj"]
+            apply_preset(self, "model", preset, self.variant)
+        if self.adaptive_proj and not self.adaptive_cutoffs:
+            raise ValueError("model.adaptive_proj needs model.adaptive_cutoffs (there is no shortlist to project)")
+        if self.position_len is not None:
+            if self.positions != "learned":
+                raise ValueError("model.position_len applies only with model.positions: learned")
+            if self.position_len < self.seq_len + self.mem_len:
+                raise ValueError(
+                    f"model.position_len ({self.position_len}) must be >= model.seq_len + model.mem_len "
+                    f"({self.seq_len + self.mem_len})"
+                )
         if self.hidden_dim % self.num_heads:
             raise ValueError(
                 f"model.hidden_dim ({self.hidden_dim}) must be divisible by model.num_heads ({self.num_heads})"
@@ -76,6 +104,11 @@ class ModelConfig(_Section):
     def head_dim(self) -> int:
         return self.hidden_dim // self.num_heads
 
+    @property
+    def position_rows(self) -> int:
+        """Rows of the learned relative-position table (distances 0 .. rows-1)."""
+        return self.position_len or self.seq_len + self.mem_len
+
 
 class GateConfig(_Section):
     temperature: float = Field(1.0 / 3.0, gt=0.0)
@@ -88,6 +121,7 @@ class GateConfig(_Section):
     warmup_start: int = Field(0, ge=0)
     warmup_steps: int = Field(0, ge=0)
     output_scaling: bool = True
+    open_at_threshold: bool = False
     lr: float = Field(0.05, gt=0.0)
     gamma: float = Field(-0.1, lt=0.0)
     zeta: float = Field(1.1, gt=1.0)
@@ -134,6 +168,7 @@ class DataConfig(_Section):
 class PhaseConfig(_Section):
     max_steps: int = Field(200, gt=0)
     lr: float | None = Field(None, gt=0.0)
+    constant_lr: bool = False
 
 
 class TrainConfig(_Section):
@@ -271,6 +306,12 @@ class RunConfig(_Section):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     tune: TuneConfig | None = None
+
+    @model_validator(mode="after")
+    def _gate_preset(self) -> RunConfig:
+        if self.model.variant is not None:
+            apply_preset(self.gates, "gates", GATE_PRESETS[self.model.variant], self.model.variant)
+        return self
 
     @model_validator(mode="after")
     def _batch(self) -> RunConfig:

@@ -116,7 +116,8 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> tupl
     d = Path(path)
     meta = read_meta(d)
     try:
-        mcfg = ModelConfig.model_validate(meta["model"])
+        # Saved before model.adaptive_proj existed: those models had no shortlist projections.
+        mcfg = ModelConfig.model_validate({"adaptive_proj": False} | meta["model"])
         gates = GateConfig.model_validate(meta["gates"]) if meta.get("gates") else None
         model = build_model(mcfg, int(meta["vocab_size"]), gates, list(meta["heads_per_layer"]))
     except ValidationError as e:  # e.g. an architecture this installation has not registered

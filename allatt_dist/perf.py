@@ -30,8 +30,9 @@ def flops_per_token(cfg, vocab_size: int, heads_per_layer: list[int] | None = No
 
     Per layer the architecture's family says (`layer_flops`; for All-attention and Transformer-XL
     see model/families.py and docs/performance.md), plus the output layer: 2dV (full softmax) or,
-    adaptive, the head plus every tail cluster in full. Masked scores count (they are computed).
-    Norms, softmax and the optimizer are left out.
+    adaptive, the head plus every tail cluster in full (+ 4d^2 for the two shortlist projections with
+    `model.adaptive_proj`). Masked scores count (they are computed). Norms, softmax and the optimizer
+    are left out.
     """
     from allatt_dist.model.registry import get_family
 
@@ -42,7 +43,7 @@ def flops_per_token(cfg, vocab_size: int, heads_per_layer: list[int] | None = No
     cut = [c for c in cfg.adaptive_cutoffs if c < vocab_size]
     if not cut:
         return total + 2 * d * vocab_size
-    total += 2 * d * (cut[0] + len(cut))
+    total += 2 * d * (cut[0] + len(cut)) + (4 * d * d if getattr(cfg, "adaptive_proj", False) else 0)
     edges = cut + [vocab_size]
     for j in range(len(cut)):
         hsz = d // (cfg.adaptive_div ** (j + 1))

@@ -132,12 +132,16 @@ def test_flops_formula_matches_torch_counter(arch, heads):
 
 
 def test_flops_adaptive_head_and_tails():
-    cfg = ModelConfig(num_layers=1, hidden_dim=64, num_heads=4, num_persistent=8, adaptive_cutoffs=[100, 200])
+    cfg = ModelConfig(
+        num_layers=1, hidden_dim=64, num_heads=4, num_persistent=8, adaptive_cutoffs=[100, 200], adaptive_proj=False
+    )
     dense = flops_per_token(cfg.model_copy(update={"adaptive_cutoffs": []}), 1000)
     body = dense - 2 * 64 * 1000
     head = 2 * 64 * (100 + 2)
     tails = 2 * (64 * 16 + 16 * 100) + 2 * (64 * 4 + 4 * 800)
     assert flops_per_token(cfg, 1000) == pytest.approx(body + head + tails)
+    proj = cfg.model_copy(update={"adaptive_proj": True})  # + the two shortlist projections, d x d each
+    assert flops_per_token(proj, 1000) == pytest.approx(body + head + tails + 2 * 2 * 64 * 64)
 
 
 def test_peak_table():

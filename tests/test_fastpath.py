@@ -23,6 +23,7 @@ from allatt_dist.model.fastattn import SplitAttention, SplitAttentionKernel
 from allatt_dist.model.output import LinearCrossEntropy, linear_cross_entropy
 from allatt_dist.model.pruning import prune_model
 from allatt_dist.model.transformer import LanguageModel, use_fast_paths
+from allatt_dist.recipe import build_config
 
 ATOL = 1e-5
 
@@ -70,9 +71,10 @@ def test_split_functions_match_one_softmax(fn):
 # ---- one attention layer ------------------------------------------------------------------------
 
 
-def make_layer(n: int, heads: int = 4) -> RelPersistentAttention:
+def make_layer(n: int, heads: int = 4, authors: bool = False) -> RelPersistentAttention:
+    """`authors`: the authors' switches (output-projection bias, bare query on persistent keys)."""
     torch.manual_seed(1)
-    layer = RelPersistentAttention(32, heads, 8, n, dropatt=0.0)
+    layer = RelPersistentAttention(32, heads, 8, n, dropatt=0.0, out_bias=authors, persistent_content_bias=not authors)
     with torch.no_grad():
         for p in layer.parameters():  # u/v biases start at zero: make every tensor non-trivial
             p.add_(0.1 * torch.randn_like(p))
@@ -91,8 +93,9 @@ def layer_inputs(m: int, same_length: bool, b: int = 3, t: int = 6):
 @pytest.mark.parametrize("n", [16, 0])  # All-attention, and no persistent vectors (Transformer-XL)
 @pytest.mark.parametrize("m,same_length", [(0, True), (5, True), (5, False)])
 @pytest.mark.parametrize("gated", [False, True])
-def test_layer_matches_reference(impl, n, m, same_length, gated):
-    layer = make_layer(n, heads=3 if gated else 4)
+@pytest.mark.parametrize("authors", [False, True])
+def test_layer_matches_reference(impl, n, m, same_length, gated, authors):
+    layer = make_layer(n, heads=3 if gated else 4, authors=authors)
     layer.impl = impl
     cat, pos, mask = layer_inputs(m, same_length)
     x = cat[:, m:]
@@ -135,8 +138,12 @@ def corpus(wt2_path):
     return load_corpus(DataConfig(path=str(wt2_path)))
 
 
-def model_cfg(arch: str = "all_attention", cutoffs: list[int] | None = None) -> ModelConfig:
+def model_cfg(
+    arch: str = "all_attention", cutoffs: list[int] | None = None, variant: str | None = None, proj: bool | None = None
+) -> ModelConfig:
     return ModelConfig(
+        variant=variant,
+        adaptive_proj=proj,
         architecture=arch,
         num_layers=2,
         hidden_dim=32,
@@ -157,12 +164,13 @@ def text_segments(corpus, b: int = 2, t: int = 8):
     return (x0, y0), (x1, y1)
 
 
+@pytest.mark.parametrize("variant,proj", [(None, None), (None, False), ("authors", None)])
 @pytest.mark.parametrize(
     "arch,cutoffs", [("all_attention", None), ("all_attention", [500, 3000]), ("transformer_xl", None)]
 )
-def test_model_loss_and_grads_match_reference(corpus, arch, cutoffs):
+def test_model_loss_and_grads_match_reference(corpus, arch, cutoffs, variant, proj):
     torch.manual_seed(4)
-    model = LanguageModel(model_cfg(arch, cutoffs), len(corpus.vocab))
+    model = LanguageModel(model_cfg(arch, cutoffs, variant, proj), len(corpus.vocab))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -195,9 +203,11 @@ def test_ignored_targets_match_scoring_only_the_kept_rows(corpus):
     assert_close(out.nll.reshape(-1)[keep].mean(), want, "mean nll")
 
 
-def test_pruned_fast_model_matches_gated_reference(corpus):
+@pytest.mark.parametrize("variant,cutoffs", [(None, None), ("authors", None), ("authors", [500, 3000])])
+def test_pruned_fast_model_matches_gated_reference(corpus, variant, cutoffs):
     torch.manual_seed(6)
-    gated = LanguageModel(model_cfg(), len(corpus.vocab), GateConfig())
+    cfg = build_config({"model": model_cfg(cutoffs=cutoffs, variant=variant).model_dump()})
+    gated = LanguageModel(cfg.model, len(corpus.vocab), cfg.gates)
     with torch.no_grad():
         for p in gated.parameters():
             p.add_(0.05 * torch.randn_like(p))

@@ -18,6 +18,7 @@ from allatt_dist.errors import CheckpointError
 from allatt_dist.model.pruning import per_head_params, prune_model, sparsity
 from allatt_dist.model.transformer import LanguageModel, count_params
 from allatt_dist.modelio import load_model_dir, save_model_dir
+from allatt_dist.recipe import build_config
 
 B, T = 3, 8
 H = 4
@@ -38,8 +39,19 @@ def segments(corpus: Corpus) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(rows[:, s * T : (s + 1) * T], rows[:, s * T + 1 : (s + 1) * T + 1]) for s in range(2)]
 
 
-def model_cfg(arch: str, cutoffs: list[int]) -> ModelConfig:
+# Switch sets: ours (defaults), the authors' preset (no output scaling: an emptied layer keeps the
+# output projection's bias), and that bias under output scaling (folded, and 0 for an emptied layer).
+SWITCHES = {
+    "ours": ({}, {}),
+    "no_adaptive_proj": ({"adaptive_proj": False}, {}),  # torch's adaptive softmax as is
+    "authors": ({"variant": "authors"}, {}),
+    "bias_scaled": ({"attn_out_bias": True, "persistent_content_bias": False}, {"output_scaling": True}),
+}
+
+
+def model_cfg(arch: str, cutoffs: list[int], **switches) -> ModelConfig:
     return ModelConfig(
+        **switches,
         architecture=arch,
         num_layers=len(PATTERN),
         hidden_dim=32,
@@ -52,9 +64,9 @@ def model_cfg(arch: str, cutoffs: list[int]) -> ModelConfig:
     )
 
 
-def gated_model(corpus: Corpus, cfg: ModelConfig, seed: int = 0) -> LanguageModel:
+def gated_model(corpus: Corpus, cfg: ModelConfig, seed: int = 0, gates: GateConfig | None = None) -> LanguageModel:
     torch.manual_seed(seed)
-    model = LanguageModel(cfg, len(corpus.vocab), GateConfig(output_scaling=True))
+    model = LanguageModel(cfg, len(corpus.vocab), gates or GateConfig(output_scaling=True))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if not name.endswith("log_alpha"):  # non-zero u/v biases etc., so a wrong slice shows
@@ -78,10 +90,13 @@ def outputs(model: LanguageModel, segs) -> list[torch.Tensor]:
 CASES = [("all_attention", []), ("all_attention", CUTOFFS), ("transformer_xl", []), ("transformer_xl", CUTOFFS)]
 
 
+@pytest.mark.parametrize("switches", list(SWITCHES))
 @pytest.mark.parametrize("arch,cutoffs", CASES)
-def test_pruned_model_matches_gated_eval(corpus, segments, arch, cutoffs):
-    cfg = model_cfg(arch, cutoffs)
-    gated = gated_model(corpus, cfg)
+def test_pruned_model_matches_gated_eval(corpus, segments, arch, cutoffs, switches):
+    model_keys, gate_keys = SWITCHES[switches]
+    run = build_config({"model": model_cfg(arch, cutoffs, **model_keys).model_dump(), "gates": gate_keys})
+    cfg = run.model
+    gated = gated_model(corpus, cfg, gates=run.gates)
     pruned = prune_model(gated)
     assert pruned.heads_per_layer == [0, 4, 2, 1] == [int(g.open_mask().sum()) for g in gated.gates]
     assert pruned.gates == [] and not any("log_alpha" in k for k in pruned.state_dict())
@@ -231,6 +246,7 @@ def test_paper_config_param_count():
         mem_len=192,
         adaptive_cutoffs=[20000, 40000, 200000],
         adaptive_div=4,
+        adaptive_proj=False,  # torch's adaptive softmax as is (the default adds 772,023: test_variants.py)
     )
     vocab = 267_735
     with torch.device("meta"):

@@ -44,6 +44,7 @@ from allatt_dist.recipe import build_config, deep_merge
 from allatt_dist.train.checkpoints import published
 from allatt_dist.train.setup import lr_multiplier
 from allatt_dist.train.trainer import prepare_run_dir, train
+from allatt_dist.variants import MODEL_PRESETS
 
 pytestmark = pytest.mark.ray
 
@@ -250,18 +251,20 @@ def accum(ray_address, base_cfg, tmp_path_factory):
     return cfg, run_dir, _train(cfg, run_dir, ["dense"])
 
 
-ADAPTIVE_DS = {  # the paper recipe's DeepSpeed settings, and ZeRO-3
+ADAPTIVE_DS = {  # the paper recipe's DeepSpeed settings, and ZeRO-3 (also with the authors' switches)
     "zero2_bf16": {"zero_stage": 2, "precision": "bf16"},
     "zero3": {"zero_stage": 3, "precision": "fp32"},
+    "zero3_authors": {"zero_stage": 3, "precision": "fp32"},
 }
 
 
 @pytest.fixture(scope="module", params=list(ADAPTIVE_DS))
 def adaptive(request, ray_address, base_cfg, tmp_path_factory):
     """The paper's output layer (adaptive input + softmax, tied), 20 dense steps on 2 workers."""
+    switches = MODEL_PRESETS["authors"] if request.param.endswith("authors") else {}  # learned positions etc.
     cfg = with_changes(
         base_cfg,
-        model={"adaptive_cutoffs": [1000, 4000], "adaptive_div": 2},
+        model={"adaptive_cutoffs": [1000, 4000], "adaptive_div": 2, **switches},
         deepspeed=ADAPTIVE_DS[request.param],
         train={"max_steps": 20, "eval_every": 20, "checkpoint_every": 20},
     )

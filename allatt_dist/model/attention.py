@@ -2,7 +2,9 @@
 
 For head h, a query at absolute position i attends, under one softmax, to
   - context keys j (memory + current segment): (q_i + u_h)·k_j + (q_i + v_h)·r_{i-j}
-  - its own N persistent keys p_n:             (q_i + u_h)·(sqrt(d_h) p_n)
+  - its own N persistent keys p_n:             (q_i + u_h)·(sqrt(d_h) p_n), or with
+    `persistent_content_bias=False` (the authors' code) q_i·(sqrt(d_h) p_n); the fast paths then
+    pass the bare query and move u_h·k_j into the context keys' bias
 with values v_j and sqrt(N)·pv_n (the All-attention reparameterisation, Sukhbaatar et al. 2019).
 Three implementations of the same math, chosen per module by `impl`:
   - "split" (default): heads-first layout, the biased context part and the unbiased persistent part
@@ -75,8 +77,19 @@ class RelPersistentAttention(nn.Module):
 
     impl = "split"  # or "split_kernel", "dense_bias"; see the module docstring and `set_attention_impl`
 
-    def __init__(self, hidden_dim: int, num_heads: int, head_dim: int, num_persistent: int, dropatt: float):
+    def __init__(
+        self,
+        hidden_dim: int,
+        num_heads: int,
+        head_dim: int,
+        num_persistent: int,
+        dropatt: float,
+        out_bias: bool = False,
+        persistent_content_bias: bool = True,
+    ):
         super().__init__()
+        # False: persistent keys are scored with the bare query, q·p (the authors' code), not (q + u)·p.
+        self.pu = persistent_content_bias or not num_persistent
         self.d, self.h, self.dh, self.n = hidden_dim, num_heads, head_dim, num_persistent
         inner = num_heads * head_dim
         # q and kv are separate modules, each called as a module: ZeRO-3 gathers a module's weights only
@@ -84,7 +97,7 @@ class RelPersistentAttention(nn.Module):
         self.q = nn.Linear(hidden_dim, inner, bias=False)
         self.kv = nn.Linear(hidden_dim, 2 * inner, bias=False)
         self.r_proj = nn.Linear(hidden_dim, inner, bias=False)
-        self.out = nn.Linear(inner, hidden_dim, bias=False)
+        self.out = nn.Linear(inner, hidden_dim, bias=out_bias)
         self.r_w_bias = nn.Parameter(torch.zeros(num_heads, head_dim))  # u, (H, dh)
         self.r_r_bias = nn.Parameter(torch.zeros(num_heads, head_dim))  # v, (H, dh)
         if num_persistent:
@@ -136,10 +149,16 @@ class RelPersistentAttention(nn.Module):
         kv = self.kv(cat).view(b, k_len, 2, h, dh).permute(2, 3, 0, 1, 4).contiguous()  # (2,H,B,K,dh)
         k, v = kv.unbind(0)  # (H,B,K,dh) each
         r = self.r_proj(pos).view(k_len, h, dh).transpose(0, 1)  # (H,K,dh)
-        qu = (q + self.r_w_bias.to(q.dtype)[:, None, None, :]).mul_(inv)  # (H,B,T,dh)
+        u = self.r_w_bias.to(q.dtype)  # (H,dh)
         qv = (q + self.r_r_bias.to(q.dtype)[:, None, None, :]).mul_(inv)  # (H,B,T,dh)
         bd = torch.bmm(qv.view(h, b * t, dh), r.transpose(1, 2))  # (H,B*T,K)
-        bias = rel_shift(bd.view(h, b, t, k_len)).masked_fill(mask, float("-inf"))  # (H,B,T,K)
+        bias = rel_shift(bd.view(h, b, t, k_len))  # (H,B,T,K)
+        if self.pu:
+            qu = (q + u[:, None, None, :]).mul_(inv)  # (H,B,T,dh)
+        else:  # bare query for every key; u·k_j joins the context keys' bias instead
+            qu = q * inv  # (H,B,T,dh)
+            bias = bias + torch.bmm(k.view(h, b * k_len, dh), u[:, :, None] * inv).view(h, b, 1, k_len)  # (H,B,T,K)
+        bias = bias.masked_fill(mask, float("-inf"))  # (H,B,T,K)
         if self.n:
             pk, pv = self.persistent(q.dtype)  # (H,N,dh) each
             fn = SplitAttentionKernel if self.impl == "split_kernel" else SplitAttention
@@ -156,7 +175,12 @@ class RelPersistentAttention(nn.Module):
         b, t, _ = x.shape
         q, k, v, r = self.project(x, cat, pos)
         bias = self.position_bias(q, r, mask)  # (B,H,T,K)
-        qu = q + self.r_w_bias[None, :, None, :]  # (B,H,T,dh)
+        if self.pu:
+            qu = q + self.r_w_bias[None, :, None, :]  # (B,H,T,dh)
+        else:  # bare query for every key; u·k_j joins the context keys' bias instead
+            qu = q  # (B,H,T,dh)
+            uk = torch.matmul(k, self.r_w_bias[None, :, :, None]).transpose(-1, -2)  # (B,H,1,K) u·k_j
+            bias = bias + uk / math.sqrt(self.dh)  # (B,H,T,K)
         if self.n:
             pk, pv = self.persistent(k.dtype)
             k = torch.cat([k, pk[None].expand(b, -1, -1, -1)], dim=2)  # (B,H,K+N,dh)
@@ -192,7 +216,8 @@ def reference_attention(attn: RelPersistentAttention, x, cat, pos, mask, gate=No
     values = v
     if attn.n:
         pk, pv = attn.persistent(k.dtype)
-        ps = torch.matmul(q + attn.r_w_bias[None, :, None, :], pk.transpose(-1, -2)[None])  # (B,H,T,N)
+        qp = q + attn.r_w_bias[None, :, None, :] if attn.pu else q  # (B,H,T,dh)
+        ps = torch.matmul(qp, pk.transpose(-1, -2)[None])  # (B,H,T,N)
         scores = torch.cat([scores, ps / math.sqrt(attn.dh)], dim=-1)  # (B,H,T,K+N)
         values = torch.cat([v, pv[None].expand(b, -1, -1, -1)], dim=2)  # (B,H,K+N,dh)
     o = torch.matmul(torch.softmax(scores, dim=-1), values)  # (B,H,T,dh)

@@ -33,6 +33,7 @@ class HeadGate(nn.Module):
         super().__init__()
         self.beta, self.gamma, self.zeta = cfg.temperature, cfg.gamma, cfg.zeta
         self.threshold = open_threshold(cfg)  # theta: open when log_alpha + noise > theta
+        self.inclusive = cfg.open_at_threshold  # open also at equality (>=), as the authors' code
         self.log_alpha = nn.Parameter(torch.empty(num_heads))  # (H,); named GATE_PARAM
         self.noise: torch.Generator | None = None  # training samples draw from it when set (one per step)
         self.cut: torch.Tensor | None = None  # (H,) bool: the final cut's decision, overriding the eval gate
@@ -64,7 +65,7 @@ class HeadGate(nn.Module):
         u = torch.rand(la.shape, generator=self.noise, device=la.device, dtype=la.dtype).clamp(eps, 1 - eps)  # (H,)
         s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / self.beta)  # (H,)
         soft = self._stretch(s)  # (H,)
-        return _HardThreshold.apply(soft)  # (H,) exactly 0/1, straight-through gradient
+        return _HardThreshold.apply(soft, self.inclusive)  # (H,) exactly 0/1, straight-through gradient
 
     def open_probability(self) -> torch.Tensor:
         """P(s_bar > 0) under the Hard Concrete distribution, (H,): the L0 term of one head.
@@ -77,11 +78,12 @@ class HeadGate(nn.Module):
         return torch.sigmoid(self.log_alpha - self.beta * math.log(-self.gamma / self.zeta))
 
     def open_mask(self, log_alpha: torch.Tensor | None = None) -> torch.Tensor:
-        """Heads kept by pruning, (H,) bool: exactly those the eval gate leaves open (log_alpha > theta),
-        or the final cut's decision once one is made (`cut`)."""
+        """Heads kept by pruning, (H,) bool: exactly those the eval gate leaves open (log_alpha > theta;
+        >= with `gates.open_at_threshold`), or the final cut's decision once one is made (`cut`)."""
         if self.cut is not None:
             return self.cut.to(self.log_alpha.device)
-        return (self.log_alpha if log_alpha is None else log_alpha).detach() > self.threshold
+        la = (self.log_alpha if log_alpha is None else log_alpha).detach()  # (H,)
+        return la >= self.threshold if self.inclusive else la > self.threshold
 
     @torch.no_grad()
     def set_open(self, mask: torch.Tensor, margin: float = 3.0) -> None:
@@ -136,16 +138,17 @@ def warmup_factor(step: int, cfg: GateConfig) -> float:
 
 
 class _HardThreshold(torch.autograd.Function):
-    """1[s_bar > 0.5] forward, identity backward (straight-through). Unlike `hard + soft - soft.detach()`,
-    which rounds an open gate to 0.99999994 for some samples, the forward value is exactly 0 or 1."""
+    """1[s_bar > 0.5] (or >= with `inclusive`) forward, identity backward (straight-through). Unlike
+    `hard + soft - soft.detach()`, which rounds an open gate to 0.99999994 for some samples, the
+    forward value is exactly 0 or 1."""
 
     @staticmethod
-    def forward(ctx, soft: torch.Tensor) -> torch.Tensor:
-        return (soft > 0.5).to(soft.dtype)
+    def forward(ctx, soft: torch.Tensor, inclusive: bool = False) -> torch.Tensor:
+        return (soft >= 0.5 if inclusive else soft > 0.5).to(soft.dtype)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
 
 
 class _FlipGrad(torch.autograd.Function):

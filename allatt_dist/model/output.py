@@ -7,6 +7,10 @@
   embeddings, and each tail cluster's (down-projection, word matrix) pair is reused transposed as
   the cluster's (embedding, up-projection). torch has no adaptive *input* module, which is why
   this one is written here; the training NLL is also computed here (`AdaptiveIO.nll` says why).
+- With `proj` (`model.adaptive_proj`, the authors' code): a d x d projection before the shortlist on
+  each side (input: embedding row, then projection; output: projection, then the shortlist rows;
+  the two are separate matrices, the cluster logits read h itself) and a bias on every tail
+  cluster's words. The full distribution then comes from `_log_probs_proj`, not torch's module.
 """
 
 from __future__ import annotations
@@ -104,7 +108,7 @@ class TiedSoftmax(nn.Module):
 class AdaptiveIO(nn.Module):
     """Adaptive input + adaptive softmax sharing their matrices (the WikiText-103 setup)."""
 
-    def __init__(self, vocab_size: int, dim: int, cutoffs: list[int], div: int):
+    def __init__(self, vocab_size: int, dim: int, cutoffs: list[int], div: int, proj: bool = False):
         super().__init__()
         cut = [c for c in cutoffs if c < vocab_size]
         if not cut:
@@ -113,9 +117,32 @@ class AdaptiveIO(nn.Module):
         self.cutoffs = cut + [vocab_size]
         self.scale = math.sqrt(dim)
         nn.init.normal_(self.asm.head.weight, std=0.02)
-        for proj, words in self.asm.tail:
-            nn.init.normal_(proj.weight, std=0.02)
+        for down, words in self.asm.tail:
+            nn.init.normal_(down.weight, std=0.02)
             nn.init.normal_(words.weight, std=0.02)
+        self.short_in = self.short_out = self.tail_bias = None
+        if proj:
+            self.short_in = nn.Linear(dim, dim, bias=False)  # embedding row -> input
+            self.short_out = nn.Linear(dim, dim, bias=False)  # h -> shortlist logits' input
+            nn.init.normal_(self.short_in.weight, std=dim**-0.5)
+            nn.init.normal_(self.short_out.weight, std=dim**-0.5)
+            sizes = [self.cutoffs[i + 1] - self.cutoffs[i] for i in range(len(self.cutoffs) - 1)]
+            self.tail_bias = nn.ParameterList(nn.Parameter(torch.zeros(n)) for n in sizes)
+
+    def head_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h: (N,D) -> (N, shortlist + clusters) head logits."""
+        head = self.asm.head
+        if self.short_in is None:
+            return head(h)  # (N, short + C)
+        short = self.cutoffs[0]
+        w, b = head.weight, head.bias
+        s = F.linear(self.short_out(h), w[:short], b[:short])  # (N, short)
+        return torch.cat([s, F.linear(h, w[short:], b[short:]).to(s.dtype)], dim=-1)  # (N, short + C)
+
+    def tail_logits(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """h: (n,D) -> (n, size of tail cluster i), i from 1."""
+        out = self.asm.tail[i - 1](h)  # (n, size_i)
+        return out if self.tail_bias is None else out + self.tail_bias[i - 1].to(out.dtype)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B,T) ids -> (B,T,D), each word through its cluster's tied matrices."""
@@ -126,7 +153,8 @@ class AdaptiveIO(nn.Module):
             if sel.any():
                 ids = x[sel] - lo  # (n,)
                 if i == 0:
-                    out[sel] = F.embedding(ids, self.asm.head.weight)  # (n,D) shortlist rows
+                    rows = F.embedding(ids, self.asm.head.weight)  # (n,D) shortlist rows
+                    out[sel] = rows if self.short_in is None else self.short_in(rows).to(out.dtype)  # (n,D)
                 else:
                     proj, words = self.asm.tail[i - 1]
                     small = F.embedding(ids, words.weight)  # (n, D/div^i)
@@ -137,7 +165,19 @@ class AdaptiveIO(nn.Module):
     def log_probs(self, h: torch.Tensor) -> torch.Tensor:
         b, t, d = h.shape
         h = h.reshape(b * t, d).to(self.asm.head.weight.dtype)  # (B*T,D) the weights' dtype (fp32 under autocast)
+        if self.short_in is not None:
+            return self._log_probs_proj(h).view(b, t, -1)  # (B,T,V)
         return self.asm.log_prob(h).float().view(b, t, -1)  # (B,T,V)
+
+    def _log_probs_proj(self, h: torch.Tensor) -> torch.Tensor:
+        """h: (N,D) -> (N,V) fp32 log-probabilities, with the projections and tail biases."""
+        short = self.cutoffs[0]
+        head_lp = torch.log_softmax(self.head_logits(h).float(), dim=-1)  # (N, short + C)
+        parts = [head_lp[:, :short]]  # (N, short)
+        for i in range(1, len(self.cutoffs)):
+            tail_lp = torch.log_softmax(self.tail_logits(i, h).float(), dim=-1)  # (N, size_i)
+            parts.append(tail_lp + head_lp[:, short + i - 1 : short + i])  # (N, size_i)
+        return torch.cat(parts, dim=-1)  # (N,V)
 
     def nll(self, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """h: (N, D), target: (N,) -> (N,) negative log-likelihood (fp32).
@@ -155,18 +195,18 @@ class AdaptiveIO(nn.Module):
         short = self.cutoffs[0]
         bounds = torch.tensor(self.cutoffs[:-1], device=target.device)  # (C,) first id of each tail
         cluster = torch.bucketize(target, bounds, right=True)  # (N,) 0: shortlist, i: tail i
-        head_lp = torch.log_softmax(asm.head(h).float(), dim=-1)  # (N, short + C) fp32
+        head_lp = torch.log_softmax(self.head_logits(h).float(), dim=-1)  # (N, short + C) fp32
         head_idx = torch.where(cluster == 0, target, short + cluster - 1)  # (N,) word or its cluster
         lp = head_lp.gather(1, head_idx[:, None]).squeeze(1)  # (N,)
-        for i, tail in enumerate(asm.tail, start=1):
+        for i in range(1, len(self.cutoffs)):
             rows = (cluster == i).nonzero().squeeze(1)  # (n_i,) may be empty
-            tail_lp = torch.log_softmax(tail(h.index_select(0, rows)).float(), dim=-1)  # (n_i, size_i) fp32
+            tail_lp = torch.log_softmax(self.tail_logits(i, h.index_select(0, rows)).float(), dim=-1)  # (n_i, size_i)
             rel = target.index_select(0, rows) - self.cutoffs[i - 1]  # (n_i,) id within the cluster
             lp = lp.index_add(0, rows, tail_lp.gather(1, rel[:, None]).squeeze(1))  # (N,)
         return -lp
 
 
-def make_output(vocab_size: int, dim: int, cutoffs: list[int], div: int) -> nn.Module:
+def make_output(vocab_size: int, dim: int, cutoffs: list[int], div: int, proj: bool = False) -> nn.Module:
     if cutoffs and min(cutoffs) < vocab_size:
-        return AdaptiveIO(vocab_size, dim, cutoffs, div)
+        return AdaptiveIO(vocab_size, dim, cutoffs, div, proj)
     return TiedSoftmax(vocab_size, dim)

@@ -51,6 +51,8 @@ def _slice_attention(src: RelPersistentAttention, dst: RelPersistentAttention, i
     dst.kv.weight.copy_(torch.cat([k[cols], v[cols]], dim=0))  # (2*H'*dh, D)
     dst.r_proj.weight.copy_(src.r_proj.weight.detach()[cols])  # (H'*dh, D)
     dst.out.weight.copy_(src.out.weight.detach()[:, cols] * scale)  # (D, H'*dh)
+    if src.out.bias is not None:
+        dst.out.bias.copy_(src.out.bias.detach() * scale)  # (D,) the layer output is scaled whole
     dst.r_w_bias.copy_(src.r_w_bias.detach()[idx])  # (H', dh)
     dst.r_r_bias.copy_(src.r_r_bias.detach()[idx])  # (H', dh)
     if src.n:
@@ -73,6 +75,9 @@ def prune_heads(gated: LanguageModel) -> LanguageModel:
             own[name].copy_(tensor)
     for src_blk, dst_blk, idx in zip(gated.layers, pruned.layers, keep, strict=True):
         if dst_blk.attn is None:
+            if dst_blk.empty_bias is not None:  # every head closed: the bias alone (x 0 under output scaling)
+                src_bias = src_blk.empty_bias if src_blk.attn is None else src_blk.attn.out.bias
+                dst_blk.empty_bias.copy_(src_bias.detach() * (0.0 if src_blk.output_scaling else 1.0))
             continue
         scale = src_blk.full_heads / len(idx) if src_blk.output_scaling else 1.0
         _slice_attention(src_blk.attn, dst_blk.attn, idx, scale)

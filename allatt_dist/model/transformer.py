@@ -4,8 +4,10 @@ Both are pre-LayerNorm stacks of relative attention with segment-level memory; t
 persistent vectors (All-attention) versus a feed-forward sublayer (Transformer-XL), which their
 family declares (`StackLayout`, model/families.py). With a
 `GateConfig` every layer's heads get a Hard Concrete gate; with `heads_per_layer` the model is a
-physically pruned one (layers may differ in head count; a layer with none is a pure residual).
-Single-device code: no Ray, no DeepSpeed.
+physically pruned one (layers may differ in head count; a layer with none is a pure residual, plus
+the output projection's bias when it has one). The `ModelConfig` switches (final norm, learned
+positions, zero-memory start, word dropout, ...; `model.variant` presets them) are read here and in
+attention.py / output.py; docs/model.md, "Variants". Single-device code: no Ray, no DeepSpeed.
 """
 
 from __future__ import annotations
@@ -35,10 +37,21 @@ class Block(nn.Module):
         self.norm = nn.LayerNorm(cfg.hidden_dim)
         self.num_heads, self.full_heads = num_heads, cfg.num_heads
         self.attn = (
-            RelPersistentAttention(cfg.hidden_dim, num_heads, cfg.head_dim, persistent, cfg.dropatt)
+            RelPersistentAttention(
+                cfg.hidden_dim,
+                num_heads,
+                cfg.head_dim,
+                persistent,
+                cfg.dropatt,
+                out_bias=cfg.attn_out_bias,
+                persistent_content_bias=cfg.persistent_content_bias,
+            )
             if num_heads
             else None
         )
+        # A pruned layer without heads still adds the output projection's bias (when it has one):
+        # the gated layer's output with every head closed (0 under output scaling; set by pruning).
+        self.empty_bias = nn.Parameter(torch.zeros(cfg.hidden_dim)) if cfg.attn_out_bias and not num_heads else None
         self.gate = HeadGate(num_heads, gates) if gates is not None and num_heads else None
         self.output_scaling = bool(gates is not None and gates.output_scaling)
         self.drop = nn.Dropout(cfg.dropout)
@@ -75,6 +88,8 @@ class Block(nn.Module):
             else:  # through __call__, so module hooks (e.g. ZeRO-3 parameter gathering) run
                 y = self.attn(x, normed, pos, mask, z, scale)  # (B,T,D)
             h = h + self.drop(y)  # (B,T,D)
+        elif self.empty_bias is not None:
+            h = h + self.drop(self.empty_bias.to(h.dtype))  # (B,T,D)
         if self.ffn is not None:
             h = h + self.drop(self.ffn(h))  # (B,T,D)
         return h
@@ -105,10 +120,15 @@ class LanguageModel(GatedModule):
             raise ValueError(f"heads_per_layer {heads} does not fit {cfg.num_layers} layers of {cfg.num_heads}")
         self.cfg, self.vocab_size, self.heads_per_layer = cfg, vocab_size, list(heads)
         self.layout = layout or stack_layout(cfg)
-        self.io = make_output(vocab_size, cfg.hidden_dim, cfg.adaptive_cutoffs, cfg.adaptive_div)
+        self.io = make_output(vocab_size, cfg.hidden_dim, cfg.adaptive_cutoffs, cfg.adaptive_div, cfg.adaptive_proj)
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Block(cfg, n, gates, self.layout) for n in heads)
-        self.final_norm = nn.LayerNorm(cfg.hidden_dim)
+        self.final_norm = nn.LayerNorm(cfg.hidden_dim) if cfg.final_norm else nn.Identity()
+        if cfg.positions == "learned":  # row r holds distance rows-1-r, as the sinusoid's order
+            bound = cfg.hidden_dim**-0.5
+            self.pos_table = nn.Parameter(torch.empty(cfg.position_rows, cfg.hidden_dim).uniform_(-bound, bound))
+        else:
+            self.register_parameter("pos_table", None)
 
     def forward(
         self,
@@ -119,11 +139,12 @@ class LanguageModel(GatedModule):
     ) -> LMOutput:
         """x: (B,T) ids; target: (B,T) ids or -100 (ignored); `reference` uses the explicit softmax."""
         b, t = x.shape
+        h = self.drop(self._word_dropout(x, self.io.embed(x)))  # (B,T,D), in the weights' dtype (bf16/fp16 under DS)
+        if not mems and self.cfg.zero_memory_start and self.cfg.mem_len:
+            mems = [h.new_zeros(b, self.cfg.mem_len, h.shape[2]) for _ in self.layers]  # L x (B,M,D)
         m = 0 if not mems else mems[0].shape[1]
         k = m + t
-        h = self.drop(self.io.embed(x))  # (B,T,D), in the weights' dtype (bf16/fp16 under DeepSpeed's)
-        pos = sinusoid(torch.arange(k - 1, -1, -1, device=x.device), self.cfg.hidden_dim).to(h.dtype)  # (K,D)
-        pos = self.drop(pos)
+        pos = self.drop(self._positions(k, h.dtype, x.device))  # (K,D)
         mask = attention_mask(t, m, self.cfg.mem_len, self.cfg.same_length, x.device)  # (T,K)
         new_mems = []
         for i, layer in enumerate(self.layers):
@@ -139,6 +160,23 @@ class LanguageModel(GatedModule):
         # no data-dependent shapes, so no host sync and no graph break under torch.compile.
         nll = torch.where(keep, self.io.nll(flat, tgt.masked_fill(~keep, 0)), 0.0)  # (B*T,) fp32
         return LMOutput(nll.view(b, t), None, new_mems)
+
+    def _positions(self, k: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """Embeddings of the distances k-1 .. 0, (K,D): the sinusoid, or the last k rows of the table."""
+        if self.pos_table is None:
+            return sinusoid(torch.arange(k - 1, -1, -1, device=device), self.cfg.hidden_dim).to(dtype)  # (K,D)
+        if k > self.pos_table.shape[0]:
+            raise ValueError(f"{k} context positions exceed the learned table's {self.pos_table.shape[0]} rows")
+        return self.pos_table[-k:].to(dtype)  # (K,D)
+
+    def _word_dropout(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """Training: drop whole word types (every occurrence of a dropped id in this batch is zeroed),
+        scaling the kept ones by 1/(1-p). x: (B,T) ids, e: (B,T,D) their embeddings."""
+        p = self.cfg.word_dropout
+        if not self.training or p == 0.0:
+            return e
+        keep = torch.bernoulli(torch.full((self.vocab_size,), 1.0 - p, device=x.device))  # (V,)
+        return e * (keep[x] / (1.0 - p)).to(e.dtype)[..., None]  # (B,T,D)
 
     def _next_mem(self, mem: torch.Tensor | None, h: torch.Tensor) -> torch.Tensor:
         """Last mem_len positions of [memory; this layer's input], detached: (B,M',D)."""

@@ -52,6 +52,7 @@ class PhaseSpec:
     max_steps: int
     lr: float
     gates: GateConfig | None  # gated model and sparsity objective in the prune phase
+    constant_lr: bool = False  # no warm-up, no decay (prune.constant_lr / finetune.constant_lr)
 
 
 def phase_spec(cfg: RunConfig, phase: Phase) -> PhaseSpec:
@@ -59,7 +60,8 @@ def phase_spec(cfg: RunConfig, phase: Phase) -> PhaseSpec:
         return PhaseSpec(phase, cfg.train.max_steps, cfg.train.lr, None)
     section = cfg.prune if phase == "prune" else cfg.finetune
     lr = section.lr or cfg.train.lr
-    return PhaseSpec(phase, section.max_steps, lr, training_gates(cfg.model, cfg.gates) if phase == "prune" else None)
+    gates = training_gates(cfg.model, cfg.gates) if phase == "prune" else None
+    return PhaseSpec(phase, section.max_steps, lr, gates, section.constant_lr)
 
 
 def cut_size(cfg: RunConfig, spec: PhaseSpec) -> int | None:
@@ -109,12 +111,13 @@ def lr_multiplier(step: int, cfg: RunConfig, max_steps: int) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def make_scheduler(cfg: RunConfig, max_steps: int):
-    """A callable for `deepspeed.initialize(lr_scheduler=...)`: torch's LambdaLR, gates kept constant."""
+def make_scheduler(cfg: RunConfig, max_steps: int, constant: bool = False):
+    """A callable for `deepspeed.initialize(lr_scheduler=...)`: torch's LambdaLR, gates kept constant
+    (and the weights too with `constant`)."""
 
     def build(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         fns = [
-            (lambda s: 1.0) if g.get("name") == "gates" else (lambda s: lr_multiplier(s, cfg, max_steps))
+            (lambda s: 1.0) if g.get("name") == "gates" or constant else (lambda s: lr_multiplier(s, cfg, max_steps))
             for g in optimizer.param_groups
         ]
         return torch.optim.lr_scheduler.LambdaLR(optimizer, fns)

@@ -144,7 +144,8 @@ def _register_io_params(module: TrainModule) -> None:
     """
     import deepspeed
 
-    for p in module.lm.io.parameters():
+    table = [module.lm.pos_table] if module.lm.pos_table is not None else []  # learned positions: read alike
+    for p in [*module.lm.io.parameters(), *table]:
         deepspeed.zero.register_external_parameter(module, p)
         deepspeed.zero.register_external_parameter(module.lm, p)
 
@@ -217,7 +218,7 @@ def train_loop_per_worker(config: dict[str, WorkerJob]) -> None:
         model=module,
         model_parameters=groups,
         optimizer=None if on_gpu else make_torch_optimizer(groups, cfg),
-        lr_scheduler=make_scheduler(cfg, spec.max_steps),
+        lr_scheduler=make_scheduler(cfg, spec.max_steps, spec.constant_lr),
         config=job.ds_config,
         dist_init_required=False,
     )
