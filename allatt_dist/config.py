@@ -159,6 +159,7 @@ class ScalingConfig(_Section):
     gpus_per_worker: float = Field(1.0, ge=0.0)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     max_failures: int = Field(0, ge=-1)
+    wait_for_nodes_s: float = Field(600.0, ge=0.0)
 
 
 class DeepSpeedConfig(_Section):
