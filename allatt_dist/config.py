@@ -123,6 +123,7 @@ class DataConfig(_Section):
     raw: bool = False
     eval_batch_size: int = Field(8, gt=0)
     eval_max_segments: int | None = Field(None, gt=0)
+    cache_dir: str | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:

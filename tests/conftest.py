@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,12 @@ from allatt_dist.config import DataConfig
 # faster than two fighting for the cores (evaluating the test split: 11 s vs 75 s when loaded).
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # for CLI subprocesses started by tests
+
+# The token cache (allatt_dist/data/cache.py) of every test, CLI subprocess and Ray worker started from
+# here: a temp folder, never ~/.cache.
+if not os.environ.get("ALLATT_CACHE_DIR"):
+    os.environ["ALLATT_CACHE_DIR"] = tempfile.mkdtemp(prefix="allatt-cache-")
+    atexit.register(shutil.rmtree, os.environ["ALLATT_CACHE_DIR"], True)
 
 WT2_MINI = Path(__file__).resolve().parents[1].parent / "shared/data/wikitext-2-mini"
 
