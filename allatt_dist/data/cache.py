@@ -63,6 +63,7 @@ class TokenCache:
             with self._lock():
                 if not path.is_file():
                     build().save(path)  # atomic: temp name + rename
+                    path.chmod(0o644)  # readable by every user of a shared cache folder
         return Vocab.load(path)
 
     def ids(self, split: str, split_file: Path, encode: Callable[[], np.ndarray]) -> np.ndarray:
@@ -106,6 +107,7 @@ def _save_atomic(path: Path, ids: np.ndarray) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             np.save(f, np.ascontiguousarray(ids, dtype=DTYPE), allow_pickle=False)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
