@@ -8,8 +8,9 @@ public call that lists them, so this module is the one place that reads them, fr
 2. the YAML the head's autoscaler (`monitor.py --autoscaling-config=FILE`) was started with, read by a
    zero-CPU task pinned to the head node (`ray up`, `ray start --head --autoscaling-config`).
 
-An autoscaler whose node types neither reveals (e.g. KubeRay's v1 autoscaler) is still seen, through the
-status it publishes for `ray status`; then the capacity check asks and waits, without its fast refusal.
+Autoscaler v2 (KubeRay with `autoscalerOptions.version: v2`, `ray up` in Ray 2.60) is seen even when neither
+reveals its node types; then the capacity check asks and waits, without its fast refusal. A v1 autoscaler
+that runs outside the head's process table (KubeRay's v1 sidecar) is not seen: only the live nodes count.
 tests/test_autoscale.py holds each of these reads against this Ray, so an upgrade that moves one fails there.
 """
 
@@ -47,12 +48,16 @@ class Autoscaler:
 
 def discover() -> Autoscaler | None:
     """The cluster's autoscaler, or None when nothing autoscales it."""
-    found = _from_gcs_cluster_config() or _from_head_monitor()
+    found = _from_gcs_cluster_config()
     if found is not None:
         return found
-    if _status_published():
+    if not _status_published():
+        return None
+    found = _from_head_monitor()
+    if found is None and _is_v2():
+        # v2 publishes a status only when it runs; v1's status is published by a read-only monitor too
         return Autoscaler(source="the autoscaler's status (node types not published)")
-    return None
+    return found
 
 
 def request(bundles: list[dict[str, float]]) -> None:
@@ -93,6 +98,9 @@ def _from_head_monitor() -> Autoscaler | None:
     if not heads:
         return None
     gcs = ray.get_runtime_context().gcs_address
+    if ray.get_runtime_context().get_node_id() == heads[0]:  # a driver on the head (jobs, a local Ray)
+        text = _read_monitor_config(gcs)
+        return parse_autoscaling_yaml(text, "the head's autoscaling config") if text else None
     task = ray.remote(num_cpus=0, max_retries=0)(_read_monitor_config)
     strategy = NodeAffinitySchedulingStrategy(heads[0], soft=False)
     try:
@@ -146,17 +154,22 @@ def parse_autoscaling_yaml(text: str, source: str) -> Autoscaler | None:
 
 
 def _status_published() -> bool:
-    """True when an autoscaler reports its status to the GCS (what `ray status` reads)."""
+    """True when a monitor reports an autoscaler's status to the GCS (what `ray status` reads). A plain
+    `ray start` or `ray.init()` has one too (read-only, it adds nothing): the node types tell them apart."""
     from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
 
     if not _internal_kv_initialized():
         return False
     raw = _internal_kv_get("__autoscaling_status")
     if not raw:
-        from ray.autoscaler.v2.utils import is_autoscaler_v2
-
-        return bool(is_autoscaler_v2())
+        return _is_v2()
     try:
         return "autoscaler_report" in json.loads(raw)
     except ValueError:
         return False
+
+
+def _is_v2() -> bool:
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
+
+    return bool(is_autoscaler_v2())
