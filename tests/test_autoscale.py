@@ -72,6 +72,60 @@ def test_private_ray_reads_still_exist():
     from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized  # noqa: F401
 
 
+def _fake_cluster_state(monkeypatch, nodes_over_time, auto):
+    """capacity.py against scripted live nodes and a scripted autoscaler (no Ray)."""
+    from allatt_dist.cluster import capacity
+
+    seen = iter(nodes_over_time)
+    last = {"nodes": nodes_over_time[0]}
+    asked = []
+
+    def alive():
+        last["nodes"] = next(seen, last["nodes"])
+        return last["nodes"]
+
+    monkeypatch.setattr(capacity, "_alive", alive)
+    monkeypatch.setattr(capacity, "POLL_S", 0.01)
+    monkeypatch.setattr(capacity.autoscale, "discover", lambda: auto)
+    monkeypatch.setattr(capacity.autoscale, "request", asked.append)
+    monkeypatch.setattr(capacity.autoscale, "clear_request", lambda: asked.append([]))
+    return capacity, asked
+
+
+def test_without_an_autoscaler_the_live_nodes_decide(monkeypatch):
+    from allatt_dist.config import ScalingConfig
+    from allatt_dist.errors import UserError
+
+    capacity, asked = _fake_cluster_state(monkeypatch, [[{"CPU": 1.0}]], None)
+    with pytest.raises(UserError, match=r"room for 1 \(no autoscaler\)"):
+        capacity.check_fits(ScalingConfig(num_workers=2))
+    assert asked == []
+
+
+def test_an_autoscaler_is_asked_and_the_check_returns_once_nodes_arrive(monkeypatch):
+    from allatt_dist.config import ScalingConfig
+
+    auto = autoscale.Autoscaler("test", [autoscale.NodeType("w", {"CPU": 1.0}, 2)], max_workers=2)
+    head = {"CPU": 1.0, autoscale.HEAD_RESOURCE: 1.0}
+    capacity, asked = _fake_cluster_state(monkeypatch, [[head], [head], [head, {"CPU": 1.0}]], auto)
+    capacity.check_fits(ScalingConfig(num_workers=2, wait_for_nodes_s=30))
+    assert asked == [[{"CPU": 1.0}, {"CPU": 1.0}]]
+
+
+def test_unknown_node_types_wait_and_a_timeout_says_what_was_asked_and_what_arrived(monkeypatch):
+    from allatt_dist.config import ScalingConfig
+    from allatt_dist.errors import UserError
+
+    auto = autoscale.Autoscaler("test", [autoscale.NodeType("gpu", {}, 4)])  # resources left to the cloud
+    capacity, asked = _fake_cluster_state(monkeypatch, [[{"CPU": 4.0}]], auto)
+    with pytest.raises(UserError) as err:
+        capacity.check_fits(ScalingConfig(num_workers=2, use_gpu=True, wait_for_nodes_s=0.2))
+    line = str(err.value)
+    assert "asked for scaling.num_workers=2 workers of {'CPU': 1.0, 'GPU': 1.0}" in line and "\n" not in line
+    assert "went from 1 node(s) with {'CPU': 4.0, 'GPU': 0.0} to 1 node(s)" in line
+    assert asked[0] == [{"CPU": 1.0, "GPU": 1.0}] * 2 and asked[-1] == []  # asked, then withdrawn
+
+
 # --------------------------------------------------------------------------------------------------
 # Ray's fake autoscaler
 

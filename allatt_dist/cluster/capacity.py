@@ -56,7 +56,9 @@ def _check(scaling: ScalingConfig, demand: Demand, label: str = "scaling") -> No
         return
     auto = autoscale.discover() if scaling.wait_for_nodes_s > 0 else None
     if auto is None:
-        _refuse(nodes, demand, label)
+        _refuse(
+            nodes, demand, label, "no autoscaler" if scaling.wait_for_nodes_s > 0 else f"{label}.wait_for_nodes_s=0"
+        )
     if auto.knows_types:
         at_limit = [n for n in nodes if autoscale.HEAD_RESOURCE in n] + scaled_out(auto)
         if not fits(at_limit, demand):
@@ -111,19 +113,19 @@ def _summary(nodes: list[dict[str, float]], keys) -> str:
     return f"{len(nodes)} node(s) with {total}"
 
 
-def _refuse(nodes: list[dict[str, float]], demand: Demand, label: str) -> None:
+def _refuse(nodes: list[dict[str, float]], demand: Demand, label: str, why: str) -> None:
     need = demand.need
     have = slots(nodes, need)
     total = {k: sum(r.get(k, 0.0) for r in nodes) for k in need}
     if "GPU" in need and total.get("GPU", 0.0) == 0.0:
         raise UserError(
-            f"{label}.use_gpu=true but the cluster has no GPUs ({len(nodes)} node(s)) and no autoscaler that "
-            f"adds any; set {label}.use_gpu=false to train on CPUs, or add GPU nodes"
+            f"{label}.use_gpu=true but the cluster has no GPUs ({len(nodes)} node(s); {why}); set "
+            f"{label}.use_gpu=false to train on CPUs, or add GPU nodes"
         )
     if have < demand.workers:
         raise UserError(
             f"{_what(demand, label)} can never be placed: the cluster has {total} over {len(nodes)} node(s), "
-            f"room for {have}, and no autoscaler; lower {label}.num_workers or {label}.cpus_per_worker, or add nodes"
+            f"room for {have} ({why}); lower {label}.num_workers or {label}.cpus_per_worker, or add nodes"
         )
     cpus = sum(r.get("CPU", 0.0) for r in nodes)
     raise UserError(
