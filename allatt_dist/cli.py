@@ -90,9 +90,10 @@ def cmd_evaluate(a: argparse.Namespace) -> dict:
     from allatt_dist.modelio import load_model_dir
     from allatt_dist.recipe import data_config
 
-    model, vocab, meta = load_model_dir(a.model_dir)
+    device = _device(a.device)
+    model, vocab, meta = load_model_dir(a.model_dir, device)
     data = data_config({}, a.overrides, "--set")
-    corpus = load_corpus(data, splits=("train", a.split))
+    corpus = load_corpus(data, splits=(a.split,))
     if corpus.vocab.fingerprint() != vocab.fingerprint():
         raise CheckpointError(
             f"{a.model_dir}: its vocabulary ({len(vocab)} types) is not the one of the corpus "
@@ -108,6 +109,23 @@ def cmd_evaluate(a: argparse.Namespace) -> dict:
     }
 
 
+def _device(name: str):
+    """`--device`: auto, cpu, cuda or cuda:N, checked against this machine."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r}: give auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name!r}: give auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise UserError(f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} visible)")
+    return device
+
+
 def cmd_tune(a: argparse.Namespace) -> list:
     from allatt_dist.search.tune import tune_search
 
@@ -120,6 +138,10 @@ def cmd_tune(a: argparse.Namespace) -> list:
 def cmd_rank(a: argparse.Namespace) -> dict:
     from allatt_dist.search.rank import rank
 
+    if a.address:
+        from allatt_dist.cluster.session import connect
+
+        connect(a.address)
     exp = Path(a.experiment)
     with hold(exp):
         return rank(exp, a.budget, progress=sys.stderr.isatty(), data_overrides=a.overrides)
@@ -176,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--budget", type=positive_int, default=None, help="also report the best model under this many params"
     )
     add_override_arg(p, "data options over the experiment's run.yaml, e.g. data.path=DIR", "data.KEY=VALUE")
+    p.add_argument("--address", default=None, help="Ray cluster to score on (default: RAY_ADDRESS or a local Ray)")
     p.set_defaults(fn=cmd_rank)
 
     p = sub.add_parser("prune", help="physically remove closed heads from a gated model")
@@ -188,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir")
     p.add_argument("--split", choices=["train", "valid", "test"], default="test")
     p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when there is one, else cpu)")
     add_override_arg(p, "data options, e.g. data.path=DIR", "data.KEY=VALUE")
     p.set_defaults(fn=cmd_evaluate)
     from allatt_dist.cluster.commands import register as register_cluster_commands

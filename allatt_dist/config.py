@@ -157,6 +157,7 @@ class DataConfig(_Section):
     raw: bool = False
     eval_batch_size: int = Field(8, gt=0)
     eval_max_segments: int | None = Field(None, gt=0)
+    cache_dir: str | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
@@ -194,6 +195,7 @@ class ScalingConfig(_Section):
     gpus_per_worker: float = Field(1.0, ge=0.0)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     max_failures: int = Field(0, ge=-1)
+    wait_for_nodes_s: float = Field(600.0, ge=0.0)
 
 
 class DeepSpeedConfig(_Section):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 # Before anything imports Ray: the local instances tests start are loopback-only, as the CLI's are
@@ -20,6 +23,12 @@ from allatt_dist.config import DataConfig  # noqa: E402
 # faster than two fighting for the cores (evaluating the test split: 11 s vs 75 s when loaded).
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # for CLI subprocesses started by tests
+
+# The token cache (allatt_dist/data/cache.py) of every test, CLI subprocess and Ray worker started from
+# here: a temp folder, never ~/.cache.
+if not os.environ.get("ALLATT_CACHE_DIR"):
+    os.environ["ALLATT_CACHE_DIR"] = tempfile.mkdtemp(prefix="allatt-cache-")
+    atexit.register(shutil.rmtree, os.environ["ALLATT_CACHE_DIR"], True)
 
 WT2_MINI = Path(__file__).resolve().parents[1].parent / "shared/data/wikitext-2-mini"
 

@@ -133,3 +133,14 @@ def test_evaluate_takes_only_known_data_keys(gated_dir, item, needle):
     src, _, _ = gated_dir
     p = cli("evaluate", str(src), "--set", item)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and needle in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize(
+    "device, needle",
+    [("tpu", "--device 'tpu': give auto, cpu, cuda or cuda:N"), ("cuda:7", "--device cuda:7: no such CUDA device")],
+)
+def test_evaluate_device_is_checked_in_one_line(gated_dir, wt2_path, device, needle):
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has that device")
+    p = cli("evaluate", str(gated_dir[0]), "--device", device, "--set", f"data.path={wt2_path}")
+    assert p.returncode == 2 and needle in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr

@@ -52,7 +52,7 @@ def test_vocab_matches_readme(corpus: Corpus, wt2_path: Path) -> None:
 def test_split_token_counts_match_readme(corpus: Corpus, wt2_path: Path) -> None:
     for split, n in README_TOKENS.items():
         ids = corpus.tokens(split)
-        assert ids.dtype == np.int64 and ids.shape == (n,) and not ids.flags.writeable
+        assert ids.dtype == np.uint32 and ids.shape == (n,) and not ids.flags.writeable  # the token cache's
         lines = read_lines(wt2_path / f"{split}.txt")  # one <eos> per line, blank lines included
         assert int((ids == corpus.vocab.eos_id).sum()) == len(lines)
 
@@ -238,7 +238,7 @@ def test_stream_targets_are_shifted_inputs(corpus: Corpus) -> None:
     assert stream.segments_per_epoch == (row_len - 1) // 32
     x, y, _ = _epoch(stream)  # (4, S*T)
     assert torch.equal(x[:, 1:], y[:, :-1])
-    expected = torch.from_numpy(tokens[: 4 * row_len].reshape(4, row_len).copy())  # (4, L)
+    expected = torch.from_numpy(tokens[: 4 * row_len].reshape(4, row_len).astype(np.int64))  # (4, L)
     assert torch.equal(x, expected[:, : x.shape[1]])
     assert torch.equal(y, expected[:, 1 : x.shape[1] + 1])
 
@@ -293,8 +293,8 @@ def test_eval_covers_every_target_once(corpus: Corpus, batch: int, seq_len: int)
     y = torch.cat([s[1] for s in segs], dim=1)  # (B, L)
     mask = y != IGNORE_INDEX
     assert int(mask.sum()) == n - 1
-    assert torch.equal(y[mask], torch.from_numpy(tokens[1:].copy()))  # row-major order = stream order
-    assert torch.equal(x[mask], torch.from_numpy(tokens[:-1].copy()))
+    assert torch.equal(y[mask], torch.from_numpy(tokens[1:].astype(np.int64)))  # row-major order = stream order
+    assert torch.equal(x[mask], torch.from_numpy(tokens[:-1].astype(np.int64)))
     assert int(x[~mask].abs().sum()) == 0
 
 

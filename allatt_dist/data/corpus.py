@@ -3,7 +3,8 @@
 Resolution order: `data.path`, else the `ALLATT_DATA` environment variable (unless data.source is
 `hub`), else the hub (`datasets.load_dataset("wikitext", ...)`). A local folder holds either
 `wiki.{train,valid,test}.tokens` or `{train,valid,test}.txt`. The vocabulary always comes from the
-train split. Loads are cached in-process, so repeated calls with the same source are free.
+train split. A local corpus is tokenised once and kept on disk as memory-mapped uint32 ids (`cache.py`),
+shared by every process on the node; loads are also cached in-process, so repeated calls are free.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from allatt_dist.config import DataConfig
+from allatt_dist.data.cache import DTYPE, TokenCache, cache_root
+from allatt_dist.data.cache import ENV_VAR as CACHE_ENV
 from allatt_dist.data.vocab import Vocab
 from allatt_dist.errors import DataError
 
@@ -29,7 +32,7 @@ _FIX = "--set data.path=DIR (or ALLATT_DATA=DIR), a folder with {train,valid,tes
 @dataclass
 class Corpus:
     vocab: Vocab
-    splits: dict[str, np.ndarray]  # split -> (n,) int64 token ids, read-only
+    splits: dict[str, np.ndarray]  # split -> (n,) token ids (uint32 memory-mapped, or int64), read-only
     origin: str = field(default="", compare=False)  # where it was read from, for logs
 
     def tokens(self, split: str) -> np.ndarray:
@@ -62,7 +65,7 @@ def load_corpus(cfg: DataConfig, splits: Iterable[str] = SPLITS) -> Corpus:
             raise DataError(f"unknown split {s!r}; known: {', '.join(SPLITS)}")
     folder = _local_folder(cfg)
     if folder is not None:
-        return _load_local(folder, cfg.raw, wanted)
+        return _load_local(folder, cfg.raw, wanted, cfg.cache_dir)
     return _load_hub(cfg.name, cfg.raw, wanted)
 
 
@@ -79,7 +82,10 @@ def resolve_data(cfg: DataConfig, splits: Iterable[str] = SPLITS) -> DataConfig:
         with f.open("rb") as fh:
             if not fh.read(1 << 16).strip():
                 raise DataError(f"{f}: the {split} split is empty")
-    return cfg.model_copy(update={"path": str(folder.resolve()), "source": "local"})
+    update = {"path": str(folder.resolve()), "source": "local"}
+    if cfg.cache_dir:
+        update["cache_dir"] = str(Path(cfg.cache_dir).expanduser().resolve())
+    return cfg.model_copy(update=update)
 
 
 def clear_cache() -> None:
@@ -109,7 +115,7 @@ def _split_file(folder: Path, split: str, raw: bool) -> Path:
     raise DataError(f"{folder / names[0]}: split file not found (also tried {others})")
 
 
-def _load_local(folder: Path, raw: bool, wanted: tuple[str, ...]) -> Corpus:
+def _load_local(folder: Path, raw: bool, wanted: tuple[str, ...], cache_dir: str | None) -> Corpus:
     if not folder.is_dir():
         raise DataError(f"{folder}: data folder not found; {_FIX}")
     files = []
@@ -117,14 +123,43 @@ def _load_local(folder: Path, raw: bool, wanted: tuple[str, ...]) -> Corpus:
         path = _split_file(folder, split, raw).resolve()
         st = path.stat()
         files.append((split, str(path), st.st_mtime_ns, st.st_size))
-    return _local_cached(tuple(files), wanted, str(folder.resolve()))
+    return _local_cached(tuple(files), wanted, str(folder.resolve()), cache_dir)
 
 
 @lru_cache(maxsize=8)
-def _local_cached(files: tuple[tuple[str, str, int, int], ...], wanted: tuple[str, ...], origin: str) -> Corpus:
-    lines = {split: read_lines(path) for split, path, _, _ in files}
+def _local_cached(
+    files: tuple[tuple[str, str, int, int], ...], wanted: tuple[str, ...], origin: str, cache_dir: str | None
+) -> Corpus:
     where = {split: path for split, path, _, _ in files}
+    root, chosen = cache_root(cache_dir)
+    try:
+        return _from_token_cache(TokenCache(root, Path(where["train"])), where, wanted, origin)
+    except OSError as e:
+        if chosen:
+            raise DataError(
+                f"{root}: token cache not usable ({e.strerror or e}); set data.cache_dir (or {CACHE_ENV}) "
+                "to a writable folder"
+            ) from None
+    lines = {split: read_lines(path) for split, path in where.items()}  # no usable default cache: in memory
     return _make_corpus(lines, where, wanted, origin)
+
+
+def _from_token_cache(cache: TokenCache, where: dict[str, str], wanted: tuple[str, ...], origin: str) -> Corpus:
+    """Vocabulary and ids from the disk cache; a file is read and tokenised only when its entry is missing."""
+    read: dict[str, list[str]] = {}
+
+    def lines(split: str) -> list[str]:
+        if split not in read:
+            read[split] = read_lines(where[split])
+            if not any(line.strip() for line in read[split]):
+                raise DataError(f"{where[split]}: split {split!r} is empty (no tokens)")
+        return read[split]
+
+    vocab = cache.vocab(lambda: Vocab.build(lines("train")))
+    arrays = {}
+    for split in wanted:
+        arrays[split] = cache.ids(split, Path(where[split]), lambda s=split: vocab.encode_lines(lines(s), DTYPE))
+    return Corpus(vocab=vocab, splits=arrays, origin=origin)
 
 
 @lru_cache(maxsize=4)

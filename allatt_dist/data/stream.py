@@ -31,10 +31,10 @@ class LMStream:
                 f"split too small for batch {global_batch} x seq_len {seq_len}: {n} tokens give rows of "
                 f"{row_len}, need at least {seq_len + 1}"
             )
-        rows = np.asarray(tokens[: global_batch * row_len], dtype=np.int64).reshape(global_batch, row_len)
+        rows = tokens[: global_batch * row_len].reshape(global_batch, row_len)  # (B, L), a view (no copy)
         local = global_batch // world_size
-        mine = rows[rank * local : (rank + 1) * local]  # (b, L)
-        self._rows = torch.from_numpy(mine.copy())  # (b, L), own writable copy
+        mine = np.array(rows[rank * local : (rank + 1) * local], dtype=np.int64)  # (b, L), this rank's rows
+        self._rows = torch.from_numpy(mine)  # (b, L), own writable copy
         self.seq_len = seq_len
         self.rank = rank
         self.world_size = world_size

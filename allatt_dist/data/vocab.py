@@ -64,9 +64,9 @@ class Vocab:
                 yield stoi.get(tok, unk)
             yield eos
 
-    def encode_lines(self, lines: Iterable[str]) -> np.ndarray:
+    def encode_lines(self, lines: Iterable[str], dtype: type = np.int64) -> np.ndarray:
         """Token ids of `lines`: each line's tokens then `<eos>`; unknown words map to `<unk>`."""
-        return np.fromiter(self._ids(lines), dtype=np.int64)  # (n,)
+        return np.fromiter(self._ids(lines), dtype=dtype)  # (n,)
 
     def decode(self, ids: Iterable[int]) -> list[str]:
         return [self.itos[int(i)] for i in ids]

@@ -141,27 +141,21 @@ def collect(exp_dir: Path) -> list[dict]:
 
 
 def score(rows: list[dict], exp_dir: Path, data_cfg, progress: bool) -> None:
-    """Prune and evaluate every scorable row in place (test_ppl, params, heads, sparsity)."""
-    from tqdm import tqdm
+    """Prune and evaluate every scorable row in place (test_ppl, params, heads, sparsity), the models in
+    parallel as Ray tasks (`scoring.py`); the pruned models are saved here, under .rank-work/."""
+    from allatt_dist.cluster.session import connect
+    from allatt_dist.modelio import save_model_dir
+    from allatt_dist.search.scoring import Job, score_all
 
-    from allatt_dist.data.corpus import load_corpus
-    from allatt_dist.evaluate import evaluate
-    from allatt_dist.model.pruning import prune_model
-    from allatt_dist.modelio import load_model_dir, save_model_dir
-
-    corpus = load_corpus(data_cfg, splits=("train", "test"))
     work = exp_dir / ".rank-work"
     shutil.rmtree(work, ignore_errors=True)
     todo = [r for r in rows if r["source"] is not None]
-    for row in tqdm(todo, desc="rank", unit="model", disable=not progress):
-        model, vocab, meta = load_model_dir(row["source"])
-        if vocab.fingerprint() != corpus.vocab.fingerprint():
-            raise UserError(f"{row['source']}: vocabulary differs from the experiment's corpus")
-        model = prune_model(model) if row["gated"] else model
-        res = evaluate(model, corpus.tokens("test"), batch_size=8)
-        saved = save_model_dir(model, vocab, work / row["name"], extra={"pruned": row["gated"]})
+    connect()  # no-op when already connected (`run`, `rank --address`)
+    results = score_all([Job(r["name"], Path(r["source"]), r["gated"]) for r in todo], data_cfg, progress)
+    for row, res in zip(todo, results, strict=True):
+        saved = save_model_dir(res["model"], res["vocab"], work / row["name"], extra={"pruned": row["gated"]})
         row.update(
-            test_ppl=res.ppl,
+            test_ppl=res["test_ppl"],
             params=saved["params"],
             heads_per_layer=saved["heads_per_layer"],
             sparsity=saved["sparsity"],
