@@ -6,6 +6,7 @@ the file (or `--set`), the key and what is allowed. Nothing below it parses YAML
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,9 @@ def _format_error(err: ValidationError, origin: str, set_tree: dict[str, Any] | 
     loc = tuple(first["loc"])
     key = ".".join(str(p) for p in loc)
     msg = first["msg"].removeprefix("Value error, ")
+    named = re.match(r"([a-z_]+(?:\.[a-z_]+)+)[: ]", msg)  # a whole-config check names its key first
+    if not loc and named and not msg.startswith("tune."):
+        loc = tuple(named.group(1).split("."))
     if set_tree and (loc[:1] == ("tune",) or msg.startswith("tune.")) and "tune" in set_tree:
         origin = f"{origin} with --set" if origin and origin != "--set" else "--set"  # the search came from both
     elif set_tree and _given_in(set_tree, loc):
@@ -102,7 +106,7 @@ def _format_error(err: ValidationError, origin: str, set_tree: dict[str, Any] | 
     elif "input" in first and first["type"] not in ("value_error",):
         msg = f"{msg} (got {first['input']!r})"
     where = f"{origin}: " if origin else ""
-    return f"{where}{key}: {msg}" if key else f"{where}{msg}"
+    return f"{where}{key}: {msg}" if key else f"{where}{msg}"  # a whole-config check's message names its key
 
 
 def build_config(data: dict[str, Any], origin: str = "", set_tree: dict[str, Any] | None = None) -> RunConfig:
