@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ray_procs import kill_ours
 
 from allatt_dist.cluster import autoscaler as autoscale
 from allatt_dist.cluster.capacity import Demand, fits, scaled_out, slots
@@ -166,39 +166,6 @@ def _fake_config(gcs_port: int) -> dict:
     return cfg
 
 
-def _ours(pid: int, mark: str) -> bool:
-    try:
-        blob = Path(f"/proc/{pid}/cmdline").read_bytes() + Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return False
-    return mark.encode() in blob
-
-
-def _kill_ours(head: subprocess.Popen, mark: str) -> None:
-    """SIGKILL our `ray start` process group, then every process that names our temp dir (the fake nodes'
-    raylets and workers run in their own sessions). Nothing else on the machine is touched."""
-    try:
-        os.killpg(head.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        head.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass
-    me = os.getpid()
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        left = [int(d) for d in os.listdir("/proc") if d.isdigit() and int(d) != me and _ours(int(d), mark)]
-        if not left:
-            return
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        time.sleep(0.5)
-
-
 @pytest.fixture(scope="module")
 def fake_cluster(tmp_path_factory):
     base = tmp_path_factory.mktemp("as")  # short: Ray's unix sockets live under the temp dir
@@ -232,7 +199,7 @@ def fake_cluster(tmp_path_factory):
             time.sleep(0.5)
         yield {"address": f"127.0.0.1:{gcs_port}", "env": env, "base": base}
     finally:
-        _kill_ours(head, str(raytmp))
+        kill_ours([head], [str(raytmp)])
         log.close()
 
 

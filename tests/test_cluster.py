@@ -18,7 +18,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ray_procs import kill_ours
 
 from allatt_dist.cli import main, parse_args
 from allatt_dist.cluster import jobs_api
@@ -399,42 +399,6 @@ class LocalCluster:
     logs: Path
 
 
-def _ours(pid: int, marks: list[str]) -> bool:
-    try:
-        blob = Path(f"/proc/{pid}/cmdline").read_bytes() + Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return False
-    return any(m.encode() in blob for m in marks)
-
-
-def _kill_ours(procs: list[subprocess.Popen], marks: list[str]) -> None:
-    """SIGKILL the process groups of our `ray start --block` commands (raylet, GCS, dashboard, agents),
-    then any process that still names our temp dir or token file (Ray workers and job drivers run in
-    their own sessions). Nothing else on this machine is touched."""
-    for p in procs:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-    for p in procs:
-        try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-    me = os.getpid()
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        left = [int(d) for d in os.listdir("/proc") if d.isdigit() and int(d) != me and _ours(int(d), marks)]
-        if not left:
-            return
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        time.sleep(0.5)
-
-
 def _get(url: str, token: str | None, timeout: float = 2.0):
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     with urllib.request.urlopen(req, timeout=timeout) as r:
@@ -501,7 +465,7 @@ def cluster(tmp_path_factory):
         _wait_for("the second node", two_nodes, procs, base)
         yield LocalCluster(address, f"127.0.0.1:{gcs_port}", env, token, base)
     finally:
-        _kill_ours(procs, [str(raytmp), str(token_file)])
+        kill_ours(procs, [str(raytmp), str(token_file)])
         shutil.rmtree(raytmp, ignore_errors=True)
 
 
