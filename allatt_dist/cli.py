@@ -18,6 +18,7 @@ from allatt_dist.cliargs import add_override_arg, positive_int
 from allatt_dist.errors import EnvironmentFailure, UserError
 from allatt_dist.outputs import check_new_model_dir, check_output_dir
 from allatt_dist.runlock import check_not_in_use, hold
+from allatt_dist.storage import Mirror, fetch_model_dir, is_uri, resolve_out
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -36,8 +37,10 @@ def _plan(a: argparse.Namespace, kind: str, search: bool):
     cfg = load_config(a.config, a.overrides)
     if search and cfg.tune is None:
         raise ConfigError(f"{a.config}: tune: section missing (see docs/search.md)")
-    out = Path(a.out) if a.out else Path(kind) / Path(a.config).stem
-    check_output_dir(out)
+    out = a.out or str(Path(kind) / Path(a.config).stem)
+    if not is_uri(out):
+        check_output_dir(Path(out))
+    out = resolve_out(out)  # a URI: checked writable now, before Ray or any worker starts
     progress = not getattr(a, "no_progress", False)
     return make_plan(cfg, out, verbose=a.verbose, progress=progress, force=getattr(a, "force", False))
 
@@ -58,22 +61,42 @@ def cmd_train(a: argparse.Namespace) -> dict:
     from allatt_dist.train.trainer import train
 
     plan = _plan(a, "runs", search=False)
-    with hold(plan.out):  # one writer per run directory, taken before Ray starts
+    with hold(plan.mirror), _discarding(plan.mirror):  # one writer per run directory, taken before Ray starts
         _connect(a, plan, search=False)
         return train(plan, None if a.phase == "all" else [a.phase])
+
+
+class _discarding:
+    """Remove the driver's local mirror of a run directory in object storage when the command ends."""
+
+    def __init__(self, mirror: Mirror):
+        self.mirror = mirror
+
+    def __enter__(self) -> Mirror:
+        return self.mirror
+
+    def __exit__(self, *exc) -> None:
+        self.mirror.discard()
 
 
 def cmd_prune(a: argparse.Namespace) -> dict:
     from allatt_dist.model.pruning import prune_model
     from allatt_dist.modelio import load_model_dir, save_model_dir
 
-    check_new_model_dir(Path(a.out), Path(a.checkpoint), a.force)
-    check_not_in_use(Path(a.out))
-    gated, vocab, meta = load_model_dir(a.checkpoint)
-    if not gated.gates:
-        raise UserError(f"{a.checkpoint}: holds an ungated model (nothing to prune); give a prune-phase model")
-    pruned = prune_model(gated)
-    out = save_model_dir(pruned, vocab, a.out, extra={"phase": "prune", "pruned": True})
+    if is_uri(a.out):
+        target = _remote_model_out(a)
+    else:
+        check_new_model_dir(Path(a.out), Path(a.checkpoint), a.force)
+        check_not_in_use(Path(a.out))
+        target = Mirror(Path(a.out).resolve())
+    source, fetched = fetch_model_dir(a.checkpoint, "checkpoint")
+    with _discarding(fetched or Mirror(source)), _discarding(target):
+        gated, vocab, meta = load_model_dir(source)
+        if not gated.gates:
+            raise UserError(f"{a.checkpoint}: holds an ungated model (nothing to prune); give a prune-phase model")
+        pruned = prune_model(gated)
+        out = save_model_dir(pruned, vocab, target.root, extra={"phase": "prune", "pruned": True})
+        target.push()  # object storage: weights first, config.json last
     return {
         "out": str(a.out),
         "heads_per_layer": out["heads_per_layer"],
@@ -91,7 +114,9 @@ def cmd_evaluate(a: argparse.Namespace) -> dict:
     from allatt_dist.recipe import data_config
 
     device = _device(a.device)
-    model, vocab, meta = load_model_dir(a.model_dir, device)
+    source, fetched = fetch_model_dir(a.model_dir, "model_dir")
+    with _discarding(fetched or Mirror(source)):
+        model, vocab, meta = load_model_dir(source, device)
     data = data_config({}, a.overrides, "--set")
     corpus = load_corpus(data, splits=(a.split,))
     if corpus.vocab.fingerprint() != vocab.fingerprint():
@@ -107,6 +132,17 @@ def cmd_evaluate(a: argparse.Namespace) -> dict:
         "params": meta["params"],
         "heads_per_layer": meta["heads_per_layer"],
     }
+
+
+def _remote_model_out(a: argparse.Namespace) -> Mirror:
+    """`prune --out URI`: writable, and not an existing model directory unless --force (replaced file by file)."""
+    from allatt_dist.storage import mirror_root, parse_remote
+
+    remote = parse_remote(a.out, "--out")
+    mirror = resolve_out(a.out)
+    if mirror.list_remote(mirror.root).get("config.json") is not None and not a.force:
+        raise UserError(f"--out {remote.uri}: a model directory already exists there; give a new path or --force")
+    return Mirror(mirror_root("model"), remote)
 
 
 def _device(name: str):
@@ -129,8 +165,10 @@ def _device(name: str):
 def cmd_tune(a: argparse.Namespace) -> list:
     from allatt_dist.search.tune import tune_search
 
+    if a.dense and is_uri(a.dense):
+        raise UserError(f"--dense {a.dense}: give a local folder (with --out in a bucket, OUT/dense/model is used)")
     plan = _plan(a, "experiments", search=True)
-    with hold(plan.out):
+    with hold(plan.mirror), _discarding(plan.mirror):
         _connect(a, plan, search=True)
         return tune_search(plan, Path(a.dense) if a.dense else None)
 
@@ -142,16 +180,26 @@ def cmd_rank(a: argparse.Namespace) -> dict:
         from allatt_dist.cluster.session import connect
 
         connect(a.address)
-    exp = Path(a.experiment)
-    with hold(exp):
-        return rank(exp, a.budget, progress=sys.stderr.isatty(), data_overrides=a.overrides)
+    exp = _experiment(a.experiment)
+    with hold(exp), _discarding(exp):
+        return rank(exp.root, a.budget, progress=sys.stderr.isatty(), data_overrides=a.overrides, store=exp)
+
+
+def _experiment(text: str) -> Mirror:
+    """`rank EXPERIMENT`: a folder, or a URI that holds an experiment and takes writes."""
+    from allatt_dist.storage import check_readable, parse_remote
+
+    if not is_uri(text):
+        return Mirror(Path(text).resolve())
+    check_readable(parse_remote(text, "experiment"), "experiment", "experiment")
+    return resolve_out(text, "experiment")
 
 
 def cmd_run(a: argparse.Namespace) -> dict:
     from allatt_dist.search.pipeline import run_pipeline
 
     plan = _plan(a, "experiments", search=True)
-    with hold(plan.out):
+    with hold(plan.mirror), _discarding(plan.mirror):
         _connect(a, plan, search=True)
         return run_pipeline(plan, a.budget)
 

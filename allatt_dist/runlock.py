@@ -7,6 +7,12 @@ The lock is `flock` on that file, so the kernel releases it when its holder dies
 over. A second command on a directory in use (or on a folder inside one) is refused in one line that
 names the other process. flock works across processes of one machine and over NFS on Linux (where it
 is mapped to a POSIX lock); a directory shared between machines any other way is not protected.
+
+A run directory in object storage (storage.py) has no flock: its lock is a lease, the object
+PREFIX/.lock, holding the holder and a heartbeat that the holder rewrites every 20 s. A lock whose
+heartbeat is older than 90 s, or whose holder is a dead process on this machine, is taken over. Two
+takers racing both write it; each reads it back after a second and only the one whose write stands
+proceeds (S3 reads after writes are consistent), so of two commands started together one is refused.
 """
 
 from __future__ import annotations
@@ -14,16 +20,20 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import secrets
 import socket
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from allatt_dist.errors import UserError
+from allatt_dist.storage import Mirror
 
 LOCK_NAME = ".lock"
+LEASE_S, BEAT_S, SETTLE_S = 90.0, 20.0, 1.0  # object-storage lease: expiry, heartbeat, read-back delay
 
 
 class RunDirInUse(UserError):
@@ -97,12 +107,113 @@ def this_command() -> str:
     return " ".join([prog, *sys.argv[1:]])[:300]
 
 
+def _info(command: str | None) -> dict:
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "command": command or this_command(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _lease_live(info: dict | None) -> bool:
+    """Whether a lease read from object storage still holds its directory."""
+    if not info or "beat" not in info:
+        return False
+    if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int) and not _pid_alive(info["pid"]):
+        return False  # its holder on this machine is gone (killed): no need to wait out the lease
+    return time.time() - float(info["beat"]) < LEASE_S
+
+
+def _read_lease(fs, key: str) -> dict | None:
+    try:
+        with fs.open_input_stream(key) as f:
+            info = json.loads(f.read() or b"{}")
+    except (FileNotFoundError, ValueError):
+        return None
+    except OSError as e:
+        if "NoSuchKey" in str(e) or "not found" in str(e).lower() or "404" in str(e):
+            return None
+        raise
+    return info if isinstance(info, dict) else None
+
+
+def _write_lease(fs, key: str, info: dict) -> None:
+    with fs.open_output_stream(key) as f:
+        f.write((json.dumps(info) + "\n").encode())
+
+
+def _words(info: dict) -> str:
+    return f"pid {info.get('pid', '?')} on {info.get('host', '?')} ({info.get('command', '?')})"
+
+
 @contextmanager
-def hold(run_dir: str | Path, command: str | None = None) -> Iterator[Path]:
+def _hold_remote(mirror: Mirror, command: str | None) -> Iterator[str]:
+    remote = mirror.remote
+    fs, key = remote.filesystem(), remote.key(LOCK_NAME)
+    parts = remote.path.split("/")
+    for i in range(len(parts) - 1, 0, -1):  # a prefix around this one, held by a live process
+        outer = _read_lease(fs, "/".join(parts[:i] + [LOCK_NAME]))
+        if _lease_live(outer):
+            around = f"{remote.scheme}://{'/'.join(parts[:i])}"
+            raise RunDirInUse(f"{remote.uri}: inside {around}, which is in use by {_words(outer)}")
+    held = _read_lease(fs, key)
+    if _lease_live(held):
+        raise RunDirInUse(f"{remote.uri}: in use by {_words(held)}; wait for it to end or use another directory")
+    info = _info(command) | {"token": secrets.token_hex(8), "beat": time.time()}
+    _write_lease(fs, key, info)
+    time.sleep(SETTLE_S)
+    now = _read_lease(fs, key)
+    if not now or now.get("token") != info["token"]:
+        raise RunDirInUse(f"{remote.uri}: in use by {_words(now or {})}; wait for it to end or use another directory")
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(BEAT_S):
+            try:
+                if (_read_lease(fs, key) or {}).get("token") == info["token"]:
+                    _write_lease(fs, key, info | {"beat": time.time()})
+            except OSError:
+                pass  # a missed beat; the lease has 90 s
+
+    t = threading.Thread(target=beat, name="allatt-lease", daemon=True)
+    t.start()
+    try:
+        mirror.reset()  # the local mirror is this holder's alone from here on
+        yield key
+    finally:
+        stop.set()
+        t.join(timeout=5)
+        try:
+            if (_read_lease(fs, key) or {}).get("token") == info["token"]:
+                fs.delete_file(key)
+        except OSError:
+            pass
+
+
+@contextmanager
+def hold(run_dir: str | Path | Mirror, command: str | None = None) -> Iterator[Path | str]:
     """Hold `run_dir`'s lock for the block (the folder is created if needed; a folder this call
     created and that is still empty at the end is removed again, so refused input leaves nothing).
+    A `Mirror` of object storage is locked by a lease in the bucket (above).
 
     Raises `RunDirInUse` (one line, exit 2) when a live process holds it, or holds a folder around it."""
+    if isinstance(run_dir, Mirror):
+        if run_dir.is_remote:
+            with _hold_remote(run_dir, command) as key:
+                yield key
+            return
+        run_dir = run_dir.root
     run_dir = Path(run_dir).resolve()
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir}: exists and is not a folder")
@@ -112,12 +223,7 @@ def hold(run_dir: str | Path, command: str | None = None) -> Iterator[Path]:
     lock = run_dir / LOCK_NAME
     fd = _acquire(lock, run_dir)
     try:
-        info = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "command": command or this_command(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
+        info = _info(command)
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
         yield lock

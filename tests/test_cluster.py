@@ -7,7 +7,9 @@ Three kinds of tests:
   * bad input to submit: one line and a non-zero exit, before anything is sent;
   * (marked `cluster`) a real two-node Ray cluster on 127.0.0.1 with token authentication, started
     by `ray start --block` under its own temp dir and ports, and stopped by killing exactly the
-    processes it started, whatever the tests do.
+    processes it started, whatever the tests do. Its nodes know an S3-protocol server (moto, on
+    loopback) the standard way (AWS_* variables), and each node keeps its local copies of runs in a
+    folder of its own (ALLATT_MIRROR_DIR): a run with `--out s3://...` shares nothing but the bucket.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from pathlib import Path
 import pytest
 import yaml
 from ray_procs import kill_ours
+from s3server import S3Server
+from tb_http import hparams_over_http, tensorboard_on
 
 from allatt_dist.cli import main, parse_args
 from allatt_dist.cluster import jobs_api
@@ -202,7 +206,7 @@ def test_build_job_refers_to_the_config_inside_the_working_dir(monkeypatch):
     [
         (["nope.yaml"], "config file not found"),
         ([RECIPE, "--out", "runs/x"], "absolute path"),
-        ([RECIPE, "--out", "s3://bucket/x"], "URIs are not supported"),
+        ([RECIPE, "--out", "ftp://bucket/x"], "no filesystem for ftp://"),
         ([RECIPE, "--command", "tune", "--phase", "dense"], "--phase is an option of train"),
         ([RECIPE, "--runtime-env", "missing.yaml"], "runtime-env file not found"),
         ([RECIPE, "--set", "model.num_heads=3"], "--set: model: model.hidden_dim (128) must be divisible"),
@@ -422,7 +426,14 @@ def _wait_for(what: str, check, procs: list[subprocess.Popen], logs: Path, timeo
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def s3():
+    with S3Server() as server:
+        server.make_bucket("runs")
+        yield server
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, s3):
     base = tmp_path_factory.mktemp("cluster")
     # Ray's unix sockets live under the temp dir and must stay under ~107 bytes: a short dir in /tmp.
     raytmp = Path(tempfile.mkdtemp(prefix="aac-", dir="/tmp"))
@@ -433,6 +444,8 @@ def cluster(tmp_path_factory):
     drop = ("RAY_ADDRESS", "RAY_API_SERVER", "RAY_AUTH", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")  # conftest's: 1 node
     env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file), RAY_USAGE_STATS_ENABLED="0")
+    env.update(s3.env())
+    mirrors = {node: base / "mirrors" / node for node in ("head", "node2")}  # no folder the nodes share
     gcs_port, dash_port = _free_port(), _free_port()
     common = ["--block", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"]
     head_cmd = [
@@ -449,13 +462,17 @@ def cluster(tmp_path_factory):
     address = f"http://127.0.0.1:{dash_port}"
     try:
         with open(base / "head.log", "w") as log:
+            head_env = {**env, "ALLATT_MIRROR_DIR": str(mirrors["head"])}
             procs.append(
-                subprocess.Popen(head_cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                subprocess.Popen(head_cmd, env=head_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             )
         _wait_for("the head's Jobs API", lambda: _get(f"{address}/api/version", token), procs, base)
         with open(base / "node2.log", "w") as log:
+            node2_env = {**env, "ALLATT_MIRROR_DIR": str(mirrors["node2"])}
             procs.append(
-                subprocess.Popen(worker_cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                subprocess.Popen(
+                    worker_cmd, env=node2_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
             )
 
         def two_nodes() -> bool:
@@ -492,32 +509,54 @@ def _sets(items: list[str]) -> list[str]:
 
 
 @pytest.mark.cluster
-def test_submit_trains_on_both_nodes(cluster, wt2_path, tmp_path_factory):
-    out = tmp_path_factory.mktemp("submitted") / "run"
+def test_a_search_in_a_bucket_on_two_nodes_that_share_no_directory(cluster, s3, wt2_path):
+    """`submit --command run --out s3://...`: dense on both nodes, two trials, ranking as Ray tasks on both
+    nodes; every process works on a local copy of its own, and `rank` finds every finished trial's model.
+    Also the job's side: the documented pass-through after `--`, `jobs status` and `jobs logs`."""
+    space = '{"gates.sparsity_target": {"grid": [0.25, 0.75]}}'
+    sets = [*TINY, f"data.path={wt2_path}", "prune.max_steps=10", f"tune.space={space}"]
     args = [
         "submit", RECIPE, "--address", cluster.address, "--runtime-env", RUNTIME_ENV,
-        "--command", "train", "--out", str(out), "--follow",
-        *_sets([*TINY, f"data.path={wt2_path}"]), "--", "--phase", "dense",  # the documented pass-through
+        "--command", "run", "--out", "s3://runs/two", "--follow", *_sets(sets), "--", "--budget", "10000000",
     ]  # fmt: skip
-    r = _cli(args, cluster.env)
+    r = _cli(args, cluster.env, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
     res = json.loads(r.stdout)
     assert res["status"] == "SUCCEEDED" and res["job_id"] in r.stderr
-    assert res["entrypoint"].startswith(f"python -m allatt_dist.cli train {RECIPE} ")
-    dense = out / "dense"
-    result = json.loads((dense / "result.json").read_text())
-    assert result["step"] == 20
-    assert len(set(result["node_ids"])) == 2, result["node_ids"]
-    assert list((dense / "checkpoints").rglob("checkpoint_*")), "no checkpoint"
-    assert list((out / "tb" / "dense").rglob("events.out.tfevents.*")), "no TensorBoard events"
-    assert (dense / "model" / "config.json").is_file()
-    assert not (out / "prune").exists(), "--phase dense after `--` did not reach the job"
-
-    # the same job seen through `jobs status` and `jobs logs`
+    assert res["entrypoint"].startswith(f"python -m allatt_dist.cli run {RECIPE} ")
     r = _cli(["jobs", "status", res["job_id"], "--address", cluster.address], cluster.env, 60)
     assert r.returncode == 0 and json.loads(r.stdout)["status"] == "SUCCEEDED"
     r = _cli(["jobs", "logs", res["job_id"], "--address", cluster.address], cluster.env, 60)
-    assert r.returncode == 0 and "dense" in r.stdout
+    assert r.returncode == 0 and "trials done" in r.stdout, r.stdout[-2000:]
+    bucket = s3.client()
+
+    def read(key: str) -> dict:
+        return json.loads(bucket.get_object(Bucket="runs", Key=f"two/{key}")["Body"].read())
+
+    keys = set(s3.keys("runs", "two/"))
+    assert len(set(read("dense/result.json")["node_ids"])) == 2, "the dense workers did not use both nodes"
+    assert read("leaderboard.json")["budget"]["params"] == 10_000_000, "`-- --budget` did not reach the job"
+    board = read("leaderboard.json")["models"]
+    trials = [m for m in board if m["status"] != "reference"]
+    assert len(trials) == 2 and all(m["status"] == "finished" and m["test_ppl"] for m in trials), board
+    for m in trials:  # every trial's model, written by whichever node its rank 0 ran on, was found and kept
+        assert m["model_dir"] and f"two/{m['model_dir']}/model.safetensors" in keys, (m, sorted(keys)[:20])
+        trial = m["name"].rsplit("/", 1)[1]
+        assert f"two/trials/{trial}/prune/model/config.json" in keys
+    assert any(k.startswith("two/tb/prune/") and ".tfevents." in k for k in keys), "no TensorBoard events synced"
+    assert "two/.lock" not in keys, "the run's lease was left behind"
+    with tensorboard_on("s3://runs/two/tb", s3.env()) as url:  # TensorBoard reads the bucket itself (boto3)
+        _, groups, runs = hparams_over_http(url, sessions=3)
+    assert sorted(runs) == sorted(m["name"] for m in board), runs
+    for g in groups:  # one entry per run: the driver's rewritten entries replaced the old ones in the bucket
+        row = next(m for m in board if m["name"] == g["name"])
+        metric = {m["name"]["tag"]: m["value"] for m in g["metricValues"]}
+        assert metric["result/test_ppl"] == pytest.approx(row["test_ppl"], rel=1e-6), g["name"]
+    assert sorted(g["name"] for g in groups) == sorted(runs)
+    for node in ("head", "node2"):  # each node made its own copies, and removed them all again
+        folder = cluster.logs / "mirrors" / node
+        assert folder.is_dir(), f"no process on {node} kept a local copy: was the bucket used there?"
+        assert not list(folder.iterdir()), f"{node} kept {sorted(p.name for p in folder.iterdir())}"
 
 
 @pytest.mark.cluster

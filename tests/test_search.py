@@ -7,23 +7,20 @@ here (same row layout, memory carried), not `allatt_dist.evaluate`.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
 import types
-import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from tb_http import hparams_over_http, tensorboard_on
 
 from allatt_dist.errors import ConfigError, UserError
 from allatt_dist.plan import make_plan
@@ -159,48 +156,6 @@ def test_one_models_test_ppl_recomputed_independently(experiment, wt2_cfg):
             count += int(keep.sum())
     assert count == len(tokens) - 1
     assert math.exp(total / count) == pytest.approx(entry["test_ppl"], rel=1e-4)
-
-
-@contextlib.contextmanager
-def tensorboard_on(logdir: Path):
-    """A real `tensorboard` on a free loopback port, serving `logdir`; yields its base URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", "127.0.0.1"]
-    proc = subprocess.Popen(
-        [*cmd, "--port", str(port), "--load_fast", "false", "--reload_interval", "1"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
-def http(url: str, body: dict | None = None):
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return json.loads(r.read())
-
-
-def hparams_over_http(url: str, sessions: int) -> tuple[dict, list[dict], list[str]]:
-    """TensorBoard's HParams experiment, session groups and run names, once `sessions` are loaded."""
-    statuses = ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"]
-    query = {"experimentName": "", "allowedStatuses": statuses, "colParams": [], "startIndex": 0, "sliceSize": 100}
-    deadline, groups = time.monotonic() + 90, []
-    while time.monotonic() < deadline:
-        try:
-            groups = http(url + "/data/plugin/hparams/session_groups", query)["sessionGroups"]
-            if len(groups) >= sessions:
-                break
-        except OSError:
-            pass  # not listening yet
-        time.sleep(0.5)
-    return http(url + "/data/plugin/hparams/experiment", {"experimentName": ""}), groups, http(url + "/data/runs")
 
 
 @pytest.mark.ray
@@ -359,8 +314,6 @@ def test_bad_search_spaces_fail_with_one_line(wt2_path, tune, needle):
 
 
 def test_cli_run_with_bad_space_writes_nothing(tmp_path, wt2_path):
-    import subprocess
-    import sys
 
     recipe = tmp_path / "bad.yaml"
     recipe.write_text("tune:\n  space:\n    gates.nope: {grid: [1, 2]}\n")
@@ -488,9 +441,6 @@ def test_a_run_killed_mid_search_and_rerun_ends_like_an_uninterrupted_one(experi
     leaderboard: the same trials stopped, the same models, the same numbers."""
     import os
     import signal
-    import subprocess
-    import sys
-    import time
 
     import yaml
 

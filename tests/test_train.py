@@ -136,16 +136,6 @@ def published_checkpoint_step(phase_dir: Path) -> int:
     return int(newest[0].name.rsplit("_", 1)[1]) if newest else 0
 
 
-def wait_for_published_checkpoint(phase_dir: Path, step: int, alive, timeout: float = 300.0) -> int:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout and alive():
-        seen = published_checkpoint_step(phase_dir)
-        if seen >= step:
-            return seen
-        time.sleep(0.05)
-    raise AssertionError(f"no checkpoint at step >= {step} published after {time.monotonic() - t0:.0f}s")
-
-
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
     """Every path under `root` with (size, mtime_ns): equal snapshots mean nothing was written."""
     if not root.exists():
@@ -168,7 +158,27 @@ def cli_train(cfg_file: Path, out: Path, *args: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def ray_address():
+def s3():
+    """An S3-protocol server (moto, loopback) with a bucket `runs`, and its standard variables (AWS_*) set
+    while the module runs: the module's Ray starts with them, as the nodes of a cluster would have them."""
+    from s3server import S3Server
+
+    with S3Server() as server:
+        server.make_bucket("runs")
+        saved = {k: os.environ.get(k) for k in server.env()}
+        os.environ.update(server.env())
+        try:
+            yield server
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def ray_address(s3):
     """One local Ray (with its dashboard) for the module; its GCS address lets CLI subprocesses join it."""
     if ray.is_initialized():
         ray.shutdown()
@@ -212,14 +222,28 @@ def zero3(ray_address, base_cfg, tmp_path_factory):
     cmd = cli_train(cfg_file, run_dir, "--phase", "dense", "--no-progress", "--address", ray_address)
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    faults = kill_worker_then_driver(proc, ray_address, lambda: published_checkpoint_step(run_dir / "dense"))
+    faults["result_before_rerun"] = (run_dir / "dense/result.json").exists()
+    faults["published_at_driver_kill"] = published_checkpoint_step(run_dir / "dense")
+    print(f"[zero3: dense killed twice in {time.monotonic() - t0:.0f}s]", end=" ", flush=True)
+    return cfg, run_dir, _train(cfg, run_dir, ["dense", "prune"]), faults
+
+
+def kill_worker_then_driver(proc: subprocess.Popen, ray_address: str, newest) -> dict:
+    """SIGKILL one training worker once `newest()` (the step of the newest published checkpoint) reaches 20,
+    then the driver `proc` once it reaches 30; returns the steps seen at each kill and the driver's end."""
     faults: dict = {}
     try:
-        running = lambda: proc.poll() is None  # noqa: E731
-        faults["worker_kill_after"] = wait_for_published_checkpoint(run_dir / "dense", 20, running)
-        workers = alive_train_workers(ray_address)
-        assert len(workers) == 2, workers
-        os.kill(workers[-1].pid, signal.SIGKILL)
-        faults["driver_kill_after"] = wait_for_published_checkpoint(run_dir / "dense", 30, running)
+        for what, step in (("worker_kill_after", 20), ("driver_kill_after", 30)):
+            t0 = time.monotonic()
+            while proc.poll() is None and newest() < step and time.monotonic() - t0 < 300:
+                time.sleep(0.05)
+            faults[what] = newest()
+            assert faults[what] >= step, f"no checkpoint at step >= {step} published"
+            if what == "worker_kill_after":
+                workers = alive_train_workers(ray_address)
+                assert len(workers) == 2, workers
+                os.kill(workers[-1].pid, signal.SIGKILL)
         proc.send_signal(signal.SIGKILL)
     except AssertionError as e:
         proc.kill()
@@ -229,10 +253,41 @@ def zero3(ray_address, base_cfg, tmp_path_factory):
     t1 = time.monotonic()
     while alive_train_workers(ray_address) and time.monotonic() - t1 < 60:  # Ray ends a dead driver's actors
         time.sleep(0.5)
-    faults["result_before_rerun"] = (run_dir / "dense/result.json").exists()
-    faults["published_at_driver_kill"] = published_checkpoint_step(run_dir / "dense")
-    print(f"[zero3: dense killed twice in {time.monotonic() - t0:.0f}s]", end=" ", flush=True)
-    return cfg, run_dir, _train(cfg, run_dir, ["dense", "prune"]), faults
+    return faults
+
+
+def bucket_checkpoint_step(s3, prefix: str) -> int:
+    """Step of the newest checkpoint published in the bucket (its manifest, uploaded last, is there)."""
+    steps = [int(k.split("/checkpoint_")[1][:8]) for k in s3.keys("runs", prefix) if k.endswith("/MANIFEST.json")]
+    return max(steps, default=0)
+
+
+@pytest.fixture(scope="module")
+def in_bucket(ray_address, s3, base_cfg, tmp_path_factory):
+    """zero2's recipe with `--out s3://runs/run` on an S3-protocol server (moto, loopback): a worker killed
+    after the checkpoint of step 20 is in the bucket, the driver after step 30, then the same command again.
+    Every process works on its own mirror (ALLATT_MIRROR_DIR): nothing but the bucket is shared. Returns
+    (cfg, a local copy of the bucket's run, the rerun's results, faults)."""
+    cfg = with_changes(base_cfg, scaling={"max_failures": 1})
+    root = tmp_path_factory.mktemp("in_bucket")
+    cfg_file = root / "run.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg.to_dict()))
+    env = {**os.environ, **s3.env(ALLATT_MIRROR_DIR=str(root / "mirrors"))}
+    cmd = [*cli_train(cfg_file, "s3://runs/run", "--no-progress", "--address", ray_address)]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    faults = kill_worker_then_driver(proc, ray_address, lambda: bucket_checkpoint_step(s3, "run/dense/"))
+    faults["published_at_driver_kill"] = bucket_checkpoint_step(s3, "run/dense/")
+    again = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-4000:]
+    print(f"[in_bucket: killed twice, resumed, {time.monotonic() - t0:.0f}s]", end=" ", flush=True)
+    copy = root / "copy"
+    for key in s3.keys("runs", "run/"):
+        (copy / key[4:]).parent.mkdir(parents=True, exist_ok=True)
+        s3.client().download_file("runs", key, str(copy / key[4:]))
+    faults["s3"] = s3.env()
+    faults["mirrors_left"] = sorted(p.name for p in (root / "mirrors").iterdir())
+    return cfg, copy, json.loads(again.stdout), faults
 
 
 @pytest.fixture(scope="module")
@@ -275,7 +330,7 @@ def adaptive(request, ray_address, base_cfg, tmp_path_factory):
 # ---- 1. phases, model directories and gates under ZeRO-2 and ZeRO-3 -------------------------------
 
 
-@pytest.mark.parametrize("run", ["zero2", "zero3", "bf16"])
+@pytest.mark.parametrize("run", ["zero2", "zero3", "bf16", "in_bucket"])
 def test_dense_then_prune_with_two_workers(run, request):
     from allatt_dist.data.corpus import load_corpus
     from allatt_dist.evaluate import evaluate
@@ -319,6 +374,46 @@ def test_dense_then_prune_with_two_workers(run, request):
     b = evaluate(pruned, valid, 8, max_segments=3)
     assert a.tokens == b.tokens and a.nll == pytest.approx(b.nll, rel=1e-5)
     assert len(vocab) == gated.vocab_size
+
+
+def test_a_run_in_a_bucket_survives_kills_and_ends_like_an_uninterrupted_one(in_bucket, zero2):
+    """Object storage: the killed worker and the killed driver resumed from the bucket's newest checkpoint, and
+    the run ended as zero2 (same recipe, a local folder, never interrupted) did: same curves, same gates."""
+    _, copy, results, faults = in_bucket
+    assert faults["driver_returncode"] == -signal.SIGKILL, faults["driver_stderr"][-3000:]
+    first, second, third = _restart_segments(copy / "tb/dense")
+    reference = curve(zero2[1] / "tb/dense")
+    _check_restart(first, second, faults["worker_kill_after"], reference)
+    assert _check_restart(second, third, faults["driver_kill_after"], reference) == faults["published_at_driver_kill"]
+    for phase in ("dense", "prune"):
+        np.testing.assert_allclose(curve(copy / "tb" / phase), curve(zero2[1] / "tb" / phase), rtol=1e-4)
+    assert results["prune"]["heads_per_layer"] == zero2[2]["prune"]["heads_per_layer"]
+    np.testing.assert_allclose(results["prune"]["gate_probs"], zero2[2]["prune"]["gate_probs"], atol=1e-5)
+    assert results["prune"]["valid_ppl"] == pytest.approx(zero2[2]["prune"]["valid_ppl"], rel=1e-4)
+    kept = sorted((copy / "dense/checkpoints").glob("checkpoint_*"))
+    assert len(kept) == zero2[0].train.keep_checkpoints and all((k / "MANIFEST.json").is_file() for k in kept)
+    assert not [n for n in faults["mirrors_left"] if n.startswith("allatt-driver-")], "the driver's mirror stays"
+
+
+def test_models_in_a_bucket_are_evaluated_and_pruned_from_it(in_bucket, tmp_path):
+    """`evaluate` and `prune` read a model directory from the bucket (and `prune --out` writes one there)."""
+    cfg, _, results, faults = in_bucket
+    env = {**os.environ, **faults["s3"], "ALLATT_MIRROR_DIR": str(tmp_path / "mirrors")}
+    cli = [sys.executable, "-m", "allatt_dist.cli"]
+    data = ["--set", f"data.path={cfg.data.path}"]
+    r = subprocess.run(
+        [*cli, "evaluate", "s3://runs/run/prune/pruned", "--split", "valid", "--batch-size", "32", *data],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout)["ppl"] == pytest.approx(results["prune"]["valid_ppl"], rel=1e-4)
+    prune = [*cli, "prune", "s3://runs/run/prune/model", "--out", "s3://runs/pruned"]
+    r = subprocess.run(prune, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout)["heads_per_layer"] == results["prune"]["heads_per_layer"]
+    r = subprocess.run(prune, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "a model directory already exists there" in r.stderr, r.stderr
+    assert not list((tmp_path / "mirrors").iterdir()), "a local copy was left behind"
 
 
 def test_a_budget_targeted_prune_lands_at_or_under_its_budget_within_one_head(zero2, tmp_path):

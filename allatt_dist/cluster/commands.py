@@ -104,7 +104,11 @@ def register(sub) -> None:
     )
     p.add_argument("--command", dest="remote_command", choices=COMMANDS, default="train", help="what to run")
     add_override_arg(p, "override a config key (repeatable), passed on to the job")
-    p.add_argument("--out", default=None, help="run directory: an absolute path on a filesystem every node shares")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="run directory: s3://BUCKET/PREFIX (or gs://), or an absolute path every node mounts",
+    )
     p.add_argument("--phase", choices=["all", "dense", "prune", "finetune"], default=None, help="train only")
     p.add_argument("--force", action="store_true", help="passed on: reuse a run directory of another config")
     p.add_argument("--follow", action="store_true", help="stream the job's log (to stderr) until it ends")

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from allatt_dist.cluster.jobs_api import DOCS, first_line, job_info, job_logs
+from allatt_dist.cluster.jobs_api import first_line, job_info, job_logs
 from allatt_dist.errors import UserError
 
 COMMANDS = ("train", "run", "tune")
@@ -150,11 +150,10 @@ def build_job(
         runtime_env["working_dir"] = str(root)
     if out is not None:
         if _is_uri(out):
-            raise UserError(
-                f"--out {out}: URIs are not supported for run directories yet; give a path on a filesystem "
-                f"that every node mounts (see {DOCS})"
-            )
-        if not Path(out).is_absolute():
+            from allatt_dist.storage import parse_remote
+
+            parse_remote(out)  # a scheme no filesystem handles is refused here; the bucket is checked by the job
+        elif not Path(out).is_absolute():
             raise UserError(
                 f"--out {out}: give an absolute path on the cluster's shared filesystem (a relative one "
                 "would land in the job's temporary copy of the working_dir)"

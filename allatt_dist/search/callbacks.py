@@ -83,15 +83,22 @@ class RecordTrial(tune.Callback):
     """On every trial end the driver writes the trial's record (status.json, its HParams entry) and completes
     the files of a trial stopped at its last step (search/records.py): stopped trials get one too."""
 
-    def __init__(self, exp_dir, max_steps: int, dense_models: dict[str, str]):
+    def __init__(self, exp_dir, max_steps: int, dense_models: dict[str, str], store=None):
         self.exp_dir, self.max_steps, self.dense_models = exp_dir, max_steps, dense_models
+        self.store = store  # the experiment's Mirror (object storage: pulled and pushed around each record)
 
     def _record(self, trial, error: str | None) -> None:
         from allatt_dist.search.records import finalize_trial
 
         try:
             finalize_trial(
-                self.exp_dir, trial.trial_id, trial.last_result or {}, error, self.max_steps, self.dense_models
+                self.exp_dir,
+                trial.trial_id,
+                trial.last_result or {},
+                error,
+                self.max_steps,
+                self.dense_models,
+                self.store,
             )
         except Exception as e:  # never end the search over a record: the driver records every trial after it
             print(f"search: could not record trial {trial.trial_id} yet: {e}", file=sys.stderr, flush=True)
@@ -101,4 +108,6 @@ class RecordTrial(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         err = self.exp_dir / "trials" / trial.trial_id / "error.txt"
+        if self.store is not None:
+            self.store.pull(err)
         self._record(trial, err.read_text() if err.is_file() else "the trial failed")

@@ -20,6 +20,7 @@ import yaml
 from allatt_dist import atomic
 from allatt_dist.errors import UserError
 from allatt_dist.search.records import record_test_ppl, trial_run_name
+from allatt_dist.storage import Mirror
 
 # The leaderboard's columns, declared once: (name, shown in leaderboard.md). JSON and CSV hold them all.
 COLUMNS: tuple[tuple[str, bool], ...] = (
@@ -140,7 +141,7 @@ def collect(exp_dir: Path) -> list[dict]:
     return rows
 
 
-def score(rows: list[dict], exp_dir: Path, data_cfg, progress: bool) -> None:
+def score(rows: list[dict], exp_dir: Path, data_cfg, progress: bool, store: Mirror | None = None) -> None:
     """Prune and evaluate every scorable row in place (test_ppl, params, heads, sparsity), the models in
     parallel as Ray tasks (`scoring.py`); the pruned models are saved here, under .rank-work/."""
     from allatt_dist.cluster.session import connect
@@ -151,7 +152,8 @@ def score(rows: list[dict], exp_dir: Path, data_cfg, progress: bool) -> None:
     shutil.rmtree(work, ignore_errors=True)
     todo = [r for r in rows if r["source"] is not None]
     connect()  # no-op when already connected (`run`, `rank --address`)
-    results = score_all([Job(r["name"], Path(r["source"]), r["gated"]) for r in todo], data_cfg, progress)
+    jobs = [Job(r["name"], Path(r["source"]), r["gated"], store) for r in todo]
+    results = score_all(jobs, data_cfg, progress)
     for row, res in zip(todo, results, strict=True):
         saved = save_model_dir(res["model"], res["vocab"], work / row["name"], extra={"pruned": row["gated"]})
         row.update(
@@ -250,19 +252,30 @@ def markdown(table: list[dict], budget: dict | None) -> str:
 
 
 def rank(
-    exp_dir: Path, budget: int | None = None, progress: bool = True, data_overrides: list[str] | None = None
+    exp_dir: Path,
+    budget: int | None = None,
+    progress: bool = True,
+    data_overrides: list[str] | None = None,
+    store: Mirror | None = None,
 ) -> dict:
-    """Prune and test-evaluate every finished trial; `data_overrides` (`data.KEY=VALUE`) amend run.yaml's data."""
+    """Prune and test-evaluate every finished trial; `data_overrides` (`data.KEY=VALUE`) amend run.yaml's data.
+    `store`: the experiment directory when it lives in object storage (pulled first, the results pushed)."""
     from allatt_dist.recipe import data_config
 
     exp_dir = Path(exp_dir)
+    store = store or Mirror(exp_dir)
+    store.pull(exp_dir, weights=False, skip_dirs=("checkpoints",))  # records; the scoring tasks fetch models
+    store.pull(exp_dir / "models")  # the models the last ranking kept: replaced or removed below
     rows = collect(exp_dir)
     run = _read(exp_dir / "run.yaml")
-    data_cfg = data_config(run.get("data") or {}, data_overrides, str(exp_dir / "run.yaml"))
-    score(rows, exp_dir, data_cfg, progress)
+    data_cfg = data_config(run.get("data") or {}, data_overrides, store.uri(exp_dir / "run.yaml"))
+    score(rows, exp_dir, data_cfg, progress, store)
     count_non_embedding(rows)
     record_test_ppl(exp_dir, rows)  # records: test perplexity into each scored run's HParams entry
-    return write_outputs(rows, exp_dir, budget)
+    out = write_outputs(rows, exp_dir, budget)
+    store.push(exp_dir / "models", delete=False)  # the new models first, then the leaderboard naming them,
+    store.push(exp_dir)  # then the models it no longer names are removed
+    return out
 
 
 def count_non_embedding(rows: list[dict]) -> None:

@@ -44,8 +44,11 @@ def group_of(config: dict) -> str:
 
 
 class TargetHalving(FIFOScheduler):
-    def __init__(self, grace: int, reduction_factor: float, max_steps: int, state_file: Path, time_attr: str = "step"):
+    def __init__(
+        self, grace: int, reduction_factor: float, max_steps: int, state_file: Path, time_attr: str = "step", store=None
+    ):
         super().__init__()
+        self.store = store  # the experiment's Mirror: with object storage each decision is pushed as it is made
         self.rungs, self.max_steps = rungs(grace, reduction_factor, max_steps), max_steps
         self.rf, self.time_attr, self.state_file = reduction_factor, time_attr, Path(state_file)
         self.mode = "min"
@@ -68,6 +71,8 @@ class TargetHalving(FIFOScheduler):
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(self._state, indent=1, sort_keys=True) + "\n")
         os.replace(tmp, self.state_file)
+        if self.store is not None:
+            self.store.push(self.state_file)
 
     def __getstate__(self) -> dict:  # Tune pickles the scheduler at the start; the file holds the history
         return {**self.__dict__, "_state": None}

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from allatt_dist.config import DataConfig
 from allatt_dist.errors import UserError
+from allatt_dist.storage import Mirror
 
 EVAL_BATCH = 8
 
@@ -20,8 +21,9 @@ EVAL_BATCH = 8
 @dataclass(frozen=True)
 class Job:
     name: str
-    source: Path
+    source: Path  # under store.root
     gated: bool
+    store: Mirror | None = None  # the experiment directory (object storage: the task downloads the model itself)
 
 
 def score_one(job: Job, data_cfg: DataConfig, device: str = "cpu") -> dict:
@@ -34,7 +36,14 @@ def score_one(job: Job, data_cfg: DataConfig, device: str = "cpu") -> dict:
     from allatt_dist.modelio import load_model_dir
 
     corpus = load_corpus(data_cfg, splits=("test",))
-    model, vocab, _ = load_model_dir(job.source)
+    store = job.store or Mirror(job.source)
+    mine = store.here("score")
+    try:
+        source = store.moved(job.source, mine)
+        mine.pull(source)
+        model, vocab, _ = load_model_dir(source)
+    finally:
+        mine.discard()
     if vocab.fingerprint() != corpus.vocab.fingerprint():
         return {"error": f"{job.source}: vocabulary differs from the experiment's corpus"}
     model = prune_model(model) if job.gated else model

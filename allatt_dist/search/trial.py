@@ -18,17 +18,27 @@ from allatt_dist.search.records import run_name, tb_run_dir
 
 def run_trial(params: dict[str, Any], plan: Plan, dense_models: dict[str, Path]) -> None:
     """The function trainable: `plan` is the search's plan, `params` this trial's sampled dotted keys."""
+    mine = plan.here("trial")  # object storage: this trial's own mirror of the experiment
+    dense = {a: plan.mirror.moved(d, mine.mirror) for a, d in dense_models.items()}
+    try:
+        _run(params, mine, dense)
+    finally:
+        mine.mirror.discard()
+
+
+def _run(params: dict[str, Any], plan: Plan, dense_models: dict[str, Path]) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from allatt_dist.train.trainer import prepare_run_dir, run_phase
 
-    exp = Experiment(plan.out)
+    exp = Experiment(plan.out, plan.mirror)
     trial_id = tune.get_context().get_trial_id()
     trial = plan.with_values(params, exp.trial_dir(trial_id), progress=False, force=True)
     prepare_run_dir(trial)
     write_json(trial.out / "params.json", params)
     write_json(trial.out / "status.json", {"status": "running"})
+    trial.mirror.push(trial.out)
     tb = tb_run_dir(exp.root, run_name(trial.cfg.to_dict(), params, trial_id))  # the run named by what it is
     try:
         run_phase(
@@ -43,5 +53,7 @@ def run_trial(params: dict[str, Any], plan: Plan, dense_models: dict[str, Path])
         # (`Experiment.record_statuses`), and a trial the scheduler stops also ends up here, in a process
         # that may outlive the search and would overwrite "stopped" with this error.
         (trial.out / "error.txt").write_text(str(e)[:4000] + "\n")
+        trial.mirror.push(trial.out / "error.txt")
         raise
     write_json(trial.out / "status.json", {"status": "finished"})  # the driver's record follows (records.py)
+    trial.mirror.push(trial.out / "status.json")

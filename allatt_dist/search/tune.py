@@ -17,6 +17,7 @@ from allatt_dist.config import TuneConfig
 from allatt_dist.errors import UserError
 from allatt_dist.plan import Plan
 from allatt_dist.search.layout import Experiment
+from allatt_dist.train.monitor import TB_DIR
 
 
 def param_space(tc: TuneConfig) -> dict[str, Any]:
@@ -72,7 +73,7 @@ def scheduler(plan: Plan, exp: Experiment):
     if tc.scheduler.type != "asha":
         return FIFOScheduler()
     grace = min(tc.scheduler.grace_period, max_steps)
-    return TargetHalving(grace, tc.scheduler.reduction_factor, max_steps, exp.scheduler_file)
+    return TargetHalving(grace, tc.scheduler.reduction_factor, max_steps, exp.scheduler_file, store=exp.mirror)
 
 
 def _tuner(plan: Plan, exp: Experiment, dense_models: dict[str, Path], restore: bool):
@@ -85,10 +86,14 @@ def _tuner(plan: Plan, exp: Experiment, dense_models: dict[str, Path], restore: 
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, plan=plan, dense_models=dense_models), {"cpu": tc.trial_driver_cpus}
     )
+    path, fs = tune_storage(exp)
     if restore:  # the callbacks come back with the pickled run config
-        return tune.Tuner.restore(str(exp.tune_dir), trainable, resume_unfinished=True, resume_errored=True)
+        return tune.Tuner.restore(
+            f"{path}/{exp.tune_dir.name}", trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs
+        )
     search_alg, max_concurrent = search_algorithm(tc)
-    record = RecordTrial(exp.root, plan.cfg.prune.max_steps, {a: str(d) for a, d in dense_models.items()})
+    dense = {a: str(d) for a, d in dense_models.items()}
+    record = RecordTrial(exp.root, plan.cfg.prune.max_steps, dense, exp.mirror)
     callbacks = [ReleaseTrialResources(), record] + ([] if plan.verbose else [TrialProgress(tc.expected_trials())])
     return tune.Tuner(
         trainable,
@@ -105,11 +110,20 @@ def _tuner(plan: Plan, exp: Experiment, dense_models: dict[str, Path], restore: 
         ),
         run_config=tune.RunConfig(
             name=exp.tune_dir.name,
-            storage_path=str(exp.root),
+            storage_path=path,
+            storage_filesystem=fs,
             verbose=1 if plan.verbose else 0,
             callbacks=callbacks,
         ),
     )
+
+
+def tune_storage(exp: Experiment) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for Tune's experiment state: EXP/tune, in the bucket when EXP is."""
+    if not exp.mirror.is_remote:
+        return str(exp.root), None
+    remote = exp.mirror.remote
+    return remote.key(), remote.filesystem()
 
 
 def check_dense_models(plan: Plan, dense_models: dict[str, Path]) -> None:
@@ -133,21 +147,30 @@ def tune_search(plan: Plan, dense_dir: Path | None = None) -> list[dict]:
 
     if plan.cfg.tune is None:
         raise UserError("tune: section missing (see docs/search.md)")
-    exp = Experiment(plan.out)
+    exp = Experiment(plan.out, plan.mirror)
+    exp.mirror.pull(exp.root, weights=False, skip_dirs=("checkpoints",))  # object storage: the records here
     dense_models = exp.dense_models(plan.cfg)
     if dense_dir is not None:
+        if exp.mirror.is_remote:
+            raise UserError(
+                f"--dense {dense_dir}: with --out in object storage the trials start from OUT/dense/model; "
+                "put the dense model there (or run `allatt-dist run`)"
+            )
         dense_models[plan.cfg.model.architecture] = Path(dense_dir).resolve()
     check_dense_models(plan, dense_models)
     check_fits_with_drivers(plan.cfg.scaling, plan.cfg.tune)
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     if not plan.verbose:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # verbose=0 is then really quiet
-    restore = tune.Tuner.can_restore(str(exp.tune_dir))
+    path, fs = tune_storage(exp)
+    restore = tune.Tuner.can_restore(f"{path}/{exp.tune_dir.name}", storage_filesystem=fs)
     exp.check_same_search(plan.cfg, restore)
     if not restore:
-        exp.scheduler_file.unlink(missing_ok=True)  # decisions of a search whose Tune state was deleted
+        exp.mirror.delete(exp.scheduler_file)  # decisions of a search whose Tune state was deleted
+    exp.mirror.pull(exp.root / TB_DIR / "dense", weights=False)  # the entries rewritten next replace these
     write_experiment(exp.root, plan.cfg.to_dict(), plan.cfg.tune.space)  # HParams columns, then the reference
     record_dense(exp.root)
+    exp.mirror.push(exp.root / TB_DIR / "dense")
     grid = _tuner(plan, exp, dense_models, restore).fit()
     rows = exp.record_statuses(grid, plan.cfg.prune.max_steps, {a: str(d) for a, d in dense_models.items()})
     check_some_trial_ran(rows, exp.root)

@@ -9,8 +9,9 @@
                                     checkpoint never looks published)
       (Ray Train's own run state, which lists no checkpoints: reports carry metrics only)
 
-Every rank writes its DeepSpeed shards and memory into the staging folder (the run directory is one
-folder every node sees, docs/cluster.md); after a barrier rank 0 writes the manifest and renames
+Every rank writes its DeepSpeed shards and memory into the staging folder (a run directory on disk
+is one folder every node sees, docs/cluster.md; one in a bucket: train/ckpt_store.py); after a
+barrier rank 0 writes the manifest and renames
 the folder, then deletes the oldest published checkpoints beyond `train.keep_checkpoints`. A kill at
 any moment leaves either no new checkpoint or a complete one.
 
@@ -67,20 +68,29 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def publish(staging: Path, root: Path, step: int, keep: int) -> Path:
-    """Rank 0, once every rank's files are in `staging`: manifest last, then one rename into place;
-    then only the newest `keep` published checkpoints are kept. Returns the published folder."""
-    files = {
-        str(p.relative_to(staging)): {"size": p.stat().st_size, "sha256": _sha256(p)}
-        for p in sorted(staging.rglob("*"))
-        if p.is_file()
+def describe(folder: Path) -> dict[str, dict]:
+    """Every file under `folder` (relative name) -> its size and SHA-256, as a manifest lists them."""
+    return {
+        str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
     }
-    tmp = staging / f"{MANIFEST}.tmp"
+
+
+def write_manifest(folder: Path, step: int, files: dict[str, dict]) -> None:
+    """MANIFEST.json in `folder`, through a temporary name and on disk before it is renamed in."""
+    tmp = folder / f"{MANIFEST}.tmp"
     with open(tmp, "w") as f:
         json.dump({"step": step, "files": files}, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-    tmp.replace(staging / MANIFEST)
+    tmp.replace(folder / MANIFEST)
+
+
+def publish(staging: Path, root: Path, step: int, keep: int) -> Path:
+    """Rank 0, once every rank's files are in `staging`: manifest last, then one rename into place;
+    then only the newest `keep` published checkpoints are kept. Returns the published folder."""
+    write_manifest(staging, step, describe(staging))
     final = root / f"{PREFIX}{_step_name(step)}"
     for later in published(root):
         if _step_of(later) >= step:  # past the resume point (it failed to load): superseded

@@ -181,6 +181,10 @@ class Monitor:
             state["valid_ppl"] = self.valid_ppl
         self.board.update.remote(state)
 
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.flush()

@@ -13,6 +13,11 @@
 Re-running the same command resumes: the driver checks the checkpoints (a damaged one is skipped
 with a warning naming its file) before anything is rewritten, and every worker restarts from the
 newest whole one; finished phases are skipped.
+
+With `--out s3://...` the run directory lives in the bucket and this driver works on a local mirror of it
+(storage.py): it pulls the records (not the weights, not the checkpoints) before deciding anything, and
+pushes what it writes; the workers publish their checkpoints, models and TensorBoard events themselves
+(train/ckpt_store.py).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from allatt_dist.config import ModelConfig, RunConfig
 from allatt_dist.errors import CheckpointError, EnvironmentFailure, UserError
 from allatt_dist.plan import Plan
 from allatt_dist.recipe import saved_config_diff
-from allatt_dist.train import checkpoints
+from allatt_dist.train.ckpt_store import checkpoint_store
 from allatt_dist.train.monitor import TB_DIR, RemoteProgressBoard, follow_progress
 from allatt_dist.train.setup import PHASES, Phase, phase_spec
 from allatt_dist.train.worker import WorkerJob
@@ -53,6 +58,7 @@ def prepare_run_dir(plan: Plan) -> None:
     A directory in which no phase has finished (a first attempt that failed on bad input) holds nothing
     worth keeping: it is taken over, so the corrected command can be run again as it is."""
     run_dir, spec = plan.out, plan.cfg.to_dict()
+    sync_in(plan)
     saved = run_dir / "run.yaml"
     finished = any(run_dir.glob("*/result.json")) or any(run_dir.glob("*/model/config.json"))
     if saved.is_file() and not plan.force and finished:
@@ -64,11 +70,18 @@ def prepare_run_dir(plan: Plan) -> None:
             )
     for phase in PHASES:  # the resume points are known good (damaged checkpoints set aside) first
         if not phase_done(run_dir, phase, plan.cfg):
-            checkpoints.resume_point(run_dir / phase / "checkpoints")
+            checkpoint_store(plan.mirror, run_dir / phase / "checkpoints").resume_point()
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = saved.with_suffix(".tmp")
     tmp.write_text(yaml.safe_dump(spec, sort_keys=False))
     tmp.replace(saved)
+    plan.mirror.push(saved)
+
+
+def sync_in(plan: Plan) -> None:
+    """Object storage: bring the run directory's records here (weights and checkpoints stay in the bucket
+    until a step needs them)."""
+    plan.mirror.pull(plan.out, weights=False, skip_dirs=("checkpoints",))
 
 
 WEIGHTLESS_MODEL_KEYS = ("dropout", "dropatt", "same_length")  # may differ between a model and its next phase
@@ -123,7 +136,11 @@ def _trainer(plan: Plan, phase: Phase, init_dir: Path | None, board, callbacks, 
         resources["GPU"] = sc.gpus_per_worker
     env = {"DS_ACCELERATOR": "cuda" if sc.use_gpu else "cpu", "ALLATT_VERBOSE": "1" if plan.verbose else "0"}
     tb = tb_dir or plan.out / TB_DIR / phase  # a trial's run is named by what it is (search/records.py)
-    job = WorkerJob(cfg, plan.ds_config, phase, plan.out / phase, init_dir, board, tb)
+    job = WorkerJob(cfg, plan.ds_config, phase, plan.out / phase, init_dir, board, tb, plan.mirror)
+    storage = {"storage_path": str(plan.out / phase)}  # Ray Train's own run state, beside our checkpoints
+    if plan.mirror.is_remote:
+        remote = plan.mirror.remote.child(plan.mirror.rel(plan.out / phase))
+        storage = {"storage_path": remote.key(), "storage_filesystem": remote.filesystem()}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},  # pickled to every worker: typed, nothing re-read there
@@ -135,7 +152,7 @@ def _trainer(plan: Plan, phase: Phase, init_dir: Path | None, board, callbacks, 
         ),
         run_config=RayRunConfig(
             name="checkpoints",
-            storage_path=str(plan.out / phase),
+            **storage,
             failure_config=FailureConfig(max_failures=sc.max_failures),
             worker_runtime_env={"env_vars": env},
             callbacks=callbacks or None,
@@ -206,13 +223,18 @@ def run_phase(
     trainer = _trainer(plan, phase, init_dir, board, callbacks, tb_dir)
     fit_with_progress(trainer, board, f"{run_dir.name}/{phase}", plan.progress)
     phase_dir = run_dir / phase
-    checkpoints.remove_unfinished(phase_dir / "checkpoints")  # what a worker killed while writing left
     # The last report's metrics are those of the final checkpoint (Ray Train's Result carries metrics
     # only with checkpoints it stores itself, and the workers publish their own: train/checkpoints.py).
-    newest = checkpoints.published(phase_dir / "checkpoints")
-    metrics = json.loads((newest[0] / "metrics.json").read_text()) if newest else {}
-    metrics["checkpoint"] = str(newest[0]) if newest else None
-    return finish_phase(phase_dir, phase, metrics, init_dir)
+    metrics, newest = checkpoint_store(plan.mirror, phase_dir / "checkpoints").newest_metrics()
+    metrics["checkpoint"] = newest
+    if plan.mirror.is_remote:  # what the workers published, and the config of the model they started from
+        plan.mirror.pull(phase_dir / "model")
+        if init_dir is not None:
+            plan.mirror.pull(init_dir / "config.json")
+    result = finish_phase(phase_dir, phase, metrics, init_dir)
+    plan.mirror.push(phase_dir / "pruned")
+    plan.mirror.push(phase_dir / "result.json")
+    return result
 
 
 def finish_phase(phase_dir: Path, phase: Phase, metrics: dict, init_dir: Path | None) -> dict:
@@ -237,6 +259,7 @@ def train(plan: Plan, phases: list[Phase] | None = None) -> dict[str, dict]:
     """Run the requested phases of `plan` in order (all three by default), skipping the finished ones."""
     phases = phases or list(PHASES)
     run_dir, cfg = plan.out, plan.cfg
+    sync_in(plan)
     if not phase_done(run_dir, phases[0], cfg):
         init_dir_for(run_dir, phases[0], cfg)
     prepare_run_dir(plan)  # only after every check: bad input writes nothing

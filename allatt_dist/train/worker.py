@@ -30,7 +30,9 @@ from allatt_dist.model.gates import GATE_PARAM, SparsityObjective
 from allatt_dist.model.registry import build_model as build_family_model
 from allatt_dist.model.targets import final_mask
 from allatt_dist.model.transformer import LanguageModel, count_params
+from allatt_dist.storage import Mirror
 from allatt_dist.train import checkpoints
+from allatt_dist.train.ckpt_store import checkpoint_store
 from allatt_dist.train.monitor import Monitor
 from allatt_dist.train.setup import (
     Phase,
@@ -59,6 +61,13 @@ class WorkerJob:
     init_dir: Path | None  # the model this phase starts from (None: fresh dense model)
     board: Any  # the driver's progress actor handle
     tb_dir: Path  # where rank 0 writes TensorBoard events: RUN/tb/<phase>, or a trial's named run
+    store: Mirror  # the run directory these paths lie in (each worker mirrors it itself when it is in storage)
+
+    def here(self) -> tuple[Mirror, Path, Path | None, Path]:
+        """(this process's mirror, phase_dir, init_dir, tb_dir) with the paths moved into that mirror."""
+        mine = self.store.here("worker")
+        init = self.store.moved(self.init_dir, mine) if self.init_dir is not None else None
+        return mine, self.store.moved(self.phase_dir, mine), init, self.store.moved(self.tb_dir, mine)
 
 
 def build_model(cfg: RunConfig, spec: PhaseSpec, vocab_size: int, init_dir: Path | None) -> LanguageModel:
@@ -195,13 +204,25 @@ def _load_mems(path: Path, n_chunks: int, device) -> list[list[torch.Tensor] | N
 def train_loop_per_worker(config: dict[str, WorkerJob]) -> None:
     """Ray Train entry point; `config["job"]` is the phase's `WorkerJob`."""
     import deepspeed
-    import ray.train
-    from ray.util import get_current_placement_group
 
     if os.environ.get("ALLATT_VERBOSE") != "1":
         deepspeed.utils.logger.setLevel(logging.WARNING)
     job = config["job"]
-    cfg, phase_dir = job.cfg, job.phase_dir
+    store, phase_dir, init_dir, tb_dir = job.here()
+    try:
+        if init_dir is not None:
+            store.pull(init_dir)
+        _train(job, store, phase_dir, init_dir, tb_dir)
+    finally:
+        store.discard()  # a mirror of object storage: the bucket has everything this worker published
+
+
+def _train(job: WorkerJob, store: Mirror, phase_dir: Path, init_dir: Path | None, tb_dir: Path) -> None:
+    import deepspeed
+    import ray.train
+    from ray.util import get_current_placement_group
+
+    cfg = job.cfg
     spec = phase_spec(cfg, job.phase)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -209,7 +230,7 @@ def train_loop_per_worker(config: dict[str, WorkerJob]) -> None:
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
 
     corpus = load_corpus(cfg.data, splits=("train", "valid"))
-    lm = build_model(cfg, spec, len(corpus.vocab), job.init_dir)
+    lm = build_model(cfg, spec, len(corpus.vocab), init_dir)
     objective = SparsityObjective(spec.gates) if spec.gates is not None else None
     n_params = count_params(lm)  # before ZeRO-3 partitions the tensors
     module = TrainModule(lm, objective)
@@ -227,14 +248,15 @@ def train_loop_per_worker(config: dict[str, WorkerJob]) -> None:
     stream = LMStream(corpus.tokens("train"), cfg.train.batch_size, cfg.model.seq_len, rank, world)
     accum = cfg.deepspeed.grad_accum_steps
     mems: list[list[torch.Tensor] | None] = [None] * accum
-    step, loaded = _resume(engine, stream, phase_dir / "checkpoints", rank, world, accum, device)
+    ckpts = checkpoint_store(store, phase_dir / "checkpoints")
+    step, loaded = _resume(engine, stream, ckpts, rank, world, accum, device)
     mems = loaded or mems
 
     node_ids = [None] * world
     dist.all_gather_object(node_ids, ray.get_runtime_context().get_node_id())
     pg = get_current_placement_group()  # reported: a Tune callback frees it when a scheduler stops the trial
     monitor = Monitor(
-        job.tb_dir if rank == 0 else None,
+        tb_dir if rank == 0 else None,
         job.board if rank == 0 else None,
         spec.max_steps,
         spec.phase,
@@ -300,16 +322,21 @@ def train_loop_per_worker(config: dict[str, WorkerJob]) -> None:
                 **_memory_stats(engine, world),
             }
             if final:  # export first: a Tune scheduler may stop the trial at its last report
-                _export(lm, corpus.vocab, cfg, spec, phase_dir / "model", rank, step)
+                _export(lm, corpus.vocab, cfg, spec, phase_dir / "model", rank, step, store)
                 exported = True
-            _checkpoint(engine, stream, mems, step, rank, world, metrics, phase_dir / "checkpoints", cfg)
+            if rank == 0:
+                monitor.flush()
+                store.push(tb_dir)  # the curves so far, with the checkpoint (object storage only)
+            _checkpoint(engine, stream, mems, step, rank, world, metrics, ckpts, cfg)
     if not exported:  # resumed after the last report
         _final_cut(lm, cut_size(cfg, spec))
-        _export(lm, corpus.vocab, cfg, spec, phase_dir / "model", rank, step)
+        _export(lm, corpus.vocab, cfg, spec, phase_dir / "model", rank, step, store)
     monitor.close()
+    if rank == 0:
+        store.push(tb_dir)
 
 
-def _resume(engine, stream, root: Path, rank: int, world: int, accum: int, device):
+def _resume(engine, stream, ckpts, rank: int, world: int, accum: int, device):
     """(step, memory) of the newest checkpoint every rank can load (0, None: none, start afresh).
 
     All ranks try the same candidates in the same order and agree on each: one rank failing to load
@@ -317,8 +344,10 @@ def _resume(engine, stream, root: Path, rank: int, world: int, accum: int, devic
     from allatt_dist.errors import CheckpointError
 
     tried = []
-    for ckpt in checkpoints.candidates(root):
+    for name in ckpts.candidates():
+        ckpt = ckpts.root / name
         try:
+            ckpt = ckpts.fetch(name)  # object storage: downloaded and checked against its manifest
             _, client = engine.load_checkpoint(str(ckpt), tag=CKPT_TAG, load_module_strict=True)
             if client is None:
                 raise FileNotFoundError(f"no DeepSpeed state under {ckpt / CKPT_TAG}")
@@ -330,6 +359,7 @@ def _resume(engine, stream, root: Path, rank: int, world: int, accum: int, devic
         if dist.is_initialized() and world > 1:
             dist.all_gather_object(errors, error)
         bad = [f"rank {r}: {e}" for r, e in enumerate(errors) if e is not None]
+        ckpts.release(ckpt)
         if not bad:
             stream.load_state_dict(client["stream"])
             return int(client["step"]), mems
@@ -337,11 +367,11 @@ def _resume(engine, stream, root: Path, rank: int, world: int, accum: int, devic
         if rank == 0:
             checkpoints.warn(f"checkpoint {ckpt} could not be loaded ({bad[0]}); trying an older one")
     if tried:  # a failed load may have changed the engine's state: never train on from it
-        raise CheckpointError(f"{root}: no checkpoint could be loaded (tried {', '.join(tried)})")
+        raise CheckpointError(f"{ckpts.root}: no checkpoint could be loaded (tried {', '.join(tried)})")
     return 0, None
 
 
-def _checkpoint(engine, stream, mems, step, rank, world, metrics, root: Path, cfg: RunConfig) -> None:
+def _checkpoint(engine, stream, mems, step, rank, world, metrics, ckpts, cfg: RunConfig) -> None:
     """Every rank writes its DeepSpeed shards and memory into one staging folder; rank 0 publishes it
     (manifest, rename) once all have; then the metrics go to Ray Train (and Tune): a checkpoint is on
     disk, whole, before a scheduler can see the report and stop the trial."""
@@ -350,21 +380,18 @@ def _checkpoint(engine, stream, mems, step, rank, world, metrics, root: Path, cf
     nonce = [checkpoints.new_nonce() if rank == 0 else None]
     if dist.is_initialized() and world > 1:
         dist.broadcast_object_list(nonce, src=0)
-    staging = checkpoints.staging_dir(root, step, nonce[0])
+    staging = ckpts.staging(step, nonce[0])
     engine.save_checkpoint(str(staging), tag=CKPT_TAG, client_state={"step": step, "stream": stream.state_dict()})
     _save_mems(staging / f"mems_rank{rank}.safetensors", mems)
     if rank == 0:
         (staging / "metrics.json").write_text(json.dumps(metrics))
-    if dist.is_initialized():
-        dist.barrier()  # every rank's files are complete
-    if rank == 0:
-        checkpoints.publish(staging, root, step, cfg.train.keep_checkpoints)
-    if dist.is_initialized():
-        dist.barrier()
+    ckpts.publish(staging, step, cfg.train.keep_checkpoints, rank)  # collective: whole or absent
     ray.train.report(metrics)
 
 
-def _export(lm: LanguageModel, vocab, cfg: RunConfig, spec: PhaseSpec, out: Path, rank: int, step: int) -> None:
+def _export(
+    lm: LanguageModel, vocab, cfg: RunConfig, spec: PhaseSpec, out: Path, rank: int, step: int, store: Mirror
+) -> None:
     """Consolidate the (possibly ZeRO-3 partitioned, possibly bf16) weights and write model.safetensors
     on rank 0 from the fp32 master copies."""
     from allatt_dist.modelio import save_model_dir
@@ -376,5 +403,6 @@ def _export(lm: LanguageModel, vocab, cfg: RunConfig, spec: PhaseSpec, out: Path
         for src, dst in zip(lm.gates, copy.gates, strict=True):
             dst.cut = src.cut  # saved in config.json: the exported model's eval gate and pruning keep exactly it
         save_model_dir(copy, vocab, out, gates=spec.gates, extra={"phase": spec.phase, "step": step})
+        store.push(out)  # object storage: weights first, config.json last
     if dist.is_initialized():
         dist.barrier()

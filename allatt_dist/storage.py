@@ -1,0 +1,422 @@
+"""Run directories in object storage (`--out s3://bucket/prefix`, `gs://...`): a local mirror per process.
+
+    --out s3://bucket/exp   ->  Remote (scheme, bucket/prefix, filesystem options)  ->  Mirror per process
+                                                                                        (a local temp folder)
+
+Every process that takes part in a run (the driver, each Tune trial, each Ray Train worker, each scoring
+task) works on its own local folder standing for the run directory, and syncs it with the bucket at the
+points where the local code publishes something: it *pushes* what it wrote (changed files uploaded,
+files it deleted deleted; within a folder `MANIFEST.json`, `config.json` and `result.json` go last, so
+a reader that sees them sees the rest), and *pulls* what another process wrote before reading it. No
+two processes write the same file, so no node needs to see another's disk: a run needs only the
+bucket. A local `--out` is its own mirror, and push/pull do nothing.
+
+Why not a FUSE mount or Ray Train's storage for everything: the code reads and writes run directories
+with plain paths (safetensors, DeepSpeed, TensorBoard's writers), and Ray Train's storage could neither
+skip nor delete a damaged checkpoint (docs/architecture.md); pyarrow's filesystems, which Ray Train uses
+itself, move the files. Endpoint and credentials come the standard way (`AWS_ENDPOINT_URL`,
+`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, instance roles); pyarrow ignores `AWS_ENDPOINT_URL`, so
+it is passed on as `endpoint_override` (the URI's own `?endpoint_override=` wins).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import tempfile
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+from allatt_dist.errors import UserError
+
+SCHEMES = {"s3": "S3", "gs": "Google Cloud Storage", "gcs": "Google Cloud Storage"}
+LAST = ("MANIFEST.json", "config.json", "result.json")  # published after the rest of their folder
+WEIGHTS = (".safetensors", ".pt")  # what a pull may leave for later (large)
+_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$")
+_FS_CACHE: dict[tuple, object] = {}
+
+
+def is_uri(text: str | os.PathLike) -> bool:
+    """Whether `text` names object storage (any `scheme://`) rather than a local path."""
+    return bool(_URI.match(str(text)))
+
+
+@dataclass(frozen=True)
+class Remote:
+    """A prefix in object storage: `scheme://bucket/prefix` plus the filesystem's options (endpoint...)."""
+
+    scheme: str  # s3 | gs | gcs
+    path: str  # bucket/prefix, no trailing slash
+    options: tuple[tuple[str, str], ...] = ()  # pyarrow URI options, the endpoint from the environment included
+
+    @property
+    def uri(self) -> str:
+        return f"{self.scheme}://{self.path}"
+
+    @property
+    def bucket(self) -> str:
+        return self.path.split("/", 1)[0]
+
+    def key(self, rel: str = "") -> str:
+        rel = rel.strip("/")
+        return f"{self.path}/{rel}" if rel else self.path
+
+    def filesystem(self):
+        """The pyarrow filesystem (one per process and remote; credentials from the environment)."""
+        cache_key = (self.scheme, self.bucket, self.options)
+        if cache_key not in _FS_CACHE:
+            _FS_CACHE[cache_key] = _make_filesystem(self)
+        return _FS_CACHE[cache_key]
+
+    def child(self, rel: str) -> Remote:
+        return Remote(self.scheme, self.key(rel), self.options)
+
+
+def _make_filesystem(remote: Remote):
+    import pyarrow.fs as pafs
+
+    opts = dict(remote.options)
+    if remote.scheme == "s3":
+        kwargs = {"endpoint_override": opts.get("endpoint_override"), "region": opts.get("region")}
+        if opts.get("scheme"):
+            kwargs["scheme"] = opts["scheme"]
+        kwargs = {k: v for k, v in kwargs.items() if v}
+        return pafs.S3FileSystem(
+            **kwargs, connect_timeout=10, request_timeout=60, retry_strategy=pafs.AwsStandardS3RetryStrategy(3)
+        )
+    query = f"?{urlencode(opts)}" if opts else ""
+    fs, _ = pafs.FileSystem.from_uri(f"{remote.scheme}://{remote.path}{query}")
+    return fs
+
+
+def parse_remote(text: str, flag: str = "--out") -> Remote:
+    """`scheme://bucket/prefix[?options]` -> Remote; one line for a scheme no filesystem here handles."""
+    m = _URI.match(text)
+    if not m:
+        raise UserError(f"{flag} {text}: not a URI")
+    scheme = m.group(1).lower()
+    if scheme == "file":
+        raise UserError(f"{flag} {text}: give a local path as a plain path, not file://")
+    if scheme not in SCHEMES:
+        allowed = ", ".join(f"{s}://" for s in SCHEMES)
+        raise UserError(f"{flag} {text}: no filesystem for {scheme}:// here; give a local path or {allowed}")
+    parts = urlsplit(text)
+    path = f"{parts.netloc}{parts.path}".strip("/")
+    if not parts.netloc:
+        raise UserError(f"{flag} {text}: no bucket named; give {scheme}://BUCKET/PREFIX")
+    opts = dict(parse_qsl(parts.query))
+    if scheme == "s3" and "endpoint_override" not in opts and os.environ.get("AWS_ENDPOINT_URL"):
+        endpoint = os.environ["AWS_ENDPOINT_URL"]  # what the AWS CLI and boto3 read; pyarrow does not
+        opts["endpoint_override"] = endpoint
+        if endpoint.startswith("http://"):
+            opts.setdefault("scheme", "http")
+    if scheme == "s3" and opts.get("endpoint_override", "").startswith("http://"):
+        opts.setdefault("scheme", "http")
+    if scheme == "s3" and not opts.get("region"):
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if region:
+            opts["region"] = region
+    return Remote(scheme, path, tuple(sorted(opts.items())))
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e)
+    low = text.lower()
+    if "no_such_bucket" in low or "nosuchbucket" in low or "bucket does not exist" in low:
+        return "no such bucket"
+    if "access_denied" in low or "accessdenied" in low or "forbidden" in low or "invalidaccesskeyid" in low:
+        return "access denied (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the instance role)"
+    if "signaturedoesnotmatch" in low or "invalid_access_key" in low:
+        return "access denied (the credentials are not valid there)"
+    if "network_connection" in low or "could not connect" in low or "curl" in low or "timed out" in low:
+        return "cannot connect (check AWS_ENDPOINT_URL / the network)"
+    return (text.strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def check_writable(remote: Remote, flag: str = "--out") -> None:
+    """Before any work: the bucket exists and takes a write and a delete with these credentials (a probe
+    object under the prefix, removed again). One line naming the URI and the reason otherwise."""
+    probe = remote.key(f".allatt-probe-{secrets.token_hex(4)}")
+    try:
+        fs = remote.filesystem()
+        with fs.open_output_stream(probe) as f:
+            f.write(b"probe\n")
+        fs.delete_file(probe)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{flag} {remote.uri}: cannot write there: {_reason(e)}") from None
+
+
+def check_readable(remote: Remote, what: str, flag: str) -> None:
+    """`remote` holds something to read (a model directory, an experiment); one line otherwise."""
+    import pyarrow.fs as pafs
+
+    try:
+        info = remote.filesystem().get_file_info(remote.key())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{flag} {remote.uri}: cannot read there: {_reason(e)}") from None
+    if info.type == pafs.FileType.NotFound:
+        raise UserError(f"{flag} {remote.uri}: no {what} there")
+
+
+def _skipped(rel: str) -> bool:
+    """Temporary names (atomic.py's siblings, staging/trash folders, locks) are never synced."""
+    return any(part.startswith(".") for part in rel.split("/"))
+
+
+def _ordered(rels: Iterable[str]) -> list[list[str]]:
+    """Files to upload in two waves: everything else, then the files that mark their folder complete."""
+    rels = sorted(rels)
+    return [[r for r in rels if r.rsplit("/", 1)[-1] not in LAST], [r for r in rels if r.rsplit("/", 1)[-1] in LAST]]
+
+
+def _mirror_base() -> Path:
+    base = Path(os.environ.get("ALLATT_MIRROR_DIR") or tempfile.gettempdir())
+    base.mkdir(parents=True, exist_ok=True)
+    return base
+
+
+def mirror_root(tag: str = "run") -> Path:
+    """A new local folder for a mirror: under ALLATT_MIRROR_DIR, else the system's temp folder."""
+    return Path(tempfile.mkdtemp(prefix=f"allatt-{tag}-", dir=_mirror_base()))
+
+
+def driver_root(remote: Remote) -> Path:
+    """The driver's mirror of `remote`: one name per URI (not created here), so that what Tune pickles with a
+    search (its callbacks name paths in it) still holds when the search is resumed, on this machine or another.
+    Only the lock's holder uses it, and it empties it first (runlock.hold)."""
+    import hashlib
+
+    return _mirror_base() / f"allatt-driver-{hashlib.sha256(remote.uri.encode()).hexdigest()[:16]}"
+
+
+class Mirror:
+    """A run directory as one process sees it: `root` (local), kept in step with `remote` when there is one."""
+
+    def __init__(self, root: str | Path, remote: Remote | None = None):
+        self.root = Path(root).resolve()
+        self.remote = remote
+        self._synced: dict[str, tuple[int, int]] = {}  # rel -> (size, mtime_ns) of the local file when last synced
+
+    def __getstate__(self) -> dict:  # another process starts with nothing synced
+        return {"root": self.root, "remote": self.remote, "_synced": {}}
+
+    def __repr__(self) -> str:
+        return f"Mirror({self.root}{', ' + self.remote.uri if self.remote else ''})"
+
+    @property
+    def is_remote(self) -> bool:
+        return self.remote is not None
+
+    @property
+    def where(self) -> str:
+        """The run directory as the user named it (the URI, or the local path)."""
+        return self.remote.uri if self.remote else str(self.root)
+
+    def here(self, tag: str = "run") -> Mirror:
+        """This run directory for the calling process: a fresh local mirror when remote, else itself."""
+        return Mirror(mirror_root(tag), self.remote) if self.remote else self
+
+    def rel(self, path: str | Path) -> str:
+        p = Path(path)
+        return "" if p == self.root else p.relative_to(self.root).as_posix()
+
+    def moved(self, path: str | Path, into: Mirror) -> Path:
+        """`path` under this mirror's root, at the same place under `into`'s root."""
+        rel = self.rel(path)
+        return into.root / rel if rel else into.root
+
+    def uri(self, path: str | Path | None = None) -> str:
+        """Where `path` (under root) lives for good: a URI when remote, else the path."""
+        rel = self.rel(path) if path is not None else ""
+        if self.remote is None:
+            return str(self.root / rel) if rel else str(self.root)
+        return self.remote.child(rel).uri if rel else self.remote.uri
+
+    # ----- listing -------------------------------------------------------------------------------------
+
+    def _remote_files(self, rel: str) -> dict[str, int]:
+        """rel -> size of every remote file at/under `rel` (a file or a folder)."""
+        import pyarrow.fs as pafs
+
+        fs, key = self.remote.filesystem(), self.remote.key(rel)
+        info = fs.get_file_info(key)
+        if info.type == pafs.FileType.File:
+            return {rel: info.size}
+        if info.type == pafs.FileType.NotFound:
+            return {}
+        base = self.remote.key()
+        out = {}
+        for i in fs.get_file_info(pafs.FileSelector(key, recursive=True, allow_not_found=True)):
+            if i.type == pafs.FileType.File:
+                out[i.path[len(base) + 1 :]] = i.size
+        return out
+
+    def list_remote(self, path: str | Path) -> dict[str, int]:
+        """Remote files under `path` (relative to `path`) -> size; the local folder's files when local."""
+        rel = self.rel(path)
+        if self.remote is None:
+            p = Path(path)
+            return {f.relative_to(p).as_posix(): f.stat().st_size for f in p.rglob("*") if f.is_file()}
+        cut = len(rel) + 1 if rel else 0
+        return {k[cut:]: v for k, v in self._remote_files(rel).items()}
+
+    # ----- sync ----------------------------------------------------------------------------------------
+
+    def pull(self, path: str | Path | None = None, *, weights: bool = True, skip_dirs: tuple[str, ...] = ()) -> None:
+        """Bring the remote files at/under `path` (default: all) here; local files the remote no longer has
+        (and that were synced before) are removed. `weights=False` leaves *.safetensors/*.pt for later;
+        folders named in `skip_dirs` (e.g. checkpoints) are left out."""
+        if self.remote is None:
+            return
+        rel = self.rel(path) if path is not None else ""
+        remote = self._remote_files(rel)
+        todo = []
+        for r, size in remote.items():
+            parts = r.split("/")
+            if _skipped(r) or any(p in skip_dirs for p in parts[:-1]) or (not weights and r.endswith(WEIGHTS)):
+                continue
+            local = self.root / r
+            seen = self._synced.get(r)
+            if local.is_file() and seen is not None and _stat(local) == seen and seen[0] == size:
+                continue  # unchanged on both sides since the last sync
+            todo.append(r)
+        self._transfer(todo, upload=False)
+        for r in [r for r in self._synced if _under(r, rel) and r not in remote]:
+            (self.root / r).unlink(missing_ok=True)
+            del self._synced[r]
+
+    def push(self, path: str | Path | None = None, *, delete: bool = True) -> None:
+        """Publish what this process wrote at/under `path` (default: all): new and changed files uploaded
+        (the marker files last), then (unless `delete=False`) files it synced before and has since deleted
+        deleted remotely."""
+        if self.remote is None:
+            return
+        base = Path(path) if path is not None else self.root
+        rel = self.rel(base)
+        if base.is_file():
+            local = {rel: base}
+        else:
+            local = {self.rel(f): f for f in base.rglob("*") if f.is_file()} if base.is_dir() else {}
+        changed = [r for r, f in local.items() if not _skipped(r) and self._synced.get(r) != _stat(f)]
+        for wave in _ordered(changed):
+            self._transfer(wave, upload=True)
+        gone = [r for r in self._synced if _under(r, rel) and r not in local] if delete else []
+        if gone:
+            fs = self.remote.filesystem()
+            for r in gone:
+                _delete_file(fs, self.remote.key(r))
+                del self._synced[r]
+
+    def delete(self, path: str | Path) -> None:
+        """Remove `path` (file or folder) remotely and here; a folder's marker files go first, so no reader
+        sees it complete while it is half deleted."""
+        rel = self.rel(path)
+        local = self.root / rel
+        if local.is_dir():
+            shutil.rmtree(local, ignore_errors=True)
+        else:
+            local.unlink(missing_ok=True)
+        if self.remote is None:
+            return
+        files = self._remote_files(rel)
+        fs = self.remote.filesystem()
+        for wave in reversed(_ordered(files)):
+            for r in wave:
+                _delete_file(fs, self.remote.key(r))
+        for r in [r for r in self._synced if _under(r, rel)]:
+            del self._synced[r]
+
+    def _transfer(self, rels: list[str], upload: bool) -> None:
+        if not rels:
+            return
+        fs = self.remote.filesystem()
+
+        def one(r: str) -> tuple[str, tuple[int, int]]:
+            local = self.root / r
+            if upload:
+                _copy_up(fs, local, self.remote.key(r))
+            else:
+                _copy_down(fs, self.remote.key(r), local)
+            return r, _stat(local)
+
+        with ThreadPoolExecutor(max_workers=min(8, len(rels))) as pool:
+            for r, st in pool.map(one, rels):
+                self._synced[r] = st
+
+    def forget(self, path: str | Path) -> None:
+        """This process removed its local copy of `path` on purpose (the bucket keeps it): a later push of
+        a folder around it must not delete it remotely."""
+        rel = self.rel(path)
+        for r in [r for r in self._synced if _under(r, rel)]:
+            del self._synced[r]
+
+    def reset(self) -> None:
+        """Empty the local mirror (its holder, before pulling: nothing stale from an earlier process stays)."""
+        if self.remote is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._synced.clear()
+
+    def discard(self) -> None:
+        """Remove the local mirror (remote runs only: a local run directory is the run itself)."""
+        if self.remote is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _under(rel: str, folder: str) -> bool:
+    return not folder or rel == folder or rel.startswith(folder + "/")
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+def _copy_up(fs, local: Path, key: str) -> None:
+    with open(local, "rb") as src, fs.open_output_stream(key) as dst:
+        shutil.copyfileobj(src, dst, 8 << 20)
+
+
+def _copy_down(fs, key: str, local: Path) -> None:
+    """Download to a temporary sibling and rename: a reader here sees the old file or the new one."""
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.with_name(f".{local.name}.tmp-{secrets.token_hex(4)}")
+    try:
+        with fs.open_input_stream(key) as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 8 << 20)
+        os.replace(tmp, local)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _delete_file(fs, key: str) -> None:
+    try:
+        fs.delete_file(key)
+    except FileNotFoundError:
+        pass
+
+
+def resolve_out(text: str, flag: str = "--out") -> Mirror:
+    """`--out` as given: a local path (its own mirror) or a URI (checked writable; mirrored in `driver_root`)."""
+    if not is_uri(text):
+        return Mirror(Path(text).resolve())
+    remote = parse_remote(text, flag)
+    check_writable(remote, flag)
+    return Mirror(driver_root(remote), remote)
+
+
+def fetch_model_dir(text: str, flag: str) -> tuple[Path, Mirror | None]:
+    """A model directory to read, local or in storage (downloaded to a temp folder: discard it after)."""
+    if not is_uri(text):
+        return Path(text), None
+    remote = parse_remote(text, flag)
+    check_readable(remote, "model directory", flag)
+    m = Mirror(mirror_root("model"), remote)
+    m.pull()
+    return m.root, m
