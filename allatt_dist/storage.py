@@ -180,9 +180,34 @@ def _mirror_base() -> Path:
     return base
 
 
+_OWNED = re.compile(r"^allatt-[a-z]+-(\d+)-")  # allatt-<tag>-<pid>-<random>: a process's own mirror
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _sweep(base: Path) -> None:
+    """Remove the mirrors of processes that died without removing theirs (a worker killed, a node's
+    processes ended by a crash of the driver): each names its pid, and only dead ones are removed."""
+    for p in base.iterdir():
+        m = _OWNED.match(p.name)
+        if m and p.is_dir() and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def mirror_root(tag: str = "run") -> Path:
-    """A new local folder for a mirror: under ALLATT_MIRROR_DIR, else the system's temp folder."""
-    return Path(tempfile.mkdtemp(prefix=f"allatt-{tag}-", dir=_mirror_base()))
+    """A new local folder for a mirror: under ALLATT_MIRROR_DIR, else the system's temp folder (the
+    leftovers of dead processes there are removed first)."""
+    base = _mirror_base()
+    _sweep(base)
+    return Path(tempfile.mkdtemp(prefix=f"allatt-{tag}-{os.getpid()}-", dir=base))
 
 
 def driver_root(remote: Remote) -> Path:

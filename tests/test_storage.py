@@ -224,6 +224,10 @@ def test_the_cli_refuses_a_bad_bucket_before_anything_starts(env, wt2_path):
         [sys.executable, "-m", "allatt_dist.cli", "evaluate", "s3://runs/no/model"], capture_output=True, text=True
     )
     assert r.returncode == 2 and "s3://runs/no/model: no model directory there" in r.stderr, r.stderr
+    r = subprocess.run(
+        [sys.executable, "-m", "allatt_dist.cli", "rank", "s3://runs/no/exp"], capture_output=True, text=True
+    )
+    assert r.returncode == 2 and "experiment s3://runs/no/exp: no experiment there" in r.stderr, r.stderr
 
 
 # ----- checkpoints in a bucket ---------------------------------------------------------------------------
@@ -271,11 +275,14 @@ def test_the_driver_removes_unpublished_and_damaged_checkpoints_in_a_bucket(env,
     s3 = env.client()
     s3.put_object(Bucket="runs", Key=f"{pre}/checkpoint_00000030/ds/partial.pt", Body=b"x")  # upload cut short
     s3.put_object(Bucket="runs", Key=f"{pre}/checkpoint_00000020/metrics.json", Body=b"{}")  # truncated
+    # what a kill leaves when it stops rank 0 deleting an old checkpoint (the manifest goes first)
+    s3.put_object(Bucket="runs", Key=f"{pre}/checkpoint_00000005/zero_to_torch.py", Body=b"#")
     said = []
     store.resume_point(said.append)
     assert len(said) == 1 and said[0].startswith("checkpoint_00000020 skipped: s3://runs/") and "bytes where" in said[0]
     assert store.candidates() == ["checkpoint_00000010"]
-    assert not [k for k in env.keys("runs", pre) if "00000030" in k or "00000020" in k]
+    left = {k[len(pre) + 1 :].split("/")[0] for k in env.keys("runs", pre + "/")}
+    assert left == {"checkpoint_00000010"}, left  # 30 never published, 20 damaged, 5 half deleted: all gone
 
 
 def test_a_worker_refuses_a_checkpoint_whose_content_changed(env, request):
@@ -287,3 +294,16 @@ def test_a_worker_refuses_a_checkpoint_whose_content_changed(env, request):
     store.resume_point(lambda _: None)  # sizes agree: the driver cannot tell
     with pytest.raises(OSError, match="checksum differs"):
         store.fetch("checkpoint_00000010")
+
+
+def test_the_copies_of_dead_processes_are_swept(env, tmp_path):
+    base = tmp_path / "mirrors"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = base / f"allatt-worker-{int(dead.stdout)}-abcd"  # a worker SIGKILLed with its copy on disk
+    mine = base / f"allatt-trial-{os.getpid()}-efgh"  # a live process's
+    other = base / "allatt-ckpt-123"  # not a mirror
+    for d in (left, mine, other):
+        (d / "x").mkdir(parents=True)
+    new = storage.mirror_root("score")
+    assert not left.exists() and mine.is_dir() and other.is_dir()
+    assert new.parent == base and new.name.startswith(f"allatt-score-{os.getpid()}-")

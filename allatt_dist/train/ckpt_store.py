@@ -89,11 +89,15 @@ class RemoteCheckpoints:
             return None
 
     def resume_point(self, report: Callable[[str], None] = ck.warn) -> None:
-        """The driver: unpublished checkpoints removed; the newest published one's sizes checked against its
-        manifest (the checksums are checked by each worker as it downloads), a damaged one reported and removed."""
-        for name, files in self._names().items():
+        """The driver: checkpoints without a manifest removed (an upload or a deletion cut short), then the
+        newest published one's sizes checked against its manifest (the checksums are checked by each worker as
+        it downloads), a damaged one reported and removed, and so on to an older one."""
+        names = self._names()
+        for name, files in names.items():
             if ck.MANIFEST not in files:
-                self.store.delete(self.root / name)  # upload interrupted: never published
+                self.store.delete(self.root / name)
+        for name, files in names.items():
+            if ck.MANIFEST not in files:
                 continue
             man = self._manifest(name)
             why = None
@@ -159,7 +163,8 @@ class RemoteCheckpoints:
             files = {k: v for part in every for k, v in part.items()}
             ck.write_manifest(final, step, files)
             self.store.push(final / ck.MANIFEST)
-            for old in self.candidates()[keep:]:
+            kept = self.candidates()[:keep]
+            for old in [n for n in self._names() if n not in kept]:  # older ones, and leftovers without a manifest
                 self.store.delete(self.root / old)
         _barrier()
         self.release(final)  # the bucket holds it
