@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from allatt_dist.errors import UserError
-from allatt_dist.storage import Mirror
+from allatt_dist.storage import Mirror, pid_alive
 
 LOCK_NAME = ".lock"
 LEASE_S, BEAT_S, SETTLE_S = 90.0, 20.0, 1.0  # object-storage lease: expiry, heartbeat, read-back delay
@@ -116,21 +116,11 @@ def _info(command: str | None) -> dict:
     }
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _lease_live(info: dict | None) -> bool:
     """Whether a lease read from object storage still holds its directory."""
     if not info or "beat" not in info:
         return False
-    if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int) and not _pid_alive(info["pid"]):
+    if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int) and not pid_alive(info["pid"]):
         return False  # its holder on this machine is gone (killed): no need to wait out the lease
     return time.time() - float(info["beat"]) < LEASE_S
 

@@ -183,7 +183,8 @@ def _mirror_base() -> Path:
 _OWNED = re.compile(r"^allatt-[a-z]+-(\d+)-")  # allatt-<tag>-<pid>-<random>: a process's own mirror
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this machine."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -198,7 +199,7 @@ def _sweep(base: Path) -> None:
     processes ended by a crash of the driver): each names its pid, and only dead ones are removed."""
     for p in base.iterdir():
         m = _OWNED.match(p.name)
-        if m and p.is_dir() and not _pid_alive(int(m.group(1))):
+        if m and p.is_dir() and not pid_alive(int(m.group(1))):
             shutil.rmtree(p, ignore_errors=True)
 
 
