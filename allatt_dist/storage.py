@@ -227,9 +227,10 @@ class Mirror:
         self.root = Path(root).resolve()
         self.remote = remote
         self._synced: dict[str, tuple[int, int]] = {}  # rel -> (size, mtime_ns) of the local file when last synced
+        self._fetched: dict[str, tuple[int, int | None]] = {}  # rel -> the remote (size, mtime) it was pulled at
 
     def __getstate__(self) -> dict:  # another process starts with nothing synced
-        return {"root": self.root, "remote": self.remote, "_synced": {}}
+        return {"root": self.root, "remote": self.remote, "_synced": {}, "_fetched": {}}
 
     def __repr__(self) -> str:
         return f"Mirror({self.root}{', ' + self.remote.uri if self.remote else ''})"
@@ -265,22 +266,26 @@ class Mirror:
 
     # ----- listing -------------------------------------------------------------------------------------
 
-    def _remote_files(self, rel: str) -> dict[str, int]:
-        """rel -> size of every remote file at/under `rel` (a file or a folder)."""
+    def _remote_info(self, rel: str) -> dict[str, tuple[int, int | None]]:
+        """rel -> (size, mtime_ns) of every remote file at/under `rel` (a file or a folder)."""
         import pyarrow.fs as pafs
 
         fs, key = self.remote.filesystem(), self.remote.key(rel)
         info = fs.get_file_info(key)
         if info.type == pafs.FileType.File:
-            return {rel: info.size}
+            return {rel: (info.size, info.mtime_ns)}
         if info.type == pafs.FileType.NotFound:
             return {}
         base = self.remote.key()
         out = {}
         for i in fs.get_file_info(pafs.FileSelector(key, recursive=True, allow_not_found=True)):
             if i.type == pafs.FileType.File:
-                out[i.path[len(base) + 1 :]] = i.size
+                out[i.path[len(base) + 1 :]] = (i.size, i.mtime_ns)
         return out
+
+    def _remote_files(self, rel: str) -> dict[str, int]:
+        """rel -> size of every remote file at/under `rel`."""
+        return {r: size for r, (size, _) in self._remote_info(rel).items()}
 
     def list_remote(self, path: str | Path) -> dict[str, int]:
         """Remote files under `path` (relative to `path`) -> size; the local folder's files when local."""
@@ -300,21 +305,21 @@ class Mirror:
         if self.remote is None:
             return
         rel = self.rel(path) if path is not None else ""
-        remote = self._remote_files(rel)
+        remote = self._remote_info(rel)
         todo = []
-        for r, size in remote.items():
+        for r, state in remote.items():
             parts = r.split("/")
             if _skipped(r) or any(p in skip_dirs for p in parts[:-1]) or (not weights and r.endswith(WEIGHTS)):
                 continue
             local = self.root / r
             seen = self._synced.get(r)
-            if local.is_file() and seen is not None and _stat(local) == seen and seen[0] == size:
+            if local.is_file() and seen is not None and _stat(local) == seen and self._unchanged(r, state):
                 continue  # unchanged on both sides since the last sync
             todo.append(r)
-        self._transfer(todo, upload=False)
+        self._transfer(todo, upload=False, remote=remote)
         for r in [r for r in self._synced if _under(r, rel) and r not in remote]:
             (self.root / r).unlink(missing_ok=True)
-            del self._synced[r]
+            self._drop(r)
 
     def push(self, path: str | Path | None = None, *, delete: bool = True) -> None:
         """Publish what this process wrote at/under `path` (default: all): new and changed files uploaded
@@ -336,7 +341,7 @@ class Mirror:
             fs = self.remote.filesystem()
             for r in gone:
                 _delete_file(fs, self.remote.key(r))
-                del self._synced[r]
+                self._drop(r)
 
     def delete(self, path: str | Path) -> None:
         """Remove `path` (file or folder) remotely and here; a folder's marker files go first, so no reader
@@ -355,9 +360,20 @@ class Mirror:
             for r in wave:
                 _delete_file(fs, self.remote.key(r))
         for r in [r for r in self._synced if _under(r, rel)]:
-            del self._synced[r]
+            self._drop(r)
 
-    def _transfer(self, rels: list[str], upload: bool) -> None:
+    def _drop(self, rel: str) -> None:
+        del self._synced[rel]
+        self._fetched.pop(rel, None)
+
+    def _unchanged(self, rel: str, state: tuple[int, int | None]) -> bool:
+        """Whether the remote file is the one this process last pulled, or uploaded itself (no one else
+        writes a file this process writes)."""
+        if rel in self._fetched:
+            return self._fetched[rel] == state
+        return self._synced[rel][0] == state[0]
+
+    def _transfer(self, rels: list[str], upload: bool, remote: dict | None = None) -> None:
         if not rels:
             return
         fs = self.remote.filesystem()
@@ -373,13 +389,17 @@ class Mirror:
         with ThreadPoolExecutor(max_workers=min(8, len(rels))) as pool:
             for r, st in pool.map(one, rels):
                 self._synced[r] = st
+                if upload:
+                    self._fetched.pop(r, None)
+                else:
+                    self._fetched[r] = remote[r]
 
     def forget(self, path: str | Path) -> None:
         """This process removed its local copy of `path` on purpose (the bucket keeps it): a later push of
         a folder around it must not delete it remotely."""
         rel = self.rel(path)
         for r in [r for r in self._synced if _under(r, rel)]:
-            del self._synced[r]
+            self._drop(r)
 
     def reset(self) -> None:
         """Empty the local mirror (its holder, before pulling: nothing stale from an earlier process stays)."""
@@ -387,6 +407,7 @@ class Mirror:
             shutil.rmtree(self.root, ignore_errors=True)
             self.root.mkdir(parents=True, exist_ok=True)
             self._synced.clear()
+            self._fetched.clear()
 
     def discard(self) -> None:
         """Remove the local mirror (remote runs only: a local run directory is the run itself)."""

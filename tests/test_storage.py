@@ -307,3 +307,20 @@ def test_the_copies_of_dead_processes_are_swept(env, tmp_path):
     new = storage.mirror_root("score")
     assert not left.exists() and mine.is_dir() and other.is_dir()
     assert new.parent == base and new.name.startswith(f"allatt-score-{os.getpid()}-")
+
+
+def test_a_file_rewritten_remotely_at_the_same_size_is_pulled_again(env, request):
+    a = resolve_out(f"s3://runs/{_prefix(request)}")
+    a.reset()
+    (a.root / "status.json").write_text('{"s": "running"}')
+    a.push()
+    b = a.here("reader")
+    b.pull()
+    time.sleep(1.1)  # S3 keeps modification times to the second
+    (a.root / "status.json").write_text('{"s": "stopped"}')  # same length, other content
+    a.push()
+    b.pull()
+    assert (b.root / "status.json").read_text() == '{"s": "stopped"}'
+    a.pull()  # what a process uploaded itself is not fetched back
+    assert (a.root / "status.json").read_text() == '{"s": "stopped"}'
+    b.discard()
