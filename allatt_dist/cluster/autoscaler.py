@@ -51,13 +51,13 @@ def discover() -> Autoscaler | None:
     found = _from_gcs_cluster_config()
     if found is not None:
         return found
-    if not _status_published():
-        return None
-    found = _from_head_monitor()
-    if found is None and _is_v2():
+    found = _from_head_monitor()  # before its first status report too: a monitor starting up is still one
+    if found is not None:
+        return found
+    if _status_published() and _is_v2():
         # v2 publishes a status only when it runs; v1's status is published by a read-only monitor too
         return Autoscaler(source="the autoscaler's status (node types not published)")
-    return found
+    return None
 
 
 def request(bundles: list[dict[str, float]]) -> None:
