@@ -17,8 +17,9 @@ from pathlib import Path
 from allatt_dist.cliargs import add_override_arg, positive_int
 from allatt_dist.errors import EnvironmentFailure, UserError
 from allatt_dist.outputs import check_new_model_dir, check_output_dir
+from allatt_dist.remote import is_uri
 from allatt_dist.runlock import check_not_in_use, hold
-from allatt_dist.storage import Mirror, fetch_model_dir, is_uri, resolve_out
+from allatt_dist.storage import Mirror, fetch_model_dir, resolve_out
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -136,7 +137,8 @@ def cmd_evaluate(a: argparse.Namespace) -> dict:
 
 def _remote_model_out(a: argparse.Namespace) -> Mirror:
     """`prune --out URI`: writable, and not an existing model directory unless --force (replaced file by file)."""
-    from allatt_dist.storage import mirror_root, parse_remote
+    from allatt_dist.remote import parse_remote
+    from allatt_dist.storage import mirror_root
 
     remote = parse_remote(a.out, "--out")
     mirror = resolve_out(a.out)
@@ -187,7 +189,7 @@ def cmd_rank(a: argparse.Namespace) -> dict:
 
 def _experiment(text: str) -> Mirror:
     """`rank EXPERIMENT`: a folder, or a URI that holds an experiment and takes writes."""
-    from allatt_dist.storage import check_readable, parse_remote
+    from allatt_dist.remote import check_readable, parse_remote
 
     if not is_uri(text):
         return Mirror(Path(text).resolve())

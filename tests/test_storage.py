@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 from s3server import S3Server
 
-from allatt_dist import storage
+from allatt_dist import remote, storage
 from allatt_dist.errors import UserError
+from allatt_dist.remote import is_uri, parse_remote
 from allatt_dist.runlock import LOCK_NAME, RunDirInUse, hold
-from allatt_dist.storage import Mirror, is_uri, parse_remote, resolve_out
+from allatt_dist.storage import Mirror, resolve_out
 from allatt_dist.train import checkpoints as ck
 from allatt_dist.train.ckpt_store import RemoteCheckpoints
 
@@ -40,9 +41,9 @@ def s3():
 def env(s3, monkeypatch, tmp_path):
     for k, v in s3.env(ALLATT_MIRROR_DIR=str(tmp_path / "mirrors")).items():
         monkeypatch.setenv(k, v)
-    storage._FS_CACHE.clear()
+    remote._FS_CACHE.clear()
     yield s3
-    storage._FS_CACHE.clear()
+    remote._FS_CACHE.clear()
 
 
 def _prefix(request) -> str:
@@ -154,14 +155,14 @@ def test_unknown_keys_are_refused_by_a_server_that_checks(monkeypatch, tmp_path)
         server.make_bucket("locked")
         for k, v in server.env().items():
             monkeypatch.setenv(k, v)
-        storage._FS_CACHE.clear()
+        remote._FS_CACHE.clear()
         resolve_out("s3://locked/ok")  # the user's own keys: writable
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG1")
-        storage._FS_CACHE.clear()
+        remote._FS_CACHE.clear()
         with pytest.raises(UserError, match=r"s3://locked/x: cannot write there: access denied"):
             resolve_out("s3://locked/x")
         assert server.keys("locked") == []  # the probe of the allowed check was removed again
-    storage._FS_CACHE.clear()
+    remote._FS_CACHE.clear()
 
 
 # ----- the lease lock ------------------------------------------------------------------------------------

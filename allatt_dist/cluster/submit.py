@@ -150,7 +150,7 @@ def build_job(
         runtime_env["working_dir"] = str(root)
     if out is not None:
         if _is_uri(out):
-            from allatt_dist.storage import parse_remote
+            from allatt_dist.remote import parse_remote
 
             parse_remote(out)  # a scheme no filesystem handles is refused here; the bucket is checked by the job
         elif not Path(out).is_absolute():
