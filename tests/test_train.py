@@ -147,7 +147,8 @@ def alive_train_workers(address: str) -> list:
     """The Ray Train V2 worker actors (class RayTrainWorker) now alive, with their pids."""
     from ray.util.state import list_actors
 
-    return list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    filters = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+    return list_actors(address=address, filters=filters, detail=True)  # detail: with placement_group_id
 
 
 def cli_train(cfg_file: Path, out: Path, *args: str) -> list[str]:
@@ -222,16 +223,20 @@ def zero3(ray_address, base_cfg, tmp_path_factory):
     cmd = cli_train(cfg_file, run_dir, "--phase", "dense", "--no-progress", "--address", ray_address)
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    faults = kill_worker_then_driver(proc, ray_address, lambda: published_checkpoint_step(run_dir / "dense"))
+    root = run_dir / "dense/checkpoints"
+    metrics = lambda: json.loads((published(root)[0] / "metrics.json").read_text())  # noqa: E731
+    faults = kill_worker_then_driver(proc, ray_address, lambda: published_checkpoint_step(run_dir / "dense"), metrics)
     faults["result_before_rerun"] = (run_dir / "dense/result.json").exists()
     faults["published_at_driver_kill"] = published_checkpoint_step(run_dir / "dense")
     print(f"[zero3: dense killed twice in {time.monotonic() - t0:.0f}s]", end=" ", flush=True)
     return cfg, run_dir, _train(cfg, run_dir, ["dense", "prune"]), faults
 
 
-def kill_worker_then_driver(proc: subprocess.Popen, ray_address: str, newest) -> dict:
+def kill_worker_then_driver(proc: subprocess.Popen, ray_address: str, newest, metrics) -> dict:
     """SIGKILL one training worker once `newest()` (the step of the newest published checkpoint) reaches 20,
-    then the driver `proc` once it reaches 30; returns the steps seen at each kill and the driver's end."""
+    then the driver `proc` once it reaches 30; returns the steps seen at each kill and the driver's end.
+    The workers are those of the placement group the newest checkpoint's `metrics()` names: the state API
+    may still list another run's workers as alive for a moment after that run ended."""
     faults: dict = {}
     try:
         for what, step in (("worker_kill_after", 20), ("driver_kill_after", 30)):
@@ -241,8 +246,12 @@ def kill_worker_then_driver(proc: subprocess.Popen, ray_address: str, newest) ->
             faults[what] = newest()
             assert faults[what] >= step, f"no checkpoint at step >= {step} published"
             if what == "worker_kill_after":
-                workers = alive_train_workers(ray_address)
-                assert len(workers) == 2, workers
+                group = metrics()["placement_group_id"]
+                workers = [w for w in alive_train_workers(ray_address) if w.placement_group_id == group]
+                assert len(workers) == 2, (
+                    group,
+                    [(w.pid, w.placement_group_id) for w in alive_train_workers(ray_address)],
+                )
                 os.kill(workers[-1].pid, signal.SIGKILL)
         proc.send_signal(signal.SIGKILL)
     except AssertionError as e:
@@ -276,7 +285,13 @@ def in_bucket(ray_address, s3, base_cfg, tmp_path_factory):
     cmd = [*cli_train(cfg_file, "s3://runs/run", "--no-progress", "--address", ray_address)]
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    faults = kill_worker_then_driver(proc, ray_address, lambda: bucket_checkpoint_step(s3, "run/dense/"))
+
+    def metrics() -> dict:
+        step = bucket_checkpoint_step(s3, "run/dense/")
+        key = f"run/dense/checkpoints/checkpoint_{step:08d}/metrics.json"
+        return json.loads(s3.client().get_object(Bucket="runs", Key=key)["Body"].read())
+
+    faults = kill_worker_then_driver(proc, ray_address, lambda: bucket_checkpoint_step(s3, "run/dense/"), metrics)
     faults["published_at_driver_kill"] = bucket_checkpoint_step(s3, "run/dense/")
     again = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-4000:]
