@@ -235,24 +235,28 @@ def zero3(ray_address, base_cfg, tmp_path_factory):
 def kill_worker_then_driver(proc: subprocess.Popen, ray_address: str, newest, metrics) -> dict:
     """SIGKILL one training worker once `newest()` (the step of the newest published checkpoint) reaches 20,
     then the driver `proc` once it reaches 30; returns the steps seen at each kill and the driver's end.
-    The workers are those of the placement group the newest checkpoint's `metrics()` names: the state API
-    may still list another run's workers as alive for a moment after that run ended."""
+    The workers are looked up at the first checkpoint, by the placement group its `metrics()` names (the
+    state API may still list another run's workers as alive, and answers too slowly to be asked at step 20:
+    ten steps of a tiny model take a second)."""
     faults: dict = {}
+
+    def wait_for(step: int) -> int:
+        t0 = time.monotonic()
+        while proc.poll() is None and newest() < step and time.monotonic() - t0 < 300:
+            time.sleep(0.05)
+        seen = newest()
+        assert seen >= step, f"no checkpoint at step >= {step} published"
+        return seen
+
     try:
-        for what, step in (("worker_kill_after", 20), ("driver_kill_after", 30)):
-            t0 = time.monotonic()
-            while proc.poll() is None and newest() < step and time.monotonic() - t0 < 300:
-                time.sleep(0.05)
-            faults[what] = newest()
-            assert faults[what] >= step, f"no checkpoint at step >= {step} published"
-            if what == "worker_kill_after":
-                group = metrics()["placement_group_id"]
-                workers = [w for w in alive_train_workers(ray_address) if w.placement_group_id == group]
-                assert len(workers) == 2, (
-                    group,
-                    [(w.pid, w.placement_group_id) for w in alive_train_workers(ray_address)],
-                )
-                os.kill(workers[-1].pid, signal.SIGKILL)
+        assert wait_for(CKPT_EVERY) < 20, "the run passed step 20 before its workers were found"
+        group = metrics()["placement_group_id"]
+        workers = [w for w in alive_train_workers(ray_address) if w.placement_group_id == group]
+        seen = [(w.pid, w.placement_group_id) for w in alive_train_workers(ray_address)]
+        assert len(workers) == 2, (group, seen)
+        faults["worker_kill_after"] = wait_for(20)
+        os.kill(workers[-1].pid, signal.SIGKILL)
+        faults["driver_kill_after"] = wait_for(30)
         proc.send_signal(signal.SIGKILL)
     except AssertionError as e:
         proc.kill()
