@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -77,6 +78,7 @@ def main() -> None:
         objects = s3.keys("runs", "run0/")
         pages = s3.client().get_paginator("list_objects_v2").paginate(Bucket="runs", Prefix="run0/")
         size = sum(o["Size"] for page in pages for o in page.get("Contents", []))
+    shutil.rmtree(work, ignore_errors=True)
     print(f"machine: {platform.node()}, {os.cpu_count()} CPUs; config {a.config} with {len(sets)} overrides")
     print("| run directory | run (s) | rerun, all done (s) |")
     print("|---|---|---|")
