@@ -137,14 +137,16 @@ def cmd_evaluate(a: argparse.Namespace) -> dict:
 
 def _remote_model_out(a: argparse.Namespace) -> Mirror:
     """`prune --out URI`: writable, and not an existing model directory unless --force (replaced file by file)."""
-    from allatt_dist.remote import parse_remote
+    from allatt_dist.remote import check_writable, parse_remote
     from allatt_dist.storage import mirror_root
 
     remote = parse_remote(a.out, "--out")
-    mirror = resolve_out(a.out)
+    check_writable(remote, "--out")
+    mirror = Mirror(mirror_root("model"), remote)
     if mirror.list_remote(mirror.root).get("config.json") is not None and not a.force:
+        mirror.discard()
         raise UserError(f"--out {remote.uri}: a model directory already exists there; give a new path or --force")
-    return Mirror(mirror_root("model"), remote)
+    return mirror
 
 
 def _device(name: str):
