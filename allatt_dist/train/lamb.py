@@ -90,4 +90,3 @@ class Lamb(torch.optim.Optimizer):
         scale = (ratio * -lr).to(params[0].dtype)  # (n,) on the device: no host sync
         torch._foreach_mul_(update, list(scale.unbind(0)))
         torch._foreach_add_(params, update)
-
