@@ -84,8 +84,9 @@ class Lamb(torch.optim.Optimizer):
         update = torch._foreach_div(m, denom)  # the Adam step, per tensor
         if wd != 0.0:
             torch._foreach_add_(update, params, alpha=wd)
-        w_norm = torch.stack(torch._foreach_norm(params)).float().clamp_(0.0, WEIGHT_NORM_MAX)  # (n,)
-        u_norm = torch.stack(torch._foreach_norm(update)).float()  # (n,)
+        acc = torch.promote_types(params[0].dtype, torch.float32)  # norms and ratios at least in fp32
+        w_norm = torch.stack(torch._foreach_norm(params)).to(acc).clamp_(0.0, WEIGHT_NORM_MAX)  # (n,)
+        u_norm = torch.stack(torch._foreach_norm(update)).to(acc)  # (n,)
         ratio = torch.where((w_norm == 0) | (u_norm == 0), torch.ones_like(w_norm), w_norm / (u_norm + eps))
         scale = (ratio * -lr).to(params[0].dtype)  # (n,) on the device: no host sync
         torch._foreach_mul_(update, list(scale.unbind(0)))
