@@ -71,7 +71,7 @@ def test_output_dropout_twice_drops_the_last_hidden_state_again():
         torch.manual_seed(0)
         model = LanguageModel(c, 50).train()
         calls = []
-        model.drop.register_forward_hook(lambda mod, inp, out: calls.append(out))
+        model.drop.register_forward_hook(lambda mod, inp, out, seen=calls: seen.append(out))
         torch.manual_seed(1)
         model(x, target=x)
         outs.append(calls)
