@@ -5,6 +5,7 @@ train.py ran it, and the gate logits' own rate. No Ray, no DeepSpeed: plain torc
 from __future__ import annotations
 
 import math
+import socket
 from pathlib import Path
 
 import pytest
@@ -151,3 +152,52 @@ def test_gate_logits_train_ten_times_faster_in_the_prune_phase():
         opt.step()
         sched.step()
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-4, 1e-3], rel=1e-12)
+
+
+def test_deepspeed_keeps_lamb_per_tensor_at_zero_0(monkeypatch):
+    """The engine the workers build (client optimizer, ZeRO 0, bf16 as the CPU stand-in for fp16): its
+    precision wrapper hands LAMB one fp32 master tensor per parameter, of the parameter's shape, and the
+    first update equals LAMB on those masters (the trust ratio per tensor, not per flattened group)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from allatt_dist.train.setup import deepspeed_config
+
+    with socket.socket() as sock:  # a free port for the one-process gloo group
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    cfg = load_config(PAPER, ["scaling.num_workers=1", "train.batch_size=2", "scaling.use_gpu=false"])
+    cfg = cfg.with_values({"deepspeed.precision": "bf16"})
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3))
+    groups = [{"params": list(model.parameters()), "lr": 0.01, "weight_decay": 0.0, "name": "weights"}]
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=groups,
+            optimizer=client_optimizer(groups, cfg),
+            config=deepspeed_config(cfg),
+            dist_init_required=False,
+        )
+        wrapper, lamb = engine.optimizer, engine.basic_optimizer
+        assert type(wrapper).__name__ == "FP16_UnfusedOptimizer" and isinstance(lamb, Lamb)
+        masters = lamb.param_groups[0]["params"]
+        assert [m.shape for m in masters] == [p.shape for p in model.parameters()]  # per tensor, not flat
+        before = [m.detach().clone() for m in masters]
+        x = torch.randn(2, 6).to(torch.bfloat16)
+        loss = engine(x).float().pow(2).mean()
+        engine.backward(loss)
+        grads = [p.grad.float().clone() if p.grad is not None else None for p in model.parameters()]
+        engine.step()
+        assert all(g is not None for g in grads)
+        for w0, m in zip(before, masters, strict=True):
+            g = lamb.state[m]["exp_avg"] / 0.1  # the first step's moment is 0.1 g (after clipping)
+            want, *_ = lamb_reference(
+                w0.double(), g.double(), torch.zeros_like(w0).double(), torch.zeros_like(w0).double(), 0.01, 0.0
+            )
+            torch.testing.assert_close(m.detach().double(), want, rtol=1e-5, atol=1e-7)
+    finally:
+        dist.destroy_process_group()
