@@ -162,6 +162,7 @@ class DataConfig(_Section):
     name: Literal["wikitext-2", "wikitext-103"] = "wikitext-2"
     raw: bool = False
     eval_batch_size: int = Field(8, gt=0)
+    test_batch_size: int = Field(8, gt=0)  # rows of the test split's evaluation in `rank` (the authors: 64)
     eval_max_segments: int | None = Field(None, gt=0)
     cache_dir: str | None = None
 
