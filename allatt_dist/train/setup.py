@@ -143,7 +143,7 @@ def make_scheduler(cfg: RunConfig, max_steps: int, constant: bool = False):
 def client_optimizer(groups: list[dict[str, Any]], cfg: RunConfig) -> torch.optim.Optimizer | None:
     """The optimizer handed to `deepspeed.initialize`: LAMB (train/lamb.py) on CPU and GPU; None for Adam
     and AdamW on GPU (DeepSpeed's FusedAdam, from the config's optimizer section)."""
-    if cfg.train.optimizer == "adam" or cfg.train.optimizer == "adamw":
+    if cfg.train.optimizer != "lamb":
         return None if cfg.scaling.use_gpu else make_torch_optimizer(groups, cfg)
     from allatt_dist.train.lamb import Lamb
 
@@ -152,7 +152,8 @@ def client_optimizer(groups: list[dict[str, Any]], cfg: RunConfig) -> torch.opti
 
 def make_torch_optimizer(groups: list[dict[str, Any]], cfg: RunConfig) -> torch.optim.Optimizer:
     """CPU runs use torch's fused Adam/AdamW: one kernel per parameter group instead of a handful of
-    element-wise passes per tensor (DeepSpeed's own CPU Adam is a C++ op built by JIT, ~1 min)."""
+    element-wise passes per tensor (DeepSpeed's own CPU Adam is a C++ op built by JIT, ~1 min). LAMB is
+    `client_optimizer`'s on CPU and GPU alike."""
     kind = cfg.train.optimizer
     if kind == "lamb":
         return client_optimizer(groups, cfg)
