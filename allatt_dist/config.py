@@ -11,7 +11,8 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from allatt_dist.variants import GATE_PRESETS, MODEL_PRESETS, apply_preset
+from allatt_dist.crosschecks import conflict
+from allatt_dist.variants import GATE_PRESETS, MODEL_PRESETS, apply_preset, check_variant
 
 
 class _Section(BaseModel):
@@ -38,7 +39,7 @@ def _kind(ann: Any) -> str:
 
 class ModelConfig(_Section):
     architecture: str = "all_attention"  # a registered family (allatt_dist/model/registry.py)
-    variant: Literal["ours", "authors"] | None = None
+    variant: Literal["ours", "authors", "transformer_xl"] | None = None
     num_layers: int = Field(4, gt=0)
     hidden_dim: int = Field(256, gt=0)
     num_heads: int = Field(4, gt=0)
@@ -59,6 +60,8 @@ class ModelConfig(_Section):
     position_len: int | None = Field(None, gt=0)
     attn_out_bias: bool = False
     adaptive_proj: bool | None = None  # None: on when there are cutoffs
+    output_dropout_twice: bool = False  # the authors' All-attention drops the last hidden state twice
+    shared_rel_bias: bool = False  # one u and one v for all layers (the authors' Transformer-XL)
 
     @field_validator("architecture")
     @classmethod
@@ -76,6 +79,7 @@ class ModelConfig(_Section):
         if self.adaptive_proj is None:
             self.__dict__["adaptive_proj"] = bool(self.adaptive_cutoffs)
         if self.variant is not None:
+            check_variant(self.variant, self.architecture)
             preset = dict(MODEL_PRESETS[self.variant])
             if not self.adaptive_cutoffs:  # no shortlist: nothing to project, the switch stays as given
                 del preset["adaptive_proj"]
@@ -123,6 +127,8 @@ class GateConfig(_Section):
     output_scaling: bool = True
     open_at_threshold: bool = False
     lr: float = Field(0.05, gt=0.0)
+    lr_scale: float | None = Field(None, gt=0.0)  # set: gate lr = this x the phase's lr, not gates.lr
+    per_rank_samples: bool = False  # each rank samples its own gates (the authors); ours: one per step
     gamma: float = Field(-0.1, lt=0.0)
     zeta: float = Field(1.1, gt=1.0)
 
@@ -156,6 +162,7 @@ class DataConfig(_Section):
     name: Literal["wikitext-2", "wikitext-103"] = "wikitext-2"
     raw: bool = False
     eval_batch_size: int = Field(8, gt=0)
+    test_batch_size: int = Field(8, gt=0)  # rows of the test split's evaluation in `rank` (the authors: 64)
     eval_max_segments: int | None = Field(None, gt=0)
     cache_dir: str | None = None
 
@@ -179,6 +186,8 @@ class TrainConfig(_Section):
     optimizer: Literal["adam", "adamw", "lamb"] = "adam"
     weight_decay: float = Field(0.0, ge=0.0)
     warmup_steps: int = Field(20, ge=0)
+    hold_steps: int = Field(0, ge=0)  # after the warm-up, steps at the full rate before the cosine
+    cosine_end: int | None = Field(None, gt=0)  # step where the cosine reaches min_lr_ratio; None: max_steps
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     grad_clip: float = Field(0.25, ge=0.0)
     eval_every: int = Field(100, gt=0)
@@ -186,6 +195,7 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(2, gt=0)
     log_every: int = Field(10, gt=0)
     seed: int = 0
+    row_shift: bool = False  # each epoch, every row of the stream starts at its own random offset
 
 
 class ScalingConfig(_Section):
@@ -313,6 +323,12 @@ class RunConfig(_Section):
     def _gate_preset(self) -> RunConfig:
         if self.model.variant is not None:
             apply_preset(self.gates, "gates", GATE_PRESETS[self.model.variant], self.model.variant)
+        return self
+
+    @model_validator(mode="after")
+    def _across(self) -> RunConfig:
+        if msg := conflict(self):  # crosschecks.py: optimizer x ZeRO stage, schedule
+            raise ValueError(msg)
         return self
 
     @model_validator(mode="after")

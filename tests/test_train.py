@@ -721,7 +721,7 @@ BAD_INPUT = {
     "prune_without_dense": (["--phase", "prune"], None, "--phase prune needs"),
     "dense_of_another_architecture": (["--phase", "prune"], "txl", "a transformer_xl model"),
     "fp16_on_cpu": (["--set", "deepspeed.precision=fp16"], None, "fp16 needs a GPU"),
-    "lamb_on_cpu": (["--set", "train.optimizer=lamb"], None, "lamb needs a GPU"),
+    "lamb_at_zero_2": (["--set", "train.optimizer=lamb"], None, "lamb cannot run at deepspeed.zero_stage 2"),
     "gpu_on_a_cpu_cluster": (["--set", "scaling.use_gpu=true"], None, "use_gpu=true but the cluster has no GPUs"),
     "out_is_a_file": ([], "afile", "exists and is not a folder"),
     "run_dir_of_another_config": ([], "other", "holds a run of another config (differs in model.hidden_dim)"),

@@ -3,7 +3,10 @@
 Training (`LMStream`): the token stream is cut into `global_batch` contiguous rows; each rank owns
 a block of rows and reads them left to right in segments of `seq_len`, so a row's segments follow
 each other and the model's memory carries over between steps. The layout depends only on the
-global batch, so the position (`state_dict`) is valid for any world size.
+global batch, so the position (`state_dict`) is valid for any world size. With `row_shift_seed`
+(train.row_shift, the authors' loader) every row is rotated by its own random offset at the start of
+each epoch, the first included (the offsets are drawn from the seed and the epoch for all global rows,
+so they too are the same for any world size, and a resumed stream draws them again).
 
 Evaluation (`eval_segments`): every next-token target of a split is scored exactly once.
 """
@@ -22,7 +25,15 @@ IGNORE_INDEX = -100
 
 
 class LMStream:
-    def __init__(self, tokens: np.ndarray, global_batch: int, seq_len: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        global_batch: int,
+        seq_len: int,
+        rank: int = 0,
+        world_size: int = 1,
+        row_shift_seed: int | None = None,
+    ) -> None:
         _check_layout(global_batch, seq_len, rank, world_size)
         n = int(tokens.shape[0])
         row_len = n // global_batch
@@ -35,6 +46,9 @@ class LMStream:
         local = global_batch // world_size
         mine = np.array(rows[rank * local : (rank + 1) * local], dtype=np.int64)  # (b, L), this rank's rows
         self._rows = torch.from_numpy(mine)  # (b, L), own writable copy
+        self._first_row, self._global_batch = rank * local, global_batch
+        self.row_shift_seed = row_shift_seed
+        self._shifted: tuple[int, torch.Tensor] | None = None  # (epoch, rows rotated for it)
         self.seq_len = seq_len
         self.rank = rank
         self.world_size = world_size
@@ -53,11 +67,28 @@ class LMStream:
             self.pos = 0
         reset = self.pos == 0
         start = self.pos * self.seq_len
-        window = self._rows[:, start : start + self.seq_len + 1]  # (b, T+1)
+        window = self._epoch_rows()[:, start : start + self.seq_len + 1]  # (b, T+1)
         inputs = window[:, :-1].contiguous()  # (b, T)
         targets = window[:, 1:].contiguous()  # (b, T)
         self.pos += 1
         return inputs, targets, reset
+
+    def row_offsets(self, epoch: int) -> np.ndarray:
+        """This rank's rows' rotations in `epoch` (b,), each in [1, L-1) as the authors' loader draws them."""
+        rng = np.random.default_rng([self.row_shift_seed or 0, epoch])
+        every = rng.integers(1, int(self._rows.shape[1]) - 1, size=self._global_batch)  # (B,) all global rows
+        return every[self._first_row : self._first_row + int(self._rows.shape[0])]
+
+    def _epoch_rows(self) -> torch.Tensor:
+        """(b, L): the rows as read this epoch (rotated right by their offsets under row_shift_seed)."""
+        if self.row_shift_seed is None:
+            return self._rows
+        if self._shifted is None or self._shifted[0] != self.epoch:
+            n = int(self._rows.shape[1])
+            shift = torch.from_numpy(self.row_offsets(self.epoch))[:, None]  # (b, 1)
+            idx = (torch.arange(n)[None, :] - shift) % n  # (b, L): position j reads j - shift, as np.roll
+            self._shifted = (self.epoch, torch.gather(self._rows, 1, idx))
+        return self._shifted[1]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, bool]]:
         while True:

@@ -124,6 +124,7 @@ class LanguageModel(GatedModule):
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Block(cfg, n, gates, self.layout) for n in heads)
         self.final_norm = nn.LayerNorm(cfg.hidden_dim) if cfg.final_norm else nn.Identity()
+        self._share_rel_bias(cfg, heads)
         if cfg.positions == "learned":  # row r holds distance rows-1-r, as the sinusoid's order
             bound = cfg.hidden_dim**-0.5
             self.pos_table = nn.Parameter(torch.empty(cfg.position_rows, cfg.hidden_dim).uniform_(-bound, bound))
@@ -152,6 +153,8 @@ class LanguageModel(GatedModule):
             new_mems.append(self._next_mem(mem, h))
             h = layer(h, mem, pos, mask, reference)  # (B,T,D)
         h = self.drop(self.final_norm(h))  # (B,T,D)
+        if self.cfg.output_dropout_twice:  # the authors' All-attention: drop, then drop_o (all_transformer.py)
+            h = self.drop(h)  # (B,T,D)
         if target is None:
             return LMOutput(None, self.io.log_probs(h), new_mems)
         flat, tgt = h.reshape(b * t, -1), target.reshape(b * t)  # (B*T,D), (B*T,)
@@ -160,6 +163,20 @@ class LanguageModel(GatedModule):
         # no data-dependent shapes, so no host sync and no graph break under torch.compile.
         nll = torch.where(keep, self.io.nll(flat, tgt.masked_fill(~keep, 0)), 0.0)  # (B*T,) fp32
         return LMOutput(nll.view(b, t), None, new_mems)
+
+    def _share_rel_bias(self, cfg: ModelConfig, heads: list[int]) -> None:
+        """`model.shared_rel_bias` (the authors' Transformer-XL): one u and one v, (H, dh) each, held here
+        and read by every layer's attention as its own r_w_bias / r_r_bias (not registered there, so
+        the state and the optimizer hold them once). A pruned model (heads differ per layer) keeps
+        per-layer copies of its heads' rows instead: pruning slices them like any per-head tensor."""
+        if not cfg.shared_rel_bias or any(n != cfg.num_heads for n in heads):
+            return
+        first = self.layers[0].attn
+        self.rel_u, self.rel_v = first.r_w_bias, first.r_r_bias  # registered here, once
+        for layer in self.layers:
+            del layer.attn.r_w_bias, layer.attn.r_r_bias
+            object.__setattr__(layer.attn, "r_w_bias", self.rel_u)  # a plain attribute: not a parameter there
+            object.__setattr__(layer.attn, "r_r_bias", self.rel_v)
 
     def _positions(self, k: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """Embeddings of the distances k-1 .. 0, (K,D): the sinusoid, or the last k rows of the table."""

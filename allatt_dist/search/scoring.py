@@ -15,8 +15,6 @@ from allatt_dist.config import DataConfig
 from allatt_dist.errors import UserError
 from allatt_dist.storage import Mirror
 
-EVAL_BATCH = 8
-
 
 @dataclass(frozen=True)
 class Job:
@@ -47,7 +45,7 @@ def score_one(job: Job, data_cfg: DataConfig, device: str = "cpu") -> dict:
     if vocab.fingerprint() != corpus.vocab.fingerprint():
         return {"error": f"{job.source}: vocabulary differs from the experiment's corpus"}
     model = prune_model(model) if job.gated else model
-    res = evaluate(model.to(device), corpus.tokens("test"), batch_size=EVAL_BATCH)
+    res = evaluate(model.to(device), corpus.tokens("test"), batch_size=data_cfg.test_batch_size)
     return {"test_ppl": res.ppl, "model": model.to(torch.device("cpu")), "vocab": vocab}
 
 

@@ -72,13 +72,21 @@ def cut_size(cfg: RunConfig, spec: PhaseSpec) -> int | None:
     return heads_to_remove(cfg.model, cfg.gates)
 
 
-def seed_step(seed: int, rank: int, index: int, device: torch.device) -> torch.Generator:
+def seed_step(seed: int, rank: int, index: int, device: torch.device, per_rank: bool = False) -> torch.Generator:
     """The randomness of micro-step `index`. Dropout draws from torch's global generator, seeded per rank,
     so every rank drops its own units; the gates draw from the returned generator, seeded alike on every
     rank, so all ranks train the same sampled architecture in a step (one sample per global batch, as a
-    single device with the whole batch would: the gradients the ranks average belong to one sub-network)."""
+    single device with the whole batch would: the gradients the ranks average belong to one sub-network).
+    `per_rank` (gates.per_rank_samples, the authors' way): the gate generator is seeded per rank too, so
+    every rank samples its own sub-network."""
     torch.manual_seed((seed * 1_000_003 + index) * 65_537 + rank + 1)
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
+    gate_seed = seed * 1_000_003 + index
+    return torch.Generator(device=device).manual_seed(gate_seed * 65_537 + rank + 1 if per_rank else gate_seed)
+
+
+def row_shift_seed(cfg: RunConfig) -> int | None:
+    """The seed of the training stream's per-epoch row offsets (train.row_shift); None: no offsets."""
+    return cfg.train.seed if cfg.train.row_shift else None
 
 
 def tb_step_offset(cfg: RunConfig, phase: Phase) -> int:
@@ -96,18 +104,25 @@ def param_groups(module: TrainModule, cfg: RunConfig, spec: PhaseSpec) -> list[d
         (gate_params if id(p) in gate_ids else weights).append(p)
     groups = [{"params": weights, "lr": spec.lr, "weight_decay": cfg.train.weight_decay, "name": "weights"}]
     if gate_params:
-        groups.append({"params": gate_params, "lr": cfg.gates.lr, "weight_decay": 0.0, "name": "gates"})
+        gate_lr = spec.lr * cfg.gates.lr_scale if cfg.gates.lr_scale is not None else cfg.gates.lr
+        groups.append({"params": gate_params, "lr": gate_lr, "weight_decay": 0.0, "name": "gates"})
     return groups
 
 
 def lr_multiplier(step: int, cfg: RunConfig, max_steps: int) -> float:
-    """Linear warm-up over train.warmup_steps, then cosine decay to train.min_lr_ratio."""
-    warm = cfg.train.warmup_steps
-    if step < warm:
-        return (step + 1) / warm
-    span = max(1, max_steps - warm)
-    progress = min(1.0, (step - warm) / span)
-    floor = cfg.train.min_lr_ratio
+    """The rate of update `step` (0-based) over the base rate: a linear warm-up over train.warmup_steps,
+    the full rate for train.hold_steps, then a cosine down to train.min_lr_ratio reached at step
+    train.cosine_end (default: max_steps) and held after it. The authors' HappyCosineLR as their train.py
+    ran it is hold_steps 2, cosine_end 21 (docs/reproduce.md, "The schedule")."""
+    t = cfg.train
+    start = t.warmup_steps + t.hold_steps
+    if step < t.warmup_steps:
+        return (step + 1) / t.warmup_steps
+    if step < start:
+        return 1.0
+    end = t.cosine_end if t.cosine_end is not None else max_steps
+    progress = min(1.0, (step - start) / max(1, end - start))
+    floor = t.min_lr_ratio
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -125,24 +140,33 @@ def make_scheduler(cfg: RunConfig, max_steps: int, constant: bool = False):
     return build
 
 
+def client_optimizer(groups: list[dict[str, Any]], cfg: RunConfig) -> torch.optim.Optimizer | None:
+    """The optimizer handed to `deepspeed.initialize`: LAMB (train/lamb.py) on CPU and GPU; None for Adam
+    and AdamW on GPU (DeepSpeed's FusedAdam, from the config's optimizer section)."""
+    if cfg.train.optimizer != "lamb":
+        return None if cfg.scaling.use_gpu else make_torch_optimizer(groups, cfg)
+    from allatt_dist.train.lamb import Lamb
+
+    return Lamb(groups, lr=groups[0]["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.train.weight_decay)
+
+
 def make_torch_optimizer(groups: list[dict[str, Any]], cfg: RunConfig) -> torch.optim.Optimizer:
     """CPU runs use torch's fused Adam/AdamW: one kernel per parameter group instead of a handful of
-    element-wise passes per tensor (DeepSpeed's own CPU Adam is a C++ op built by JIT, ~1 min)."""
+    element-wise passes per tensor (DeepSpeed's own CPU Adam is a C++ op built by JIT, ~1 min). LAMB is
+    `client_optimizer`'s on CPU and GPU alike."""
     kind = cfg.train.optimizer
     if kind == "lamb":
-        raise ConfigError("train.optimizer: lamb needs a GPU (DeepSpeed FusedLamb); use adam or adamw on CPU")
+        return client_optimizer(groups, cfg)
     cls = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
     return cls(groups, lr=groups[0]["lr"], betas=(0.9, 0.999), eps=1e-8, fused=True)
 
 
 def deepspeed_config(cfg: RunConfig) -> dict[str, Any]:
-    """The DeepSpeed JSON config for this run (the optimizer section only on GPU: FusedAdam/FusedLamb).
+    """The DeepSpeed JSON config for this run (the optimizer section only for Adam/AdamW on GPU: FusedAdam).
     Called once per plan (`plan.make_plan`); the workers receive the result."""
     ds, on_gpu = cfg.deepspeed, cfg.scaling.use_gpu
     if ds.precision == "fp16" and not on_gpu:
         raise ConfigError("deepspeed.precision: fp16 needs a GPU (scaling.use_gpu=true); use fp32 or bf16 on CPU")
-    if cfg.train.optimizer == "lamb" and not on_gpu:
-        raise ConfigError("train.optimizer: lamb needs a GPU (DeepSpeed FusedLamb); use adam or adamw on CPU")
     out: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch,
         "gradient_accumulation_steps": ds.grad_accum_steps,
@@ -156,8 +180,8 @@ def deepspeed_config(cfg: RunConfig) -> dict[str, Any]:
         out["bf16"] = {"enabled": True}
     elif ds.precision == "fp16":
         out["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000}
-    if on_gpu:
-        name = {"adam": "Adam", "adamw": "AdamW", "lamb": "Lamb"}[cfg.train.optimizer]
+    if on_gpu and cfg.train.optimizer != "lamb":  # LAMB is the client optimizer (client_optimizer)
+        name = {"adam": "Adam", "adamw": "AdamW"}[cfg.train.optimizer]
         params = {"lr": cfg.train.lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": cfg.train.weight_decay}
         out["optimizer"] = {"type": name, "params": params}
     return out

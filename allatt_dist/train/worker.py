@@ -38,11 +38,12 @@ from allatt_dist.train.setup import (
     Phase,
     PhaseSpec,
     TrainModule,
+    client_optimizer,
     cut_size,
     make_scheduler,
-    make_torch_optimizer,
     param_groups,
     phase_spec,
+    row_shift_seed,
     seed_step,
     tb_step_offset,
 )
@@ -238,14 +239,14 @@ def _train(job: WorkerJob, store: Mirror, phase_dir: Path, init_dir: Path | None
     engine, _, _, scheduler = deepspeed.initialize(
         model=module,
         model_parameters=groups,
-        optimizer=None if on_gpu else make_torch_optimizer(groups, cfg),
+        optimizer=client_optimizer(groups, cfg),
         lr_scheduler=make_scheduler(cfg, spec.max_steps, spec.constant_lr),
         config=job.ds_config,
         dist_init_required=False,
     )
     if cfg.deepspeed.zero_stage == 3:
         _register_io_params(module)
-    stream = LMStream(corpus.tokens("train"), cfg.train.batch_size, cfg.model.seq_len, rank, world)
+    stream = LMStream(corpus.tokens("train"), cfg.train.batch_size, cfg.model.seq_len, rank, world, row_shift_seed(cfg))
     accum = cfg.deepspeed.grad_accum_steps
     mems: list[list[torch.Tensor] | None] = [None] * accum
     ckpts = checkpoint_store(store, phase_dir / "checkpoints")
@@ -275,7 +276,7 @@ def _train(job: WorkerJob, store: Mirror, phase_dir: Path, init_dir: Path | None
         lm_losses, stats = [], {}
         lr = scheduler.get_last_lr()[0]  # the rate this step's update uses (the scheduler steps after it)
         for c, (xc, yc) in enumerate(zip(x.chunk(accum), y.chunk(accum), strict=True)):
-            noise = seed_step(cfg.train.seed, rank, step * accum + c, device)  # own dropout, shared gate sample
+            noise = seed_step(cfg.train.seed, rank, step * accum + c, device, cfg.gates.per_rank_samples)
             for gate in lm.gates:
                 gate.noise = noise
             loss, lm_loss, mems[c], stats = engine(xc.to(device), yc.to(device), mems[c], step)

@@ -1,0 +1,43 @@
+"""Checks across config sections, run by config.py's validators before anything starts: what DeepSpeed
+(0.19.8, as pinned) can run, and a schedule whose cosine ends before it starts.
+
+No torch, DeepSpeed or model import here (config validation stays light).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# The ZeRO stages at which DeepSpeed runs each `train.optimizer` as this project hands it over.
+# Adam/AdamW (torch's on CPU, FusedAdam on GPU) are in ZERO_SUPPORTED_OPTIMIZERS (runtime/zero/utils.py).
+# LAMB (train/lamb.py, a client optimizer) is not: engine._do_optimizer_sanity_check refuses it at
+# stages 1-3, and even allowed there ZeRO flattens each parameter group into one tensor, so the per-tensor
+# trust ratio would become one per group. At stage 0 its fp16/bf16 wrapper (FP16_UnfusedOptimizer) keeps
+# one fp32 tensor per parameter.
+OPTIMIZER_ZERO_STAGES: dict[str, tuple[int, ...]] = {"adam": (0, 1, 2, 3), "adamw": (0, 1, 2, 3), "lamb": (0,)}
+_WHY = {"lamb": " (ZeRO 1-3 flatten each parameter group; LAMB's trust ratio is per tensor)"}
+
+
+def conflict(cfg: Any) -> str | None:
+    """One line naming the keys of the first contradiction in the RunConfig `cfg`; None when there is none."""
+    train = cfg.train
+    start = train.warmup_steps + train.hold_steps
+    if train.cosine_end is not None and train.cosine_end <= start:
+        return f"train.cosine_end ({train.cosine_end}) must be after train.warmup_steps + train.hold_steps ({start})"
+    return engine_conflict(train.optimizer, cfg.deepspeed.zero_stage, cfg.model.shared_rel_bias)
+
+
+def engine_conflict(optimizer: str, zero_stage: int, shared_rel_bias: bool) -> str | None:
+    """One line naming both keys when DeepSpeed cannot run this combination; None when it can."""
+    allowed = OPTIMIZER_ZERO_STAGES[optimizer]
+    if zero_stage not in allowed:
+        return (
+            f"train.optimizer {optimizer} cannot run at deepspeed.zero_stage {zero_stage}: allowed zero_stage "
+            f"{', '.join(map(str, allowed))}{_WHY.get(optimizer, '')}"
+        )
+    if shared_rel_bias and zero_stage == 3:
+        return (
+            "model.shared_rel_bias cannot run at deepspeed.zero_stage 3 (every layer reads the shared u/v, "
+            "which ZeRO-3 gathers only around the module owning them); use zero_stage 0-2"
+        )
+    return None
