@@ -11,6 +11,7 @@ away first, so that none is ever seen half-deleted under its name.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import secrets
 import shutil
@@ -73,6 +74,11 @@ def write_text(path: Path, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Replace the file at `path` with `data` as JSON (indented, one trailing newline) in one step."""
+    write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def remove_leftovers(folder: Path) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from allatt_dist.config import DataConfig, RunConfig
+from allatt_dist.config import DataConfig, Problem, RunConfig, first_problem
 from allatt_dist.errors import ConfigError
 
 
@@ -89,11 +89,9 @@ def _given_in(tree: dict[str, Any], loc: tuple) -> bool:
     return bool(loc)
 
 
-def _format_error(err: ValidationError, origin: str, set_tree: dict[str, Any] | None = None) -> str:
-    first = err.errors()[0]
-    loc = tuple(first["loc"])
-    key = ".".join(str(p) for p in loc)
-    msg = first["msg"].removeprefix("Value error, ")
+def format_problem(problem: Problem, origin: str, set_tree: dict[str, Any] | None = None) -> str:
+    """The one line for a bad recipe value: origin (the file, `--set`, or both), key, what is allowed."""
+    loc, key, msg = problem.loc, problem.key, problem.msg
     named = re.match(r"([a-z_]+(?:\.[a-z_]+)+)[: ]", msg)  # a whole-config check names its key first
     if not loc and named and not msg.startswith("tune."):
         loc = tuple(named.group(1).split("."))
@@ -101,20 +99,27 @@ def _format_error(err: ValidationError, origin: str, set_tree: dict[str, Any] | 
         origin = f"{origin} with --set" if origin and origin != "--set" else "--set"  # the search came from both
     elif set_tree and _given_in(set_tree, loc):
         origin = "--set"  # the bad value came from the command line, not from the file
-    if first["type"] == "extra_forbidden":
+    if problem.type == "extra_forbidden":
         msg = "unknown key (see docs/configuration.md for the allowed keys)"
-    elif "input" in first and first["type"] not in ("value_error",):
-        msg = f"{msg} (got {first['input']!r})"
+    elif problem.has_input and problem.type not in ("value_error",):
+        msg = f"{msg} (got {problem.input!r})"
     where = f"{origin}: " if origin else ""
     return f"{where}{key}: {msg}" if key else f"{where}{msg}"  # a whole-config check's message names its key
 
 
 def build_config(data: dict[str, Any], origin: str = "", set_tree: dict[str, Any] | None = None) -> RunConfig:
-    """Validate a whole recipe; `set_tree` (the parsed `--set` items) lets an error name `--set` as its origin."""
+    """Validate a whole recipe, then the checks that need the model code (model/checks.py: the family's,
+    the budget's); `set_tree` (the parsed `--set` items) lets an error name `--set` as its origin."""
+    from allatt_dist.model.checks import run_problem  # the model code (torch with a budget): imported when used
+
     try:
-        return RunConfig.model_validate(data)
+        cfg = RunConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_error(e, origin, set_tree)) from None
+        raise ConfigError(format_problem(first_problem(e), origin, set_tree)) from None
+    problem = run_problem(cfg)
+    if problem is not None:
+        raise ConfigError(format_problem(problem, origin, set_tree))
+    return cfg
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

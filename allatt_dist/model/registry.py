@@ -6,7 +6,7 @@ directories, `prune`, `evaluate`, `bench`'s formula, the Pareto plot) goes throu
 adding an architecture is one module that declares a `ModelFamily` and one `register(...)` line.
 The built-in families (`model/families.py`) are loaded on the first lookup.
 
-A family's models offer what the rest of the code uses (see `FamilyModel`): `LanguageModel`
+A family's models offer what the rest of the code uses (see `FamilyModel`, model/family.py): `LanguageModel`
 (model/transformer.py) is the shared implementation of the built-in ones.
 
 Importing this module does not import torch: config validation stays cheap.
@@ -14,58 +14,15 @@ Importing this module does not import torch: config validation stays cheap.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING
 
 from allatt_dist.errors import ConfigError
+from allatt_dist.model.family import FamilyModel, ModelFamily
 
 if TYPE_CHECKING:
-    import torch
-    from torch import nn
-
     from allatt_dist.config import GateConfig, ModelConfig
-    from allatt_dist.model.gates import HeadGate
 
-
-class FamilyModel(Protocol):
-    """What training, pruning, export and evaluation need of a model (LanguageModel has it all)."""
-
-    cfg: ModelConfig
-    vocab_size: int
-    heads_per_layer: list[int]  # heads per layer as built (after pruning, fewer)
-
-    @property
-    def gates(self) -> list[HeadGate]: ...  # per gated layer, in order; [] when ungated
-
-    def gate_parameters(self) -> dict[str, nn.Parameter]: ...  # gate logits by parameter name
-
-    def weight_state_dict(self) -> dict[str, torch.Tensor]: ...  # the state without the gates
-
-    # forward(x (B,T), mems, target (B,T) | None) -> LMOutput (nll (B,T) or log_probs, new mems)
-    def __call__(self, x: torch.Tensor, mems: list[torch.Tensor] | None = None, target=None) -> Any: ...
-
-    def loss(self, x: torch.Tensor, target: torch.Tensor, mems=None) -> tuple[torch.Tensor, list]: ...
-
-
-def _no_checks(cfg: ModelConfig) -> None:
-    return None
-
-
-@dataclass(frozen=True)
-class ModelFamily:
-    """One architecture. `validate` raises ValueError (one line naming the key) for a config the
-    family cannot build; `layer_flops(cfg, heads, batch)` is the forward matmul FLOPs per token of one
-    layer with `heads` heads (perf.flops_per_token adds the output layer)."""
-
-    name: str
-    build: Callable[[ModelConfig, int, GateConfig | None, list[int] | None], FamilyModel]
-    prune: Callable[[FamilyModel], FamilyModel]  # gated -> ungated with only the open heads
-    per_head_params: Callable[[ModelConfig], int]  # parameters removed with one head
-    layer_flops: Callable[[ModelConfig, int, int], float]
-    validate: Callable[[ModelConfig], None] = _no_checks
-    marker: str = "o"  # Pareto plot
-    color: str | None = None
+__all__ = ["FamilyModel", "ModelFamily", "build_model", "family_names", "get_family", "register", "unregister"]
 
 
 _FAMILIES: dict[str, ModelFamily] = {}
@@ -73,6 +30,7 @@ _FAMILIES: dict[str, ModelFamily] = {}
 
 def register(family: ModelFamily) -> ModelFamily:
     """Make `family` available under `family.name` (a name may be registered once)."""
+    _load_builtins()
     if family.name in _FAMILIES and _FAMILIES[family.name] is not family:
         raise ValueError(f"architecture {family.name!r} is already registered")
     _FAMILIES[family.name] = family
@@ -85,7 +43,12 @@ def unregister(name: str) -> None:
 
 
 def _load_builtins() -> None:
-    import allatt_dist.model.families  # noqa: F401  (registers all_attention and transformer_xl)
+    """The built-in families (model/families.py), registered on the first lookup (after any registered
+    before it, as before). Imported here, lazily: families.py imports nothing of the registry."""
+    from allatt_dist.model.families import BUILTIN
+
+    for family in BUILTIN:
+        _FAMILIES.setdefault(family.name, family)
 
 
 def family_names() -> list[str]:

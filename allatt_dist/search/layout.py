@@ -13,7 +13,6 @@ EXP_DIR/
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,13 +25,6 @@ from allatt_dist.storage import Mirror
 
 SEARCH_IDENTITY = ("model", "data", "gates", "prune", "tune")  # what a resumed search must share with its start
 _RESOURCE_KEYS = ("max_concurrent_trials", "trial_driver_cpus")  # may change between sessions
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write `data` as JSON at `path` through a temporary name, so a reader sees the old or the new file."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    tmp.replace(path)
 
 
 @dataclass(frozen=True)

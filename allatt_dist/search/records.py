@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from allatt_dist.search.layout import write_json
+from allatt_dist.atomic import write_json
 from allatt_dist.search.scheduler import TargetHalving
 from allatt_dist.storage import Mirror
 from allatt_dist.train.monitor import TB_DIR

@@ -11,8 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from allatt_dist.atomic import write_json
 from allatt_dist.plan import Plan
-from allatt_dist.search.layout import Experiment, write_json
+from allatt_dist.search.layout import Experiment
 from allatt_dist.search.records import run_name, tb_run_dir
 
 
