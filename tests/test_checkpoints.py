@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from allatt_dist.train import checkpoints as ck
+from allatt_dist.train import ckpt_folder as ck
 
 
 def _write(root: Path, step: int, ranks: int = 2, nonce: str = "n") -> Path:

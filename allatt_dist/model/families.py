@@ -16,7 +16,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from allatt_dist.model.family import ModelFamily
-from allatt_dist.model.stack import StackLayout, declare_layout, stack_layer_flops, stack_per_head_params
+from allatt_dist.model.stack import (
+    StackLayout,
+    all_attention_layout,
+    declare_layout,
+    stack_layer_flops,
+    stack_per_head_params,
+    transformer_xl_layout,
+)
 
 if TYPE_CHECKING:
     from allatt_dist.config import GateConfig, ModelConfig
@@ -63,13 +70,11 @@ def _needs_persistent(cfg: ModelConfig) -> None:
 
 ALL_ATTENTION = stack_family(
     "all_attention",
-    lambda cfg: StackLayout(num_persistent=cfg.num_persistent, ffn_dim=0),
+    all_attention_layout,
     validate=_needs_persistent,
     marker="o",
     color="tab:blue",
 )
-TRANSFORMER_XL = stack_family(
-    "transformer_xl", lambda cfg: StackLayout(num_persistent=0, ffn_dim=cfg.ffn_dim), marker="s", color="tab:orange"
-)
+TRANSFORMER_XL = stack_family("transformer_xl", transformer_xl_layout, marker="s", color="tab:orange")
 
 BUILTIN = (ALL_ATTENTION, TRANSFORMER_XL)  # registered by model/registry.py on its first lookup

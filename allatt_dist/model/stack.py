@@ -23,7 +23,19 @@ class StackLayout:
     ffn_dim: int  # width of the feed-forward sublayer; 0 for none
 
 
-_LAYOUTS: dict[str, Callable[[ModelConfig], StackLayout]] = {}
+def all_attention_layout(cfg: ModelConfig) -> StackLayout:
+    return StackLayout(num_persistent=cfg.num_persistent, ffn_dim=0)
+
+
+def transformer_xl_layout(cfg: ModelConfig) -> StackLayout:
+    return StackLayout(num_persistent=0, ffn_dim=cfg.ffn_dim)
+
+
+# The built-in families' layouts are known here, so a LanguageModel is built without the registry loaded.
+_LAYOUTS: dict[str, Callable[[ModelConfig], StackLayout]] = {
+    "all_attention": all_attention_layout,
+    "transformer_xl": transformer_xl_layout,
+}
 
 
 def stack_layout(cfg: ModelConfig) -> StackLayout:

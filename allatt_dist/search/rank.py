@@ -19,8 +19,8 @@ import yaml
 
 from allatt_dist import atomic
 from allatt_dist.errors import UserError
+from allatt_dist.rundir import RunDir
 from allatt_dist.search.records import record_test_ppl, trial_run_name
-from allatt_dist.storage import Mirror
 
 # The leaderboard's columns, declared once: (name, shown in leaderboard.md). JSON and CSV hold them all.
 COLUMNS: tuple[tuple[str, bool], ...] = (
@@ -141,7 +141,7 @@ def collect(exp_dir: Path) -> list[dict]:
     return rows
 
 
-def score(rows: list[dict], exp_dir: Path, data_cfg, progress: bool, store: Mirror | None = None) -> None:
+def score(rows: list[dict], exp_dir: Path, data_cfg, progress: bool, store: RunDir | None = None) -> None:
     """Prune and evaluate every scorable row in place (test_ppl, params, heads, sparsity), the models in
     parallel as Ray tasks (`scoring.py`); the pruned models are saved here, under .rank-work/."""
     from allatt_dist.cluster.session import connect
@@ -256,16 +256,16 @@ def rank(
     budget: int | None = None,
     progress: bool = True,
     data_overrides: list[str] | None = None,
-    store: Mirror | None = None,
+    store: RunDir | None = None,
 ) -> dict:
     """Prune and test-evaluate every finished trial; `data_overrides` (`data.KEY=VALUE`) amend run.yaml's data.
-    `store`: the experiment directory when it lives in object storage (pulled first, the results pushed)."""
+    `store`: the experiment directory when it lives in a bucket (its records fetched first, the results published)."""
     from allatt_dist.recipe import data_config
 
     exp_dir = Path(exp_dir)
-    store = store or Mirror(exp_dir)
-    store.pull(exp_dir, weights=False, skip_dirs=("checkpoints",))  # records; the scoring tasks fetch models
-    store.pull(exp_dir / "models")  # the models the last ranking kept: replaced or removed below
+    store = store or RunDir(exp_dir)
+    store.fetch_records(exp_dir)  # the scoring tasks fetch the models they score
+    store.fetch(exp_dir / "models")  # the models the last ranking kept: replaced or removed below
     rows = collect(exp_dir)
     run = _read(exp_dir / "run.yaml")
     data_cfg = data_config(run.get("data") or {}, data_overrides, store.uri(exp_dir / "run.yaml"))
@@ -273,8 +273,8 @@ def rank(
     count_non_embedding(rows)
     record_test_ppl(exp_dir, rows)  # records: test perplexity into each scored run's HParams entry
     out = write_outputs(rows, exp_dir, budget)
-    store.push(exp_dir / "models", delete=False)  # the new models first, then the leaderboard naming them,
-    store.push(exp_dir)  # then the models it no longer names are removed
+    store.publish(exp_dir / "models", keep_others=True)  # the new models first, then the leaderboard naming
+    store.publish(exp_dir)  # them, then the models it no longer names are removed
     return out
 
 

@@ -21,8 +21,8 @@ from typing import Any
 import yaml
 
 from allatt_dist.atomic import write_json
+from allatt_dist.rundir import RunDir
 from allatt_dist.search.scheduler import TargetHalving
-from allatt_dist.storage import Mirror
 from allatt_dist.train.monitor import TB_DIR
 
 STATUSES = ("finished", "stopped", "error", "reference")
@@ -106,7 +106,7 @@ def trial_status(last: dict, error: str | None, max_steps: int) -> dict:
     return {"status": "stopped", "stopped_at_step": last.get("step")}
 
 
-def complete_records(trial_dir: Path, last: dict, max_steps: int, dense_dir: Path, store: Mirror) -> bool:
+def complete_records(trial_dir: Path, last: dict, max_steps: int, dense_dir: Path, store: RunDir) -> bool:
     """A trial the scheduler stopped at its last report: its model was exported before that report, but
     result.json and pruned/ were not written. Write them now, as the trial would have. True if it did."""
     from allatt_dist.modelio import read_meta
@@ -118,8 +118,8 @@ def complete_records(trial_dir: Path, last: dict, max_steps: int, dense_dir: Pat
     if not (phase_dir / "model" / "config.json").is_file() or read_meta(phase_dir / "model").get("step") != max_steps:
         return False
     keep = {k: v for k, v in last.items() if k not in ("config", "trial_id", "experiment_tag")}
-    store.pull(phase_dir / "model")  # object storage: the weights the workers published
-    store.pull(dense_dir / "config.json")
+    store.fetch(phase_dir / "model")  # object storage: the weights the workers published
+    store.fetch(dense_dir / "config.json")
     finish_phase(phase_dir, "prune", keep, dense_dir)
     return True
 
@@ -131,15 +131,15 @@ def finalize_trial(
     error: str | None,
     max_steps: int,
     dense_dirs: dict[str, str],
-    store: Mirror | None = None,
+    store: RunDir | None = None,
 ) -> dict:
     """The driver's record of an ended trial: completes its files, writes status.json and its HParams entry.
     Idempotent: called when the trial ends (Tune callback) and again for every trial after the search.
     `dense_dirs`: architecture -> the dense model the trials start from; `store`: the experiment directory
-    (object storage: the trial's files are pulled first and the record pushed after)."""
-    store = store or Mirror(exp_dir)
+    (object storage: the trial's files are fetched first and the record published after)."""
+    store = store or RunDir(exp_dir)
     trial_dir = exp_dir / "trials" / trial_id
-    store.pull(trial_dir, weights=False, skip_dirs=("checkpoints",))
+    store.fetch_records(trial_dir)
     trial_dir.mkdir(parents=True, exist_ok=True)
     stop = TargetHalving.stops(exp_dir / "scheduler.json").get(trial_id)
     if stop is not None and error is None and stop["step"] != last.get("step"):
@@ -151,10 +151,10 @@ def finalize_trial(
     name = trial_run_name(trial_dir)
     shown = {k: last.get(k) for k in ("step", "valid_ppl", "expected_sparsity", "hard_sparsity")}
     write_json(trial_dir / "status.json", {**status, "name": name, "last": shown})
-    store.pull(tb_run_dir(exp_dir, name), weights=False)  # its earlier entry, so that this one replaces it
+    store.fetch(tb_run_dir(exp_dir, name), weights=False)  # its earlier entry, so that this one replaces it
     record_trial(exp_dir, trial_dir)
-    store.push(trial_dir)
-    store.push(tb_run_dir(exp_dir, name))
+    store.publish(trial_dir)
+    store.publish(tb_run_dir(exp_dir, name))
     return {"trial_id": trial_id, "name": name, **status}
 
 

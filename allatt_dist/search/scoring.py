@@ -13,7 +13,7 @@ from pathlib import Path
 
 from allatt_dist.config import DataConfig
 from allatt_dist.errors import UserError
-from allatt_dist.storage import Mirror
+from allatt_dist.rundir import RunDir
 
 EVAL_BATCH = 8
 
@@ -23,7 +23,7 @@ class Job:
     name: str
     source: Path  # under store.root
     gated: bool
-    store: Mirror | None = None  # the experiment directory (object storage: the task downloads the model itself)
+    store: RunDir | None = None  # the experiment directory (object storage: the task downloads the model itself)
 
 
 def score_one(job: Job, data_cfg: DataConfig, device: str = "cpu") -> dict:
@@ -36,11 +36,11 @@ def score_one(job: Job, data_cfg: DataConfig, device: str = "cpu") -> dict:
     from allatt_dist.modelio import load_model_dir
 
     corpus = load_corpus(data_cfg, splits=("test",))
-    store = job.store or Mirror(job.source)
+    store = job.store or RunDir(job.source)
     mine = store.here("score")
     try:
         source = store.moved(job.source, mine)
-        mine.pull(source)
+        mine.fetch(source)
         model, vocab, _ = load_model_dir(source)
     finally:
         mine.discard()

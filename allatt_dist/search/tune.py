@@ -73,7 +73,7 @@ def scheduler(plan: Plan, exp: Experiment):
     if tc.scheduler.type != "asha":
         return FIFOScheduler()
     grace = min(tc.scheduler.grace_period, max_steps)
-    return TargetHalving(grace, tc.scheduler.reduction_factor, max_steps, exp.scheduler_file, store=exp.mirror)
+    return TargetHalving(grace, tc.scheduler.reduction_factor, max_steps, exp.scheduler_file, store=exp.run)
 
 
 def _tuner(plan: Plan, exp: Experiment, dense_models: dict[str, Path], restore: bool):
@@ -93,7 +93,7 @@ def _tuner(plan: Plan, exp: Experiment, dense_models: dict[str, Path], restore: 
         )
     search_alg, max_concurrent = search_algorithm(tc)
     dense = {a: str(d) for a, d in dense_models.items()}
-    record = RecordTrial(exp.root, plan.cfg.prune.max_steps, dense, exp.mirror)
+    record = RecordTrial(exp.root, plan.cfg.prune.max_steps, dense, exp.run)
     callbacks = [ReleaseTrialResources(), record] + ([] if plan.verbose else [TrialProgress(tc.expected_trials())])
     return tune.Tuner(
         trainable,
@@ -120,9 +120,9 @@ def _tuner(plan: Plan, exp: Experiment, dense_models: dict[str, Path], restore: 
 
 def tune_storage(exp: Experiment) -> tuple[str, Any]:
     """(storage_path, storage_filesystem) for Tune's experiment state: EXP/tune, in the bucket when EXP is."""
-    if not exp.mirror.is_remote:
+    if not exp.run.is_remote:
         return str(exp.root), None
-    remote = exp.mirror.remote
+    remote = exp.run.remote
     return remote.key(), remote.filesystem()
 
 
@@ -147,11 +147,11 @@ def tune_search(plan: Plan, dense_dir: Path | None = None) -> list[dict]:
 
     if plan.cfg.tune is None:
         raise UserError("tune: section missing (see docs/search.md)")
-    exp = Experiment(plan.out, plan.mirror)
-    exp.mirror.pull(exp.root, weights=False, skip_dirs=("checkpoints",))  # object storage: the records here
+    exp = Experiment(plan.out, plan.run)
+    exp.run.fetch_records(exp.root)  # object storage: the records here
     dense_models = exp.dense_models(plan.cfg)
     if dense_dir is not None:
-        if exp.mirror.is_remote:
+        if exp.run.is_remote:
             raise UserError(
                 f"--dense {dense_dir}: with --out in object storage the trials start from OUT/dense/model; "
                 "put the dense model there (or run `allatt-dist run`)"
@@ -166,11 +166,11 @@ def tune_search(plan: Plan, dense_dir: Path | None = None) -> list[dict]:
     restore = tune.Tuner.can_restore(f"{path}/{exp.tune_dir.name}", storage_filesystem=fs)
     exp.check_same_search(plan.cfg, restore)
     if not restore:
-        exp.mirror.delete(exp.scheduler_file)  # decisions of a search whose Tune state was deleted
-    exp.mirror.pull(exp.root / TB_DIR / "dense", weights=False)  # the entries rewritten next replace these
+        exp.run.delete(exp.scheduler_file)  # decisions of a search whose Tune state was deleted
+    exp.run.fetch(exp.root / TB_DIR / "dense", weights=False)  # the entries rewritten next replace these
     write_experiment(exp.root, plan.cfg.to_dict(), plan.cfg.tune.space)  # HParams columns, then the reference
     record_dense(exp.root)
-    exp.mirror.push(exp.root / TB_DIR / "dense")
+    exp.run.publish(exp.root / TB_DIR / "dense")
     grid = _tuner(plan, exp, dense_models, restore).fit()
     rows = exp.record_statuses(grid, plan.cfg.prune.max_steps, {a: str(d) for a, d in dense_models.items()})
     check_some_trial_ran(rows, exp.root)
