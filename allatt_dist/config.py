@@ -307,11 +307,20 @@ def nested(flat: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class Whole(dict):
+    """A mapping given whole (`--set tune.space={...}`): laid over a config it replaces, not merges."""
+
+
 def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """`base` with the nested mapping `extra` laid over it, section by section."""
+    """`base` with the nested mapping `extra` laid over it, section by section (a `Whole` replaces)."""
     out = dict(base)
     for k, v in extra.items():
-        out[k] = merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        if isinstance(v, Whole):
+            out[k] = dict(v)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merged(out[k], v)
+        else:
+            out[k] = v
     return out
 
 

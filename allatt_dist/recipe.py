@@ -6,6 +6,7 @@ the file (or `--set`), the key and what is allowed. Nothing below it parses YAML
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -13,12 +14,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from allatt_dist.config import DataConfig, Problem, RunConfig, first_problem
-from allatt_dist.errors import ConfigError
-
-
-class _Replace(dict):
-    """A mapping given whole on the command line (`--set tune.space={...}`): it replaces, not merges."""
+from allatt_dist.config import DataConfig, Problem, RunConfig, Whole, first_problem, merged
+from allatt_dist.errors import ConfigError, UserError
 
 
 def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
@@ -33,7 +30,7 @@ def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
         except yaml.YAMLError:
             value = raw
         if isinstance(value, dict):
-            value = _Replace(value)
+            value = Whole(value)
         parts = key.strip().split(".")
         if not all(p.strip() for p in parts):
             raise ConfigError(f"--set {item!r}: expected section.key=value (an empty name in {key!r})")
@@ -44,16 +41,6 @@ def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
                 raise ConfigError(f"--set {item!r}: {p} is not a section")
         node[parts[-1]] = value
     return tree
-
-
-def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in extra.items():
-        if isinstance(v, dict) and not isinstance(v, _Replace) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = dict(v) if isinstance(v, _Replace) else v
-    return out
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -126,7 +113,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     """The recipe at `path` (None: the defaults) with `--set` overrides, validated once."""
     data = read_yaml(path) if path is not None else {}
     tree = parse_overrides(overrides)
-    return build_config(deep_merge(data, tree), str(path) if path is not None else "--set", tree)
+    return build_config(merged(data, tree), str(path) if path is not None else "--set", tree)
 
 
 def data_config(base: dict[str, Any] | None, overrides: list[str] | None, origin: str) -> DataConfig:
@@ -138,7 +125,36 @@ def data_config(base: dict[str, Any] | None, overrides: list[str] | None, origin
     other = sorted(k for k in tree if k != "data")
     if other:
         raise ConfigError(f"--set {other[0]}.*: only data.KEY=VALUE applies here (the model's config is fixed)")
-    return build_config({"data": deep_merge(base or {}, tree.get("data", {}))}, origin, tree).data
+    return build_config({"data": merged(base or {}, tree.get("data", {}))}, origin, tree).data
+
+
+def read_mapping(path: Path) -> dict[str, Any]:
+    """A JSON (or, for .yaml, YAML) mapping a run wrote (run.yaml, result.json, status.json, config.json...);
+    {} when absent; one line naming the file when damaged."""
+    if not path.is_file():
+        return {}
+    try:
+        text = path.read_text()
+        data = yaml.safe_load(text) if path.suffix == ".yaml" else json.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path}: damaged ({why}); restore or delete it and run again") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: damaged (expected a mapping, found {type(data).__name__})")
+    return data
+
+
+def read_run_config(path: Path) -> RunConfig | None:
+    """A run's typed config from its run.yaml (None when there is none); one line when damaged."""
+    data = read_mapping(path)
+    if not data:
+        return None
+    try:
+        return build_config(data, str(path))
+    except ConfigError as e:
+        raise UserError(f"damaged ({e}); restore or delete {path.parent} and run again") from None
 
 
 def saved_config_diff(saved: Path, spec: dict[str, Any], sections: tuple[str, ...], fix: str) -> list[str]:

@@ -9,12 +9,12 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import secrets
 import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from allatt_dist.atomic import writing
 from allatt_dist.remote import Remote
 
 LAST = ("MANIFEST.json", "config.json", "result.json")  # published after the rest of their folder
@@ -93,14 +93,8 @@ def copy_up(fs, local: Path, key: str) -> None:
 def copy_down(fs, key: str, local: Path) -> None:
     """Download to a temporary sibling and rename: a reader here sees the old file or the new one."""
     local.parent.mkdir(parents=True, exist_ok=True)
-    tmp = local.with_name(f".{local.name}.tmp-{secrets.token_hex(4)}")
-    try:
-        with fs.open_input_stream(key) as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst, 8 << 20)
-        os.replace(tmp, local)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with fs.open_input_stream(key) as src, writing(local, "wb") as dst:
+        shutil.copyfileobj(src, dst, 8 << 20)
 
 
 def delete_file(fs, key: str) -> None:

@@ -12,15 +12,13 @@ entry lives in its own events file (`*.hparams`), replaced whole on each write, 
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from allatt_dist.atomic import write_json
+from allatt_dist.recipe import read_mapping, read_run_config
 from allatt_dist.rundir import RunDir
 from allatt_dist.search.scheduler import TargetHalving
 from allatt_dist.train.monitor import TB_DIR
@@ -82,15 +80,14 @@ def run_name(run: dict, params: dict[str, Any] | None = None, trial_id: str | No
     return f"prune/{trial_label(run, params or {})}/{trial_id}"
 
 
-def _read(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    data = yaml.safe_load(path.read_text()) if path.suffix == ".yaml" else json.loads(path.read_text())
-    return data if isinstance(data, dict) else {}
+def _run(run_dir: Path) -> dict:
+    """The config of the run in `run_dir` (its run.yaml, read typed: recipe.read_run_config) as plain data."""
+    cfg = read_run_config(run_dir / "run.yaml")
+    return cfg.to_dict() if cfg is not None else {}
 
 
 def trial_run_name(trial_dir: Path) -> str:
-    return run_name(_read(trial_dir / "run.yaml"), _read(trial_dir / "params.json"), trial_dir.name)
+    return run_name(_run(trial_dir), read_mapping(trial_dir / "params.json"), trial_dir.name)
 
 
 def tb_run_dir(exp_dir: Path, name: str) -> Path:
@@ -145,7 +142,7 @@ def finalize_trial(
     if stop is not None and error is None and stop["step"] != last.get("step"):
         last = {"step": stop["step"], "valid_ppl": stop["value"]}  # a resumed search ran it past its stop
     status = trial_status(last, error, max_steps)
-    arch = _get(_read(trial_dir / "run.yaml"), "model.architecture")
+    arch = _get(_run(trial_dir), "model.architecture")
     if status["status"] == "finished" and arch in dense_dirs:
         complete_records(trial_dir, last, max_steps, Path(dense_dirs[arch]), store)
     name = trial_run_name(trial_dir)
@@ -249,8 +246,8 @@ def write_session(run_dir: Path, hparams: dict[str, Any], metrics: dict[str, Any
 
 def record_trial(exp_dir: Path, trial_dir: Path, test_ppl: float | None = None) -> None:
     """(Re)write a trial's HParams entry from its files: run.yaml, params.json, status.json, result.json."""
-    run, params = _read(trial_dir / "run.yaml"), _read(trial_dir / "params.json")
-    status, result = _read(trial_dir / "status.json"), _read(trial_dir / "prune" / "result.json")
+    run, params = _run(trial_dir), read_mapping(trial_dir / "params.json")
+    status, result = read_mapping(trial_dir / "status.json"), read_mapping(trial_dir / "prune" / "result.json")
     last = status.get("last") or {}
     hp = {key: _get(run, key) for key, _ in HPARAMS} | params | {"status": status.get("status", "running")}
     step = result.get("step") or last.get("step") or 0
@@ -267,10 +264,10 @@ def record_trial(exp_dir: Path, trial_dir: Path, test_ppl: float | None = None) 
 
 def record_dense(exp_dir: Path, test_ppl: float | None = None) -> None:
     """The dense model's entry (status `reference`), so every trial compares against it in HParams."""
-    run, result = _read(exp_dir / "run.yaml"), _read(exp_dir / "dense" / "result.json")
+    run, result = _run(exp_dir), read_mapping(exp_dir / "dense" / "result.json")
     if not result:
         return
-    meta = _read(exp_dir / "dense" / "model" / "config.json")
+    meta = read_mapping(exp_dir / "dense" / "model" / "config.json")
     hp = {key: _get(run, key) for key, col in HPARAMS if key in ("model.architecture", "train.seed")}
     metrics = {
         "valid_ppl": result.get("valid_ppl"),

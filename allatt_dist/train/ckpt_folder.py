@@ -33,6 +33,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from allatt_dist.atomic import writing
+
 PREFIX = "checkpoint_"
 STAGING = ".staging-"
 TRASH = ".trash-"
@@ -80,12 +82,8 @@ def describe(folder: Path) -> dict[str, dict]:
 
 def write_manifest(folder: Path, step: int, files: dict[str, dict]) -> None:
     """MANIFEST.json in `folder`, through a temporary name and on disk before it is renamed in."""
-    tmp = folder / f"{MANIFEST}.tmp"
-    with open(tmp, "w") as f:
+    with writing(folder / MANIFEST, fsync=True) as f:
         json.dump({"step": step, "files": files}, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(folder / MANIFEST)
 
 
 def publish(staging: Path, root: Path, step: int, keep: int) -> Path:
