@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from allatt_dist.config import RunConfig
+from allatt_dist.data.corpus import resolve_data
 from allatt_dist.rundir import RunDir
+from allatt_dist.train.setup import deepspeed_config
 
 
 @dataclass(frozen=True)
@@ -43,8 +45,6 @@ class Plan:
 
 
 def _ds_config(cfg: RunConfig) -> dict[str, Any]:
-    from allatt_dist.train.setup import deepspeed_config
-
     return deepspeed_config(cfg)
 
 
@@ -58,7 +58,6 @@ def make_plan(
 ) -> Plan:
     """Resolve `cfg` for a command writing to `out` (a folder, or the RunDir `--out` was opened as:
     rundir.open_out); one line (`UserError`) for anything that cannot run."""
-    from allatt_dist.data.corpus import resolve_data
 
     cfg = cfg.model_copy(update={"data": resolve_data(cfg.data, ("train", "valid"))})
     run = out if isinstance(out, RunDir) else RunDir(Path(out).resolve())

@@ -6,8 +6,8 @@ key/value vectors (All-attention) or a feed-forward sublayer (Transformer-XL). T
 count (pruning) and the per-layer FLOPs (bench) follow from the layout. A further variant of the stack
 is one `registry.register(stack_family(...))` line; a different model is a `ModelFamily` of its own.
 
-No torch import at module level (the registry loads this module on its first lookup); the model code
-is imported when a model is built or pruned.
+No torch import at module level (the registry imports this module, and config checks read the registry);
+the model code is imported when a model is built or pruned.
 """
 
 from __future__ import annotations
@@ -77,4 +77,4 @@ ALL_ATTENTION = stack_family(
 )
 TRANSFORMER_XL = stack_family("transformer_xl", transformer_xl_layout, marker="s", color="tab:orange")
 
-BUILTIN = (ALL_ATTENTION, TRANSFORMER_XL)  # registered by model/registry.py on its first lookup
+BUILTIN = (ALL_ATTENTION, TRANSFORMER_XL)  # registered by model/registry.py when it is imported

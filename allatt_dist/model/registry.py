@@ -4,7 +4,7 @@ A family says how to check its config, build a (gated or pruned) model, prune a 
 many parameters and FLOPs one head / one layer costs. Everything else (training, export, model
 directories, `prune`, `evaluate`, `bench`'s formula, the Pareto plot) goes through this registry, so
 adding an architecture is one module that declares a `ModelFamily` and one `register(...)` line.
-The built-in families (`model/families.py`) are loaded on the first lookup.
+The built-in families (`model/families.py`) are registered when this module is imported.
 
 A family's models offer what the rest of the code uses (see `FamilyModel`, model/family.py): `LanguageModel`
 (model/transformer.py) is the shared implementation of the built-in ones.
@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from allatt_dist.errors import ConfigError
+from allatt_dist.model.families import BUILTIN
 from allatt_dist.model.family import FamilyModel, ModelFamily
 
 if TYPE_CHECKING:
@@ -25,12 +26,11 @@ if TYPE_CHECKING:
 __all__ = ["FamilyModel", "ModelFamily", "build_model", "family_names", "get_family", "register", "unregister"]
 
 
-_FAMILIES: dict[str, ModelFamily] = {}
+_FAMILIES: dict[str, ModelFamily] = {family.name: family for family in BUILTIN}  # model/families.py
 
 
 def register(family: ModelFamily) -> ModelFamily:
     """Make `family` available under `family.name` (a name may be registered once)."""
-    _load_builtins()
     if family.name in _FAMILIES and _FAMILIES[family.name] is not family:
         raise ValueError(f"architecture {family.name!r} is already registered")
     _FAMILIES[family.name] = family
@@ -42,17 +42,7 @@ def unregister(name: str) -> None:
     _FAMILIES.pop(name, None)
 
 
-def _load_builtins() -> None:
-    """The built-in families (model/families.py), registered on the first lookup (after any registered
-    before it, as before). Imported here, lazily: families.py imports nothing of the registry."""
-    from allatt_dist.model.families import BUILTIN
-
-    for family in BUILTIN:
-        _FAMILIES.setdefault(family.name, family)
-
-
 def family_names() -> list[str]:
-    _load_builtins()
     return list(_FAMILIES)
 
 
@@ -61,7 +51,6 @@ def unknown_architecture(name: str) -> str:
 
 
 def get_family(name: str) -> ModelFamily:
-    _load_builtins()
     if name not in _FAMILIES:
         raise ConfigError(f"model.architecture: {unknown_architecture(name)}")
     return _FAMILIES[name]

@@ -11,6 +11,8 @@ import sys
 
 from ray import tune
 
+from allatt_dist.search.records import finalize_trial
+
 
 class TrialProgress(tune.Callback):
     """One bar over trials on a terminal, else a line per finished trial (the bar is made on first use,
@@ -88,8 +90,6 @@ class RecordTrial(tune.Callback):
         self.store = store  # the experiment's RunDir (object storage: fetched and published around each record)
 
     def _record(self, trial, error: str | None) -> None:
-        from allatt_dist.search.records import finalize_trial
-
         try:
             finalize_trial(
                 self.exp_dir,

@@ -22,6 +22,7 @@ from allatt_dist.config import RunConfig
 from allatt_dist.errors import UserError
 from allatt_dist.recipe import saved_config_diff
 from allatt_dist.rundir import RunDir
+from allatt_dist.search.records import finalize_trial
 
 SEARCH_IDENTITY = ("model", "data", "gates", "prune", "tune")  # what a resumed search must share with its start
 _RESOURCE_KEYS = ("max_concurrent_trials", "trial_driver_cpus")  # may change between sessions
@@ -77,7 +78,6 @@ class Experiment:
     def record_statuses(self, grid, max_steps: int, dense_models: dict[str, str]) -> list[dict]:
         """After the search: every trial's final record (search/records.py: status.json, the HParams entry,
         the files of a trial stopped at its last step), from Tune's results."""
-        from allatt_dist.search.records import finalize_trial
 
         rows = []
         for r in grid:

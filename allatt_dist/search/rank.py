@@ -16,11 +16,17 @@ import shutil
 from pathlib import Path
 
 from allatt_dist import atomic
+from allatt_dist.cluster.session import connect
 from allatt_dist.config import ModelConfig
 from allatt_dist.errors import UserError
+from allatt_dist.model.pruning import per_head_params
+from allatt_dist.model.targets import non_embedding_params
+from allatt_dist.modelio import save_model_dir
 from allatt_dist.recipe import data_config, read_mapping, read_run_config
 from allatt_dist.rundir import RunDir
+from allatt_dist.search.plot import pareto_plot
 from allatt_dist.search.records import record_test_ppl, trial_run_name
+from allatt_dist.search.scoring import Job, score_all
 
 # The leaderboard's columns, declared once: (name, shown in leaderboard.md). JSON and CSV hold them all.
 COLUMNS: tuple[tuple[str, bool], ...] = (
@@ -113,9 +119,6 @@ def collect(exp_dir: Path) -> list[dict]:
 def score(rows: list[dict], exp_dir: Path, data_cfg, progress: bool, store: RunDir | None = None) -> None:
     """Prune and evaluate every scorable row in place (test_ppl, params, heads, sparsity), the models in
     parallel as Ray tasks (`scoring.py`); the pruned models are saved here, under .rank-work/."""
-    from allatt_dist.cluster.session import connect
-    from allatt_dist.modelio import save_model_dir
-    from allatt_dist.search.scoring import Job, score_all
 
     work = exp_dir / ".rank-work"
     shutil.rmtree(work, ignore_errors=True)
@@ -164,7 +167,6 @@ def write_outputs(rows: list[dict], exp_dir: Path, budget: int | None) -> dict:
     if budget is not None:
         fits = [r for r in table if r.get("test_ppl") is not None and r["params"] <= budget]
         out["budget"] = {"params": budget, "best": fits[0]["name"] if fits else None}
-    from allatt_dist.search.plot import pareto_plot
 
     pareto_plot(table, exp_dir / "pareto.png")  # written under a temporary name and renamed
     rows_csv = io.StringIO(newline="")
@@ -248,8 +250,6 @@ def rank(
 def count_non_embedding(rows: list[dict]) -> None:
     """Each scored row's non-embedding parameters (the paper's count): the dense model's, less what each
     removed head carries (model/targets.py, the per-head formula of the row's architecture)."""
-    from allatt_dist.model.pruning import per_head_params
-    from allatt_dist.model.targets import non_embedding_params
 
     for row in rows:
         if row.get("heads_per_layer") is None or not row.get("model"):

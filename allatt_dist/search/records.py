@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from allatt_dist.atomic import write_json
+from allatt_dist.modelio import read_meta
 from allatt_dist.recipe import read_mapping, read_run_config
 from allatt_dist.rundir import RunDir
 from allatt_dist.search.scheduler import TargetHalving
 from allatt_dist.train.monitor import TB_DIR
+from allatt_dist.train.trainer import finish_phase
 
 STATUSES = ("finished", "stopped", "error", "reference")
 SUFFIX = ".hparams"  # the driver's own events files, told apart from the workers'
@@ -106,8 +108,6 @@ def trial_status(last: dict, error: str | None, max_steps: int) -> dict:
 def complete_records(trial_dir: Path, last: dict, max_steps: int, dense_dir: Path, store: RunDir) -> bool:
     """A trial the scheduler stopped at its last report: its model was exported before that report, but
     result.json and pruned/ were not written. Write them now, as the trial would have. True if it did."""
-    from allatt_dist.modelio import read_meta
-    from allatt_dist.train.trainer import finish_phase
 
     phase_dir = trial_dir / "prune"
     if (phase_dir / "result.json").is_file() or (last.get("step") or 0) < max_steps:

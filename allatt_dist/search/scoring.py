@@ -12,7 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from allatt_dist.config import DataConfig
+from allatt_dist.data.corpus import load_corpus
 from allatt_dist.errors import UserError
+from allatt_dist.evaluate import evaluate
+from allatt_dist.model.pruning import prune_model
+from allatt_dist.modelio import load_model_dir
 from allatt_dist.rundir import RunDir
 
 EVAL_BATCH = 8
@@ -29,11 +33,6 @@ class Job:
 def score_one(job: Job, data_cfg: DataConfig, device: str = "cpu") -> dict:
     """Prune (when gated) and test-evaluate one model; {"error": line} when its vocabulary is not the corpus's."""
     import torch
-
-    from allatt_dist.data.corpus import load_corpus
-    from allatt_dist.evaluate import evaluate
-    from allatt_dist.model.pruning import prune_model
-    from allatt_dist.modelio import load_model_dir
 
     corpus = load_corpus(data_cfg, splits=("test",))
     store = job.store or RunDir(job.source)

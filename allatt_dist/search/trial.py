@@ -15,6 +15,7 @@ from allatt_dist.atomic import write_json
 from allatt_dist.plan import Plan
 from allatt_dist.search.layout import Experiment
 from allatt_dist.search.records import run_name, tb_run_dir
+from allatt_dist.train.trainer import prepare_run_dir, run_phase
 
 
 def run_trial(params: dict[str, Any], plan: Plan, dense_models: dict[str, Path]) -> None:
@@ -30,8 +31,6 @@ def run_trial(params: dict[str, Any], plan: Plan, dense_models: dict[str, Path])
 def _run(params: dict[str, Any], plan: Plan, dense_models: dict[str, Path]) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
-
-    from allatt_dist.train.trainer import prepare_run_dir, run_phase
 
     exp = Experiment(plan.out, plan.run)
     trial_id = tune.get_context().get_trial_id()

@@ -13,11 +13,17 @@ import os
 from pathlib import Path
 from typing import Any
 
+from allatt_dist.cluster.capacity import check_fits_with_drivers
 from allatt_dist.config import TuneConfig
 from allatt_dist.errors import UserError
 from allatt_dist.plan import Plan
+from allatt_dist.search.callbacks import RecordTrial, ReleaseTrialResources, TrialProgress
 from allatt_dist.search.layout import Experiment
+from allatt_dist.search.records import record_dense, run_name, write_experiment
+from allatt_dist.search.scheduler import TargetHalving
+from allatt_dist.search.trial import run_trial
 from allatt_dist.train.monitor import TB_DIR
+from allatt_dist.train.trainer import check_starting_model
 
 
 def param_space(tc: TuneConfig) -> dict[str, Any]:
@@ -41,8 +47,6 @@ class TrialName:
         self.base = base
 
     def __call__(self, trial) -> str:
-        from allatt_dist.search.records import run_name
-
         return run_name(self.base, trial.config, trial.trial_id)
 
 
@@ -67,8 +71,6 @@ def scheduler(plan: Plan, exp: Experiment):
     """Successive halving within each target (search/scheduler.py), or FIFO (no early stopping)."""
     from ray.tune.schedulers import FIFOScheduler
 
-    from allatt_dist.search.scheduler import TargetHalving
-
     tc, max_steps = plan.cfg.tune, plan.cfg.prune.max_steps
     if tc.scheduler.type != "asha":
         return FIFOScheduler()
@@ -78,9 +80,6 @@ def scheduler(plan: Plan, exp: Experiment):
 
 def _tuner(plan: Plan, exp: Experiment, dense_models: dict[str, Path], restore: bool):
     from ray import tune
-
-    from allatt_dist.search.callbacks import RecordTrial, ReleaseTrialResources, TrialProgress
-    from allatt_dist.search.trial import run_trial
 
     tc = plan.cfg.tune
     trainable = tune.with_resources(
@@ -128,7 +127,6 @@ def tune_storage(exp: Experiment) -> tuple[str, Any]:
 
 def check_dense_models(plan: Plan, dense_models: dict[str, Path]) -> None:
     """Every architecture's starting model exists and fits the recipe (searched model keys aside)."""
-    from allatt_dist.train.trainer import check_starting_model
 
     searched = tuple(k.split(".", 1)[1] for k in plan.cfg.tune.space if k.startswith("model."))
     for arch, d in dense_models.items():
@@ -141,9 +139,6 @@ def tune_search(plan: Plan, dense_dir: Path | None = None) -> list[dict]:
     """Run (or resume) the search of `plan` in `plan.out`; returns one status row per trial.
     `dense_dir` overrides where the recipe's own architecture's dense model is read from."""
     from ray import tune
-
-    from allatt_dist.cluster.capacity import check_fits_with_drivers
-    from allatt_dist.search.records import record_dense, write_experiment
 
     if plan.cfg.tune is None:
         raise UserError("tune: section missing (see docs/search.md)")

@@ -31,12 +31,14 @@ import yaml
 from allatt_dist.atomic import write_json
 from allatt_dist.config import ModelConfig, RunConfig
 from allatt_dist.errors import CheckpointError, EnvironmentFailure, UserError
+from allatt_dist.model.pruning import prune_model
+from allatt_dist.modelio import load_model_dir, read_meta, save_model_dir
 from allatt_dist.plan import Plan
 from allatt_dist.recipe import saved_config_diff
 from allatt_dist.train.checkpoints import open_checkpoints
 from allatt_dist.train.monitor import TB_DIR, RemoteProgressBoard, follow_progress
 from allatt_dist.train.setup import PHASES, Phase, phase_spec
-from allatt_dist.train.worker import WorkerJob
+from allatt_dist.train.worker import WorkerJob, train_loop_per_worker
 
 INIT_FROM: dict[str, tuple[str, str] | None] = {
     "dense": None,
@@ -87,7 +89,6 @@ WEIGHTLESS_MODEL_KEYS = ("dropout", "dropatt", "same_length")  # may differ betw
 def check_starting_model(model_dir: Path, model: ModelConfig, free: tuple[str, ...] = ()) -> None:
     """One line, before any worker starts, when the model in `model_dir` cannot start a run of `model`
     (whose keys in `free` are set per trial). Reads only config.json."""
-    from allatt_dist.modelio import read_meta
 
     meta = read_meta(model_dir)
     if meta.get("architecture") != model.architecture and "architecture" not in free:
@@ -124,8 +125,6 @@ def _trainer(plan: Plan, phase: Phase, init_dir: Path | None, board, callbacks, 
     from ray.train import FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchTrainer
-
-    from allatt_dist.train.worker import train_loop_per_worker
 
     cfg, sc = plan.cfg, plan.cfg.scaling
     resources = {"CPU": sc.cpus_per_worker}
@@ -236,8 +235,6 @@ def run_phase(
 def finish_phase(phase_dir: Path, phase: Phase, metrics: dict, init_dir: Path | None) -> dict:
     """After the last step (its model exported): the prune phase's pruned model, then result.json.
     Also how the Tune driver completes a trial the scheduler stopped at its last report."""
-    from allatt_dist.model.pruning import prune_model
-    from allatt_dist.modelio import load_model_dir, read_meta, save_model_dir
 
     if phase == "prune":
         gated, vocab, _ = load_model_dir(phase_dir / "model")
