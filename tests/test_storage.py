@@ -1,8 +1,9 @@
 """Run directories in object storage (allatt_dist/rundir.py, storage.py), against a real S3-protocol server on loopback.
 
 Without Ray: the RunDir's push/pull/delete (what publish/fetch do), bad URIs and buckets as one line,
-the lease lock, and the checkpoint protocol in a bucket (train/checkpoints.py). Whole runs into a bucket are in test_train.py
-(a crash and a resume, one node) and test_cluster.py (two nodes that share no directory).
+the lease lock, and the checkpoint protocol in a bucket (train/checkpoints.py). Whole runs into a bucket
+are in test_train.py (a crash and a resume, one node) and test_cluster.py (two nodes that share no
+directory).
 """
 
 from __future__ import annotations
