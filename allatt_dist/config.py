@@ -7,11 +7,11 @@ tests/test_config_doc.py checks that the doc and these classes name the same key
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from allatt_dist.errors import first_problem
 from allatt_dist.variants import GATE_PRESETS, MODEL_PRESETS, apply_preset
 
 
@@ -263,36 +263,6 @@ class TuneConfig(_Section):
                 kind, values = next(iter(dom.items()))
                 n *= len(values) if kind == "grid" else 1
         return n
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One validation error, whoever found it (pydantic, or a check that needs the model code: model/checks.py):
-    where (`loc`, the key's path), what (`msg`), and the offending value when pydantic names one."""
-
-    loc: tuple = ()
-    msg: str = ""
-    type: str = "value_error"
-    input: Any = None
-    has_input: bool = False
-
-    @property
-    def key(self) -> str:
-        return ".".join(str(p) for p in self.loc)
-
-    def within(self, label: str) -> str:
-        """One line under `label` (a searched sample's problem: "tune.space: model.x: ...")."""
-        return f"{label}: {self.key + ': ' if self.key else ''}{self.msg}"
-
-    def under(self, *prefix: str) -> Problem:
-        return Problem(tuple(prefix) + self.loc, self.msg, self.type, self.input, self.has_input)
-
-
-def first_problem(err: ValidationError) -> Problem:
-    """The first error pydantic reports, as a Problem (its message without pydantic's "Value error, ")."""
-    first = err.errors()[0]
-    msg = first["msg"].removeprefix("Value error, ")
-    return Problem(tuple(first["loc"]), msg, first["type"], first.get("input"), "input" in first)
 
 
 def nested(flat: dict[str, Any]) -> dict[str, Any]:

@@ -21,9 +21,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from allatt_dist.atomic import replace_dir
-from allatt_dist.config import GateConfig, ModelConfig, Problem, first_problem
+from allatt_dist.config import GateConfig, ModelConfig
 from allatt_dist.data.vocab import Vocab
-from allatt_dist.errors import CheckpointError, DataError
+from allatt_dist.errors import CheckpointError, DataError, Problem, first_problem
 from allatt_dist.model.checks import model_problem
 from allatt_dist.model.pruning import sparsity
 from allatt_dist.model.registry import FamilyModel, build_model

@@ -14,8 +14,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from allatt_dist.config import DataConfig, Problem, RunConfig, Whole, first_problem, merged
-from allatt_dist.errors import ConfigError, UserError
+from allatt_dist.config import DataConfig, RunConfig, Whole, merged
+from allatt_dist.errors import ConfigError, Problem, UserError, first_problem
 
 
 def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:

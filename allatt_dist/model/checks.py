@@ -11,7 +11,8 @@ Each returns the first `Problem` (config.py) or None; the caller words it (one l
 
 from __future__ import annotations
 
-from allatt_dist.config import ModelConfig, Problem, RunConfig, merged, nested
+from allatt_dist.config import ModelConfig, RunConfig, merged, nested
+from allatt_dist.errors import Problem
 from allatt_dist.model.registry import family_names, get_family, unknown_architecture
 from allatt_dist.model.targets import check_budget
 
