@@ -14,7 +14,6 @@ from __future__ import annotations
 from allatt_dist.config import ModelConfig, RunConfig, merged, nested
 from allatt_dist.errors import Problem
 from allatt_dist.model.registry import family_names, get_family, unknown_architecture
-from allatt_dist.model.targets import check_budget
 
 
 def model_problem(model: ModelConfig) -> Problem | None:
@@ -32,8 +31,12 @@ def _one_config(cfg: RunConfig) -> Problem | None:
     problem = model_problem(cfg.model)
     if problem is not None:
         return problem.under("model")
+    if cfg.gates.param_budget is None:
+        return None
+    from allatt_dist.model.targets import check_budget  # the model's formulas, and torch: only with a budget
+
     try:
-        check_budget(cfg.model, cfg.gates)  # needs the model's formulas (and torch): only with a budget
+        check_budget(cfg.model, cfg.gates)
     except ValueError as e:
         return Problem((), str(e))
     return None
