@@ -122,6 +122,30 @@ def test_push_pull_delete_between_two_processes_mirrors(env, request):
     assert not a.root.exists() and not b.root.exists()
 
 
+def test_what_code_publishes_reaches_the_bucket_and_records_leave_weights_and_checkpoints(env, request):
+    """RunDir's own words: write_json/write_text publish at once; fetch_records brings configs and results,
+    not weights or checkpoints; held() takes the lease and removes the driver's mirror at the end."""
+    uri = f"s3://runs/{_prefix(request)}"
+    with open_out(uri).held("writer") as run:
+        assert env.keys("runs", f"{_prefix(request)}/.lock") == [f"{_prefix(request)}/.lock"]
+        run.write_json(run.root / "dense" / "result.json", {"step": 3})
+        run.write_text(run.root / "run.yaml", "model: {}\n")
+        (run.root / "dense" / "model").mkdir(parents=True)
+        (run.root / "dense" / "model" / "model.safetensors").write_text("w")
+        (run.root / "dense" / "checkpoints" / "checkpoint_00000003").mkdir(parents=True)
+        (run.root / "dense" / "checkpoints" / "checkpoint_00000003" / "metrics.json").write_text("{}")
+        run.publish(run.root / "dense")
+        assert not any(k.endswith(".tmp") or "/." in k for k in env.keys("runs", _prefix(request) + "/dense"))
+        reader = run.here("reader")
+        reader.fetch_records()
+        assert _files(reader.root) == {"dense/result.json": '{\n  "step": 3\n}\n', "run.yaml": "model: {}\n"}
+        reader.fetch(reader.root / "dense" / "model")
+        assert (reader.root / "dense" / "model" / "model.safetensors").read_text() == "w"
+        reader.discard()
+        mirror = run.root
+    assert not mirror.exists() and env.keys("runs", f"{_prefix(request)}/.lock") == []
+
+
 def test_markers_are_uploaded_after_the_rest_of_their_folder(env, request, monkeypatch):
     m = open_out(f"s3://runs/{_prefix(request)}")
     m.reset()
