@@ -11,10 +11,14 @@ away first, so that none is ever seen half-deleted under its name.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import secrets
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -64,15 +68,35 @@ def discard_dir(path: Path) -> None:
     shutil.rmtree(gone, ignore_errors=True)
 
 
-def write_text(path: Path, text: str) -> None:
-    """Replace the file at `path` with `text` in one step."""
+@contextmanager
+def writing(path: Path, mode: str = "w", *, fsync: bool = False, perms: int | None = None, **open_kw) -> Iterator[IO]:
+    """A file object whose content replaces the file at `path` in one step when the block ends without an
+    error (written under a hidden temporary name beside it, removed on error). `fsync`: on disk before the
+    rename; `perms`: the file's mode bits."""
     tmp = temp_sibling(path, "tmp")
     try:
-        tmp.write_text(text)
+        with open(tmp, mode, **open_kw) as f:
+            yield f
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        if perms is not None:
+            os.chmod(tmp, perms)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text(path: Path, text: str) -> None:
+    """Replace the file at `path` with `text` in one step."""
+    with writing(path) as f:
+        f.write(text)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Replace the file at `path` with `data` as JSON (indented, one trailing newline) in one step."""
+    write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def remove_leftovers(folder: Path) -> None:

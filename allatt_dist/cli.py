@@ -16,10 +16,10 @@ from pathlib import Path
 
 from allatt_dist.cliargs import add_override_arg, positive_int
 from allatt_dist.errors import EnvironmentFailure, UserError
-from allatt_dist.outputs import check_new_model_dir, check_output_dir
+from allatt_dist.outputs import check_new_model_dir
 from allatt_dist.remote import is_uri
-from allatt_dist.runlock import check_not_in_use, hold
-from allatt_dist.storage import Mirror, fetch_model_dir, resolve_out
+from allatt_dist.rundir import RunDir, fetch_model_dir, open_experiment, open_model_out, open_out
+from allatt_dist.runlock import check_not_in_use
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -38,10 +38,7 @@ def _plan(a: argparse.Namespace, kind: str, search: bool):
     cfg = load_config(a.config, a.overrides)
     if search and cfg.tune is None:
         raise ConfigError(f"{a.config}: tune: section missing (see docs/search.md)")
-    out = a.out or str(Path(kind) / Path(a.config).stem)
-    if not is_uri(out):
-        check_output_dir(Path(out))
-    out = resolve_out(out)  # a URI: checked writable now, before Ray or any worker starts
+    out = open_out(a.out or str(Path(kind) / Path(a.config).stem))  # parsed once; a URI checked writable now
     progress = not getattr(a, "no_progress", False)
     return make_plan(cfg, out, verbose=a.verbose, progress=progress, force=getattr(a, "force", False))
 
@@ -62,42 +59,40 @@ def cmd_train(a: argparse.Namespace) -> dict:
     from allatt_dist.train.trainer import train
 
     plan = _plan(a, "runs", search=False)
-    with hold(plan.mirror), _discarding(plan.mirror):  # one writer per run directory, taken before Ray starts
+    with plan.run.held():  # one writer per run directory, taken before Ray starts
         _connect(a, plan, search=False)
         return train(plan, None if a.phase == "all" else [a.phase])
 
 
 class _discarding:
-    """Remove the driver's local mirror of a run directory in object storage when the command ends."""
+    """Remove the local copy of a directory in object storage when the command ends."""
 
-    def __init__(self, mirror: Mirror):
-        self.mirror = mirror
+    def __init__(self, run: RunDir):
+        self.run = run
 
-    def __enter__(self) -> Mirror:
-        return self.mirror
+    def __enter__(self) -> RunDir:
+        return self.run
 
     def __exit__(self, *exc) -> None:
-        self.mirror.discard()
+        self.run.discard()
 
 
 def cmd_prune(a: argparse.Namespace) -> dict:
     from allatt_dist.model.pruning import prune_model
     from allatt_dist.modelio import load_model_dir, save_model_dir
 
-    if is_uri(a.out):
-        target = _remote_model_out(a)
-    else:
+    if not is_uri(a.out):
         check_new_model_dir(Path(a.out), Path(a.checkpoint), a.force)
         check_not_in_use(Path(a.out))
-        target = Mirror(Path(a.out).resolve())
+    target = open_model_out(a.out, a.force)
     source, fetched = fetch_model_dir(a.checkpoint, "checkpoint")
-    with _discarding(fetched or Mirror(source)), _discarding(target):
+    with _discarding(fetched or RunDir(source)), _discarding(target):
         gated, vocab, meta = load_model_dir(source)
         if not gated.gates:
             raise UserError(f"{a.checkpoint}: holds an ungated model (nothing to prune); give a prune-phase model")
         pruned = prune_model(gated)
         out = save_model_dir(pruned, vocab, target.root, extra={"phase": "prune", "pruned": True})
-        target.push()  # object storage: weights first, config.json last
+        target.publish()  # object storage: weights first, config.json last
     return {
         "out": str(a.out),
         "heads_per_layer": out["heads_per_layer"],
@@ -116,7 +111,7 @@ def cmd_evaluate(a: argparse.Namespace) -> dict:
 
     device = _device(a.device)
     source, fetched = fetch_model_dir(a.model_dir, "model_dir")
-    with _discarding(fetched or Mirror(source)):
+    with _discarding(fetched or RunDir(source)):
         model, vocab, meta = load_model_dir(source, device)
     data = data_config({}, a.overrides, "--set")
     corpus = load_corpus(data, splits=(a.split,))
@@ -133,20 +128,6 @@ def cmd_evaluate(a: argparse.Namespace) -> dict:
         "params": meta["params"],
         "heads_per_layer": meta["heads_per_layer"],
     }
-
-
-def _remote_model_out(a: argparse.Namespace) -> Mirror:
-    """`prune --out URI`: writable, and not an existing model directory unless --force (replaced file by file)."""
-    from allatt_dist.remote import check_writable, parse_remote
-    from allatt_dist.storage import mirror_root
-
-    remote = parse_remote(a.out, "--out")
-    check_writable(remote, "--out")
-    mirror = Mirror(mirror_root("model"), remote)
-    if mirror.list_remote(mirror.root).get("config.json") is not None and not a.force:
-        mirror.discard()
-        raise UserError(f"--out {remote.uri}: a model directory already exists there; give a new path or --force")
-    return mirror
 
 
 def _device(name: str):
@@ -172,7 +153,7 @@ def cmd_tune(a: argparse.Namespace) -> list:
     if a.dense and is_uri(a.dense):
         raise UserError(f"--dense {a.dense}: give a local folder (with --out in a bucket, OUT/dense/model is used)")
     plan = _plan(a, "experiments", search=True)
-    with hold(plan.mirror), _discarding(plan.mirror):
+    with plan.run.held():
         _connect(a, plan, search=True)
         return tune_search(plan, Path(a.dense) if a.dense else None)
 
@@ -184,26 +165,16 @@ def cmd_rank(a: argparse.Namespace) -> dict:
         from allatt_dist.cluster.session import connect
 
         connect(a.address)
-    exp = _experiment(a.experiment)
-    with hold(exp), _discarding(exp):
+    exp = open_experiment(a.experiment)
+    with exp.held():
         return rank(exp.root, a.budget, progress=sys.stderr.isatty(), data_overrides=a.overrides, store=exp)
-
-
-def _experiment(text: str) -> Mirror:
-    """`rank EXPERIMENT`: a folder, or a URI that holds an experiment and takes writes."""
-    from allatt_dist.remote import check_readable, parse_remote
-
-    if not is_uri(text):
-        return Mirror(Path(text).resolve())
-    check_readable(parse_remote(text, "experiment"), "experiment", "experiment")
-    return resolve_out(text, "experiment")
 
 
 def cmd_run(a: argparse.Namespace) -> dict:
     from allatt_dist.search.pipeline import run_pipeline
 
     plan = _plan(a, "experiments", search=True)
-    with hold(plan.mirror), _discarding(plan.mirror):
+    with plan.run.held():
         _connect(a, plan, search=True)
         return run_pipeline(plan, a.budget)
 

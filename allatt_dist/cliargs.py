@@ -1,4 +1,5 @@
-"""argparse pieces shared by every sub-command module (cli.py, bench.py, cluster/commands.py)."""
+"""argparse pieces shared by every sub-command module (cli.py, bench/options.py and bench/command.py,
+cluster/commands.py)."""
 
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from allatt_dist.crosschecks import conflict
+from allatt_dist.errors import first_problem
 from allatt_dist.variants import GATE_PRESETS, MODEL_PRESETS, apply_preset, check_variant
 
 
@@ -38,7 +39,7 @@ def _kind(ann: Any) -> str:
 
 
 class ModelConfig(_Section):
-    architecture: str = "all_attention"  # a registered family (allatt_dist/model/registry.py)
+    architecture: str = "all_attention"  # a registered family: checked by model/checks.py (recipe.build_config)
     variant: Literal["ours", "authors", "transformer_xl"] | None = None
     num_layers: int = Field(4, gt=0)
     hidden_dim: int = Field(256, gt=0)
@@ -63,19 +64,8 @@ class ModelConfig(_Section):
     output_dropout_twice: bool = False  # the authors' All-attention drops the last hidden state twice
     shared_rel_bias: bool = False  # one u and one v for all layers (the authors' Transformer-XL)
 
-    @field_validator("architecture")
-    @classmethod
-    def _registered(cls, v: str) -> str:
-        from allatt_dist.model.registry import family_names, unknown_architecture
-
-        if v not in family_names():
-            raise ValueError(unknown_architecture(v))
-        return v
-
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
-        from allatt_dist.model.registry import get_family
-
         if self.adaptive_proj is None:
             self.__dict__["adaptive_proj"] = bool(self.adaptive_cutoffs)
         if self.variant is not None:
@@ -98,7 +88,6 @@ class ModelConfig(_Section):
             raise ValueError(
                 f"model.hidden_dim ({self.hidden_dim}) must be divisible by model.num_heads ({self.num_heads})"
             )
-        get_family(self.architecture).validate(self)  # the family's own checks
         cut = self.adaptive_cutoffs
         if any(c <= 0 for c in cut) or sorted(set(cut)) != cut:
             raise ValueError(f"model.adaptive_cutoffs must be strictly increasing positive ints, got {cut}")
@@ -298,11 +287,20 @@ def nested(flat: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class Whole(dict):
+    """A mapping given whole (`--set tune.space={...}`): laid over a config it replaces, not merges."""
+
+
 def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """`base` with the nested mapping `extra` laid over it, section by section."""
+    """`base` with the nested mapping `extra` laid over it, section by section (a `Whole` replaces)."""
     out = dict(base)
     for k, v in extra.items():
-        out[k] = merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        if isinstance(v, Whole):
+            out[k] = dict(v)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merged(out[k], v)
+        else:
+            out[k] = v
     return out
 
 
@@ -342,14 +340,6 @@ class RunConfig(_Section):
         return self
 
     @model_validator(mode="after")
-    def _budget(self) -> RunConfig:
-        if self.gates.param_budget is not None:  # needs the model's formulas (and torch): only when asked
-            from allatt_dist.model.targets import check_budget
-
-            check_budget(self.model, self.gates)
-        return self
-
-    @model_validator(mode="after")
     def _first_report_scored(self) -> RunConfig:
         """In a search every report to Tune carries valid_ppl (the scheduler's metric): the first checkpoint,
         where the first report is made, must come at or after the first evaluation."""
@@ -374,10 +364,7 @@ class RunConfig(_Section):
             try:
                 RunConfig.model_validate(merged(base, nested(sample)))
             except ValidationError as e:
-                first = e.errors()[0]
-                key = ".".join(str(p) for p in first["loc"])
-                msg = first["msg"].removeprefix("Value error, ")
-                raise ValueError(f"tune.space: {key + ': ' if key else ''}{msg}") from None
+                raise ValueError(first_problem(e).within("tune.space")) from None
         return self
 
     @property

@@ -23,7 +23,8 @@ from safetensors.torch import load_file, save_file
 from allatt_dist.atomic import replace_dir
 from allatt_dist.config import GateConfig, ModelConfig
 from allatt_dist.data.vocab import Vocab
-from allatt_dist.errors import CheckpointError, DataError
+from allatt_dist.errors import CheckpointError, DataError, Problem, first_problem
+from allatt_dist.model.checks import model_problem
 from allatt_dist.model.pruning import sparsity
 from allatt_dist.model.registry import FamilyModel, build_model
 from allatt_dist.model.transformer import count_params
@@ -110,6 +111,10 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
+def _invalid(d: Path, problem: Problem) -> str:
+    return f"{d / 'config.json'}: invalid model description ({problem.key}: {problem.msg})"
+
+
 def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> tuple[FamilyModel, Vocab, dict]:
     """Load (model in eval mode, vocabulary, config.json). Every failure is a one-line CheckpointError.
     The model is built by its architecture's registered family (model/registry.py)."""
@@ -118,13 +123,13 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> tupl
     try:
         # Saved before model.adaptive_proj existed: those models had no shortlist projections.
         mcfg = ModelConfig.model_validate({"adaptive_proj": False} | meta["model"])
+        problem = model_problem(mcfg)  # e.g. an architecture this installation has not registered
+        if problem is not None:
+            raise CheckpointError(_invalid(d, problem))
         gates = GateConfig.model_validate(meta["gates"]) if meta.get("gates") else None
         model = build_model(mcfg, int(meta["vocab_size"]), gates, list(meta["heads_per_layer"]))
-    except ValidationError as e:  # e.g. an architecture this installation has not registered
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        msg = first["msg"].removeprefix("Value error, ")
-        raise CheckpointError(f"{d / 'config.json'}: invalid model description ({where}: {msg})") from None
+    except ValidationError as e:
+        raise CheckpointError(_invalid(d, first_problem(e))) from None
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{d / 'config.json'}: invalid model description ({str(e).splitlines()[0]})") from None
     weights = d / "model.safetensors"

@@ -5,9 +5,9 @@
 
 `make_plan` pins the data folder (checked, absolute: workers run in other directories and on other
 nodes), generates the DeepSpeed config (which also refuses CPU-impossible settings) and resolves the
-output directory (a local folder, or object storage mirrored locally: `store`, storage.py). Every
-layer below reads these fields and re-derives none of them; a Tune trial gets
-its own plan from its sampled values with `Plan.with_values`.
+output directory (`run`: the RunDir of rundir.py, a local folder or a bucket mirrored locally, parsed from
+`--out` once by the CLI). Every layer below reads these fields and re-derives none of them; a Tune trial
+gets its own plan from its sampled values with `Plan.with_values`.
 """
 
 from __future__ import annotations
@@ -17,30 +17,25 @@ from pathlib import Path
 from typing import Any
 
 from allatt_dist.config import RunConfig
-from allatt_dist.storage import Mirror
+from allatt_dist.data.corpus import resolve_data
+from allatt_dist.rundir import RunDir
+from allatt_dist.train.setup import deepspeed_config
 
 
 @dataclass(frozen=True)
 class Plan:
     cfg: RunConfig  # validated; data.path (when local) checked and absolute
-    out: Path  # absolute: the run directory (train) or the experiment directory (tune, run)
+    out: Path  # absolute: the run directory (train), the experiment directory (tune, run), or a trial's
     ds_config: dict[str, Any]  # what deepspeed.initialize takes, generated from cfg once
+    run: RunDir  # the command's run/experiment directory, which `out` lies in (local, or a bucket's mirror)
     verbose: bool = False  # Ray's and DeepSpeed's own logs
     progress: bool = True  # progress bars on the driver
     force: bool = False  # reuse a run directory that holds another config's run
-    store: Mirror | None = None  # the run/experiment directory `out` lies in (its bucket, when remote)
 
-    @property
-    def mirror(self) -> Mirror:
-        """Where `out` is kept: the command's run directory (`out` itself when no store was given)."""
-        return self.store if self.store is not None else Mirror(self.out)
-
-    def here(self, tag: str = "trial") -> Plan:
-        """This plan for another process (a Tune trial): with object storage, its own local mirror."""
-        if self.store is None or not self.store.is_remote:
-            return self
-        mine = self.store.here(tag)
-        return replace(self, out=self.store.moved(self.out, mine), store=mine)
+    def for_process(self, tag: str = "trial") -> Plan:
+        """This plan in another process (a Tune trial): `out` moved into that process's own RunDir."""
+        mine = self.run.here(tag)
+        return self if mine is self.run else replace(self, out=self.run.moved(self.out, mine), run=mine)
 
     def with_values(self, values: dict[str, Any], out: Path, **changes: Any) -> Plan:
         """This plan with dotted config keys set (a trial's sampled values, another architecture), writing
@@ -50,23 +45,20 @@ class Plan:
 
 
 def _ds_config(cfg: RunConfig) -> dict[str, Any]:
-    from allatt_dist.train.setup import deepspeed_config
-
     return deepspeed_config(cfg)
 
 
 def make_plan(
     cfg: RunConfig,
-    out: str | Path | Mirror,
+    out: str | Path | RunDir,
     *,
     verbose: bool = False,
     progress: bool = True,
     force: bool = False,
 ) -> Plan:
-    """Resolve `cfg` for a command writing to `out` (a folder, or the Mirror of a run directory in storage);
-    one line (`UserError`) for anything that cannot run."""
-    from allatt_dist.data.corpus import resolve_data
+    """Resolve `cfg` for a command writing to `out` (a folder, or the RunDir `--out` was opened as:
+    rundir.open_out); one line (`UserError`) for anything that cannot run."""
 
     cfg = cfg.model_copy(update={"data": resolve_data(cfg.data, ("train", "valid"))})
-    store = out if isinstance(out, Mirror) else Mirror(Path(out).resolve())
-    return Plan(cfg, store.root, _ds_config(cfg), verbose=verbose, progress=progress, force=force, store=store)
+    run = out if isinstance(out, RunDir) else RunDir(Path(out).resolve())
+    return Plan(cfg, run.root, _ds_config(cfg), run, verbose=verbose, progress=progress, force=force)

@@ -6,6 +6,7 @@ the file (or `--set`), the key and what is allowed. Nothing below it parses YAML
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -13,12 +14,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from allatt_dist.config import DataConfig, RunConfig
-from allatt_dist.errors import ConfigError
-
-
-class _Replace(dict):
-    """A mapping given whole on the command line (`--set tune.space={...}`): it replaces, not merges."""
+from allatt_dist.config import DataConfig, RunConfig, Whole, merged
+from allatt_dist.errors import ConfigError, Problem, UserError, first_problem
 
 
 def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
@@ -33,7 +30,7 @@ def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
         except yaml.YAMLError:
             value = raw
         if isinstance(value, dict):
-            value = _Replace(value)
+            value = Whole(value)
         parts = key.strip().split(".")
         if not all(p.strip() for p in parts):
             raise ConfigError(f"--set {item!r}: expected section.key=value (an empty name in {key!r})")
@@ -44,16 +41,6 @@ def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
                 raise ConfigError(f"--set {item!r}: {p} is not a section")
         node[parts[-1]] = value
     return tree
-
-
-def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in extra.items():
-        if isinstance(v, dict) and not isinstance(v, _Replace) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = dict(v) if isinstance(v, _Replace) else v
-    return out
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -89,11 +76,9 @@ def _given_in(tree: dict[str, Any], loc: tuple) -> bool:
     return bool(loc)
 
 
-def _format_error(err: ValidationError, origin: str, set_tree: dict[str, Any] | None = None) -> str:
-    first = err.errors()[0]
-    loc = tuple(first["loc"])
-    key = ".".join(str(p) for p in loc)
-    msg = first["msg"].removeprefix("Value error, ")
+def format_problem(problem: Problem, origin: str, set_tree: dict[str, Any] | None = None) -> str:
+    """The one line for a bad recipe value: origin (the file, `--set`, or both), key, what is allowed."""
+    loc, key, msg = problem.loc, problem.key, problem.msg
     named = re.match(r"([a-z_]+(?:\.[a-z_]+)+)[: ]", msg)  # a whole-config check names its key first
     if not loc and named and not msg.startswith("tune."):
         loc = tuple(named.group(1).split("."))
@@ -101,27 +86,34 @@ def _format_error(err: ValidationError, origin: str, set_tree: dict[str, Any] | 
         origin = f"{origin} with --set" if origin and origin != "--set" else "--set"  # the search came from both
     elif set_tree and _given_in(set_tree, loc):
         origin = "--set"  # the bad value came from the command line, not from the file
-    if first["type"] == "extra_forbidden":
+    if problem.type == "extra_forbidden":
         msg = "unknown key (see docs/configuration.md for the allowed keys)"
-    elif "input" in first and first["type"] not in ("value_error",):
-        msg = f"{msg} (got {first['input']!r})"
+    elif problem.has_input and problem.type not in ("value_error",):
+        msg = f"{msg} (got {problem.input!r})"
     where = f"{origin}: " if origin else ""
     return f"{where}{key}: {msg}" if key else f"{where}{msg}"  # a whole-config check's message names its key
 
 
 def build_config(data: dict[str, Any], origin: str = "", set_tree: dict[str, Any] | None = None) -> RunConfig:
-    """Validate a whole recipe; `set_tree` (the parsed `--set` items) lets an error name `--set` as its origin."""
+    """Validate a whole recipe, then the checks that need the model code (model/checks.py: the family's,
+    the budget's); `set_tree` (the parsed `--set` items) lets an error name `--set` as its origin."""
+    from allatt_dist.model.checks import run_problem  # the model code (torch with a budget): imported when used
+
     try:
-        return RunConfig.model_validate(data)
+        cfg = RunConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_error(e, origin, set_tree)) from None
+        raise ConfigError(format_problem(first_problem(e), origin, set_tree)) from None
+    problem = run_problem(cfg)
+    if problem is not None:
+        raise ConfigError(format_problem(problem, origin, set_tree))
+    return cfg
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """The recipe at `path` (None: the defaults) with `--set` overrides, validated once."""
     data = read_yaml(path) if path is not None else {}
     tree = parse_overrides(overrides)
-    return build_config(deep_merge(data, tree), str(path) if path is not None else "--set", tree)
+    return build_config(merged(data, tree), str(path) if path is not None else "--set", tree)
 
 
 def data_config(base: dict[str, Any] | None, overrides: list[str] | None, origin: str) -> DataConfig:
@@ -133,7 +125,36 @@ def data_config(base: dict[str, Any] | None, overrides: list[str] | None, origin
     other = sorted(k for k in tree if k != "data")
     if other:
         raise ConfigError(f"--set {other[0]}.*: only data.KEY=VALUE applies here (the model's config is fixed)")
-    return build_config({"data": deep_merge(base or {}, tree.get("data", {}))}, origin, tree).data
+    return build_config({"data": merged(base or {}, tree.get("data", {}))}, origin, tree).data
+
+
+def read_mapping(path: Path) -> dict[str, Any]:
+    """A JSON (or, for .yaml, YAML) mapping a run wrote (run.yaml, result.json, status.json, config.json...);
+    {} when absent; one line naming the file when damaged."""
+    if not path.is_file():
+        return {}
+    try:
+        text = path.read_text()
+        data = yaml.safe_load(text) if path.suffix == ".yaml" else json.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path}: damaged ({why}); restore or delete it and run again") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: damaged (expected a mapping, found {type(data).__name__})")
+    return data
+
+
+def read_run_config(path: Path) -> RunConfig | None:
+    """A run's typed config from its run.yaml (None when there is none); one line when damaged."""
+    data = read_mapping(path)
+    if not data:
+        return None
+    try:
+        return build_config(data, str(path))
+    except ConfigError as e:
+        raise UserError(f"damaged ({e}); restore or delete {path.parent} and run again") from None
 
 
 def saved_config_diff(saved: Path, spec: dict[str, Any], sections: tuple[str, ...], fix: str) -> list[str]:

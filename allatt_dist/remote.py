@@ -13,6 +13,7 @@ import os
 import re
 import secrets
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from allatt_dist.errors import UserError
@@ -73,6 +74,11 @@ def _make_filesystem(remote: Remote):
     query = f"?{urlencode(opts)}" if opts else ""
     fs, _ = pafs.FileSystem.from_uri(f"{remote.scheme}://{remote.path}{query}")
     return fs
+
+
+def parse_location(text: str, flag: str = "--out") -> Path | Remote:
+    """What the user named: a local folder (as given) or a prefix in object storage; parsed here, once."""
+    return parse_remote(text, flag) if is_uri(text) else Path(text)
 
 
 def parse_remote(text: str, flag: str = "--out") -> Remote:

@@ -8,7 +8,7 @@ over. A second command on a directory in use (or on a folder inside one) is refu
 names the other process. flock works across processes of one machine and over NFS on Linux (where it
 is mapped to a POSIX lock); a directory shared between machines any other way is not protected.
 
-A run directory in object storage (storage.py) has no flock: its lock is a lease, the object
+A run directory in object storage (rundir.py) has no flock: its lock is a lease, the object
 PREFIX/.lock, holding the holder and a heartbeat that the holder rewrites every 20 s. A lock whose
 heartbeat is older than 90 s, or whose holder is a dead process on this machine, is taken over. Two
 takers racing both write it; each reads it back after a second and only the one whose write stands
@@ -28,9 +28,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from allatt_dist.errors import UserError
-from allatt_dist.storage import Mirror, pid_alive
+from allatt_dist.storage import pid_alive
+
+if TYPE_CHECKING:
+    from allatt_dist.rundir import RunDir
 
 LOCK_NAME = ".lock"
 LEASE_S, BEAT_S, SETTLE_S = 90.0, 20.0, 1.0  # object-storage lease: expiry, heartbeat, read-back delay
@@ -148,7 +152,7 @@ def _words(info: dict) -> str:
 
 
 @contextmanager
-def _hold_remote(mirror: Mirror, command: str | None) -> Iterator[str]:
+def _hold_remote(mirror: RunDir, command: str | None) -> Iterator[str]:
     remote = mirror.remote
     fs, key = remote.filesystem(), remote.key(LOCK_NAME)
     parts = remote.path.split("/")
@@ -192,13 +196,13 @@ def _hold_remote(mirror: Mirror, command: str | None) -> Iterator[str]:
 
 
 @contextmanager
-def hold(run_dir: str | Path | Mirror, command: str | None = None) -> Iterator[Path | str]:
+def hold(run_dir: str | Path | RunDir, command: str | None = None) -> Iterator[Path | str]:
     """Hold `run_dir`'s lock for the block (the folder is created if needed; a folder this call
     created and that is still empty at the end is removed again, so refused input leaves nothing).
-    A `Mirror` of object storage is locked by a lease in the bucket (above).
+    A `RunDir` in object storage is locked by a lease in the bucket (above).
 
     Raises `RunDirInUse` (one line, exit 2) when a live process holds it, or holds a folder around it."""
-    if isinstance(run_dir, Mirror):
+    if not isinstance(run_dir, (str, os.PathLike)):  # a RunDir (rundir.py, which imports this module)
         if run_dir.is_remote:
             with _hold_remote(run_dir, command) as key:
                 yield key

@@ -1,4 +1,5 @@
-"""Checkpoints whole or ignored (allatt_dist/train/checkpoints.py), without Ray: the folder protocol.
+"""Checkpoints whole or ignored, without Ray: the folder protocol (allatt_dist/train/ckpt_folder.py) and the
+interface over it (allatt_dist/train/checkpoints.py: save whole, restore with fall-back), in one process.
 
 The same protocol under real Ray Train workers (a worker killed while writing, a truncated newest
 checkpoint) is tested in tests/test_train.py."""
@@ -8,7 +9,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from allatt_dist.train import checkpoints as ck
+import pytest
+
+from allatt_dist.errors import CheckpointError
+from allatt_dist.train import ckpt_folder as ck
+from allatt_dist.train.checkpoints import LocalCheckpoints
 
 
 def _write(root: Path, step: int, ranks: int = 2, nonce: str = "n") -> Path:
@@ -102,3 +107,32 @@ def test_publishing_behind_a_checkpoint_that_failed_to_load_supersedes_it(tmp_pa
     ck.publish(_write(root, 20, nonce="again"), root, 20, keep=3)
     assert [p.name for p in ck.published(root)] == ["checkpoint_00000020", "checkpoint_00000010"]
     assert not any(p.name.startswith(ck.TRASH) for p in root.iterdir())
+
+
+def test_save_publishes_whole_with_metrics_and_restore_falls_back_to_an_older_one(tmp_path, capsys):
+    ckpts = LocalCheckpoints(tmp_path / "checkpoints")
+    assert ckpts.restore(lambda folder: 1 / 0, rank=0, world=1) is None  # nothing yet: start afresh
+
+    def writer(step: int):
+        def write(staging: Path) -> None:  # as DeepSpeed's save_checkpoint does: it makes the folder
+            staging.mkdir(parents=True)
+            (staging / "state.txt").write_text(str(step))
+
+        return write
+
+    for step in (10, 20, 30):
+        ckpts.save(step, writer(step), {"step": step}, 2, 0, 1)
+    assert ckpts.candidates() == ["checkpoint_00000030", "checkpoint_00000020"]  # keep=2, newest first
+    assert json.loads((ckpts.root / "checkpoint_00000030" / "metrics.json").read_text()) == {"step": 30}
+
+    def load(folder: Path) -> int:
+        step = int((folder / "state.txt").read_text())
+        if step == 30:
+            raise OSError("cannot read the shards")
+        return step
+
+    assert ckpts.restore(load, rank=0, world=1) == 20
+    said = capsys.readouterr().err
+    assert "checkpoint_00000030 could not be loaded (rank 0: OSError: cannot read the shards)" in said
+    with pytest.raises(CheckpointError, match=r"no checkpoint could be loaded \(tried checkpoint_00000030, "):
+        ckpts.restore(lambda folder: 1 / 0, rank=0, world=1)

@@ -9,7 +9,7 @@ with its own local Ray):
    driver names the file in one warning, removes it, and the workers resume from the one before.
 
 The kill comes from a `sitecustomize` module on the subprocess's PYTHONPATH (Ray's worker processes
-inherit it), which wraps `checkpoints.publish`: nothing in the package knows about the test.
+inherit it), which wraps `ckpt_folder.publish`: nothing in the package knows about the test.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from allatt_dist.train import checkpoints as ck
+from allatt_dist.train import ckpt_folder as ck
 
 pytestmark = pytest.mark.ray
 
@@ -33,9 +33,9 @@ REPO = Path(__file__).resolve().parents[1]
 HOOK = """
 import os, signal
 from pathlib import Path
-from allatt_dist.train import checkpoints
+from allatt_dist.train import ckpt_folder
 
-_publish = checkpoints.publish
+_publish = ckpt_folder.publish
 
 def publish(staging, root, step, keep):
     mark = Path(os.environ["ALLATT_TEST_KILL_MARK"])
@@ -46,7 +46,7 @@ def publish(staging, root, step, keep):
         os.kill(os.getpid(), signal.SIGKILL)
     return _publish(staging, root, step, keep)
 
-checkpoints.publish = publish
+ckpt_folder.publish = publish
 """
 
 

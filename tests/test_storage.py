@@ -1,8 +1,9 @@
-"""Run directories in object storage (allatt_dist/storage.py), against a real S3-protocol server on loopback.
+"""Run directories in object storage (allatt_dist/rundir.py, storage.py), against a real S3-protocol server on loopback.
 
-Without Ray: the mirror's push/pull/delete, bad URIs and buckets as one line, the lease lock, and the
-checkpoint protocol in a bucket (train/ckpt_store.py). Whole runs into a bucket are in test_train.py
-(a crash and a resume, one node) and test_cluster.py (two nodes that share no directory).
+Without Ray: the RunDir's push/pull/delete (what publish/fetch do), bad URIs and buckets as one line,
+the lease lock, and the checkpoint protocol in a bucket (train/checkpoints.py). Whole runs into a bucket
+are in test_train.py (a crash and a resume, one node) and test_cluster.py (two nodes that share no
+directory).
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from s3server import S3Server
 from allatt_dist import remote, storage
 from allatt_dist.errors import UserError
 from allatt_dist.remote import is_uri, parse_remote
+from allatt_dist.rundir import RunDir, open_out
 from allatt_dist.runlock import LOCK_NAME, RunDirInUse, hold
-from allatt_dist.storage import Mirror, resolve_out
-from allatt_dist.train import checkpoints as ck
-from allatt_dist.train.ckpt_store import RemoteCheckpoints
+from allatt_dist.train import ckpt_folder as ck
+from allatt_dist.train.checkpoints import RemoteCheckpoints
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = str(REPO / "tune_configs/quickstart.yaml")
@@ -79,7 +80,7 @@ def test_endpoint_and_region_come_from_the_standard_variables(env):
 
 def test_endpoint_given_in_the_uri_wins(env, monkeypatch, request):
     monkeypatch.delenv("AWS_ENDPOINT_URL")
-    m = resolve_out(f"s3://runs/{_prefix(request)}?endpoint_override={env.endpoint}")
+    m = open_out(f"s3://runs/{_prefix(request)}?endpoint_override={env.endpoint}")
     (m.root / "x.txt").parent.mkdir(parents=True, exist_ok=True)
     (m.root / "x.txt").write_text("1")
     m.push()
@@ -88,7 +89,7 @@ def test_endpoint_given_in_the_uri_wins(env, monkeypatch, request):
 
 def test_push_pull_delete_between_two_processes_mirrors(env, request):
     """What one process pushes another pulls; deletions travel; temporary names never do."""
-    a = resolve_out(f"s3://runs/{_prefix(request)}")
+    a = open_out(f"s3://runs/{_prefix(request)}")
     a.reset()
     (a.root / "m").mkdir()
     (a.root / "m" / "model.safetensors").write_text("w")
@@ -121,21 +122,45 @@ def test_push_pull_delete_between_two_processes_mirrors(env, request):
     assert not a.root.exists() and not b.root.exists()
 
 
+def test_what_code_publishes_reaches_the_bucket_and_records_leave_weights_and_checkpoints(env, request):
+    """RunDir's own words: write_json/write_text publish at once; fetch_records brings configs and results,
+    not weights or checkpoints; held() takes the lease and removes the driver's mirror at the end."""
+    uri = f"s3://runs/{_prefix(request)}"
+    with open_out(uri).held("writer") as run:
+        assert env.keys("runs", f"{_prefix(request)}/.lock") == [f"{_prefix(request)}/.lock"]
+        run.write_json(run.root / "dense" / "result.json", {"step": 3})
+        run.write_text(run.root / "run.yaml", "model: {}\n")
+        (run.root / "dense" / "model").mkdir(parents=True)
+        (run.root / "dense" / "model" / "model.safetensors").write_text("w")
+        (run.root / "dense" / "checkpoints" / "checkpoint_00000003").mkdir(parents=True)
+        (run.root / "dense" / "checkpoints" / "checkpoint_00000003" / "metrics.json").write_text("{}")
+        run.publish(run.root / "dense")
+        assert not any(k.endswith(".tmp") or "/." in k for k in env.keys("runs", _prefix(request) + "/dense"))
+        reader = run.here("reader")
+        reader.fetch_records()
+        assert _files(reader.root) == {"dense/result.json": '{\n  "step": 3\n}\n', "run.yaml": "model: {}\n"}
+        reader.fetch(reader.root / "dense" / "model")
+        assert (reader.root / "dense" / "model" / "model.safetensors").read_text() == "w"
+        reader.discard()
+        mirror = run.root
+    assert not mirror.exists() and env.keys("runs", f"{_prefix(request)}/.lock") == []
+
+
 def test_markers_are_uploaded_after_the_rest_of_their_folder(env, request, monkeypatch):
-    m = resolve_out(f"s3://runs/{_prefix(request)}")
+    m = open_out(f"s3://runs/{_prefix(request)}")
     m.reset()
     for name in ("config.json", "model.safetensors", "vocab.txt", "MANIFEST.json", "a.pt"):
         (m.root / name).write_text(name)
     order = []
-    real = storage._copy_up
-    monkeypatch.setattr(storage, "_copy_up", lambda fs, local, key: (order.append(local.name), real(fs, local, key)))
+    real = storage.copy_up
+    monkeypatch.setattr(storage, "copy_up", lambda fs, local, key: (order.append(local.name), real(fs, local, key)))
     m.push()
     assert set(order[-2:]) == {"config.json", "MANIFEST.json"} and len(order) == 5
 
 
 def test_a_missing_bucket_is_one_line_and_nothing_is_written(env):
     with pytest.raises(UserError, match=r"--out s3://nobucket/x: cannot write there: no such bucket"):
-        resolve_out("s3://nobucket/x")
+        open_out("s3://nobucket/x")
 
 
 def test_an_unreachable_endpoint_fails_fast(env, monkeypatch):
@@ -145,7 +170,7 @@ def test_an_unreachable_endpoint_fails_fast(env, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{dead}")
     t0 = time.monotonic()
     with pytest.raises(UserError, match="cannot connect"):
-        resolve_out("s3://runs/x")
+        open_out("s3://runs/x")
     assert time.monotonic() - t0 < 30
 
 
@@ -156,11 +181,11 @@ def test_unknown_keys_are_refused_by_a_server_that_checks(monkeypatch, tmp_path)
         for k, v in server.env().items():
             monkeypatch.setenv(k, v)
         remote._FS_CACHE.clear()
-        resolve_out("s3://locked/ok")  # the user's own keys: writable
+        open_out("s3://locked/ok")  # the user's own keys: writable
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG1")
         remote._FS_CACHE.clear()
         with pytest.raises(UserError, match=r"s3://locked/x: cannot write there: access denied"):
-            resolve_out("s3://locked/x")
+            open_out("s3://locked/x")
         assert server.keys("locked") == []  # the probe of the allowed check was removed again
     remote._FS_CACHE.clear()
 
@@ -170,8 +195,8 @@ def test_unknown_keys_are_refused_by_a_server_that_checks(monkeypatch, tmp_path)
 
 def _holder(uri: str, env: dict) -> subprocess.Popen:
     code = (
-        "import sys,time\nfrom allatt_dist.runlock import hold\nfrom allatt_dist.storage import resolve_out\n"
-        "with hold(resolve_out(sys.argv[1]), 'holder'):\n    print('held', flush=True); time.sleep(600)\n"
+        "import sys,time\nfrom allatt_dist.runlock import hold\nfrom allatt_dist.rundir import open_out\n"
+        "with hold(open_out(sys.argv[1]), 'holder'):\n    print('held', flush=True); time.sleep(600)\n"
     )
     p = subprocess.Popen(
         [sys.executable, "-c", code, uri], stdout=subprocess.PIPE, text=True, env={**os.environ, **env}, cwd=REPO
@@ -185,15 +210,15 @@ def test_a_bucket_prefix_has_one_writer(env, request):
     other = _holder(uri, env.env())
     try:
         with pytest.raises(RunDirInUse, match=rf"{uri}: in use by pid {other.pid} on .*\(holder\)"):
-            with hold(resolve_out(uri)):
+            with hold(open_out(uri)):
                 pass
         with pytest.raises(RunDirInUse, match=rf"{uri}/inner: inside {uri}, which is in use by pid {other.pid}"):
-            with hold(resolve_out(uri + "/inner")):
+            with hold(open_out(uri + "/inner")):
                 pass
     finally:
         other.kill()
         other.wait()
-    with hold(resolve_out(uri)) as key:  # its holder is dead (on this machine): taken over at once
+    with hold(open_out(uri)) as key:  # its holder is dead (on this machine): taken over at once
         lease = json.loads(env.client().get_object(Bucket="runs", Key=key.split("/", 1)[1])["Body"].read())
         assert lease["pid"] == os.getpid()
     assert env.keys("runs", _prefix(request)) == [], "the lease is removed when its holder ends"
@@ -205,10 +230,10 @@ def test_a_stale_lease_is_taken_over_and_a_live_one_is_not(env, request):
     lease = {"pid": 1, "host": "elsewhere", "command": "allatt-dist run", "token": "x"}
     env.client().put_object(Bucket="runs", Key=key, Body=json.dumps(lease | {"beat": time.time()}).encode())
     with pytest.raises(RunDirInUse, match=r"in use by pid 1 on elsewhere \(allatt-dist run\)"):
-        with hold(resolve_out(uri)):
+        with hold(open_out(uri)):
             pass
     env.client().put_object(Bucket="runs", Key=key, Body=json.dumps(lease | {"beat": time.time() - 600}).encode())
-    with hold(resolve_out(uri)):
+    with hold(open_out(uri)):
         pass
 
 
@@ -242,7 +267,7 @@ def _rank_files(staging: Path, rank: int, step: int) -> None:
         (staging / "metrics.json").write_text(json.dumps({"step": step}))
 
 
-def _publish(m: Mirror, step: int, keep: int = 2) -> RemoteCheckpoints:
+def _publish(m: RunDir, step: int, keep: int = 2) -> RemoteCheckpoints:
     store = RemoteCheckpoints(m, m.root / "dense" / "checkpoints")
     staging = store.staging(step, "n")
     _rank_files(staging, 0, step)
@@ -251,7 +276,7 @@ def _publish(m: Mirror, step: int, keep: int = 2) -> RemoteCheckpoints:
 
 
 def test_checkpoints_in_a_bucket_are_published_whole_and_pruned(env, request):
-    m = resolve_out(f"s3://runs/{_prefix(request)}")
+    m = open_out(f"s3://runs/{_prefix(request)}")
     m.reset()
     for step in (10, 20, 30):
         store = _publish(m, step)
@@ -268,7 +293,7 @@ def test_checkpoints_in_a_bucket_are_published_whole_and_pruned(env, request):
 
 
 def test_the_driver_removes_unpublished_and_damaged_checkpoints_in_a_bucket(env, request):
-    m = resolve_out(f"s3://runs/{_prefix(request)}")
+    m = open_out(f"s3://runs/{_prefix(request)}")
     m.reset()
     store = _publish(m, 10)
     store = _publish(m, 20)
@@ -287,7 +312,7 @@ def test_the_driver_removes_unpublished_and_damaged_checkpoints_in_a_bucket(env,
 
 
 def test_a_worker_refuses_a_checkpoint_whose_content_changed(env, request):
-    m = resolve_out(f"s3://runs/{_prefix(request)}")
+    m = open_out(f"s3://runs/{_prefix(request)}")
     m.reset()
     store = _publish(m, 10)
     key = f"{_prefix(request)}/dense/checkpoints/checkpoint_00000010/mems_rank0.safetensors"
@@ -311,7 +336,7 @@ def test_the_copies_of_dead_processes_are_swept(env, tmp_path):
 
 
 def test_a_file_rewritten_remotely_at_the_same_size_is_pulled_again(env, request):
-    a = resolve_out(f"s3://runs/{_prefix(request)}")
+    a = open_out(f"s3://runs/{_prefix(request)}")
     a.reset()
     (a.root / "status.json").write_text('{"s": "running"}')
     a.push()

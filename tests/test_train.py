@@ -37,11 +37,11 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from allatt_dist.cluster.session import connect
-from allatt_dist.config import RunConfig
+from allatt_dist.config import RunConfig, merged
 from allatt_dist.errors import UserError
 from allatt_dist.plan import make_plan
-from allatt_dist.recipe import build_config, deep_merge
-from allatt_dist.train.checkpoints import published
+from allatt_dist.recipe import build_config
+from allatt_dist.train.ckpt_folder import published
 from allatt_dist.train.setup import lr_multiplier
 from allatt_dist.train.trainer import prepare_run_dir, train
 from allatt_dist.variants import MODEL_PRESETS
@@ -84,11 +84,11 @@ def tiny_config(data_path: Path, **sections) -> RunConfig:
         "scaling": {"num_workers": 2, "cpus_per_worker": 0.99},
         "deepspeed": {"zero_stage": 2, "precision": "fp32"},
     }
-    return build_config(deep_merge(base, sections))
+    return build_config(merged(base, sections))
 
 
 def with_changes(cfg: RunConfig, **sections) -> RunConfig:
-    return build_config(deep_merge(cfg.to_dict(), sections))
+    return build_config(merged(cfg.to_dict(), sections))
 
 
 # ---- TensorBoard / run-dir helpers -------------------------------------------------------------
@@ -128,7 +128,7 @@ def curve(tb_dir: Path, tag: str = "train/loss") -> np.ndarray:
 
 
 def published_checkpoint_step(phase_dir: Path) -> int:
-    """Step of the newest published checkpoint (train/checkpoints.py), the one a restart resumes from.
+    """Step of the newest published checkpoint (train/ckpt_folder.py), the one a restart resumes from.
 
     A checkpoint is published (renamed into place, whole) before its metrics are reported, so a kill
     right after this step is seen resumes from it."""

@@ -1,5 +1,6 @@
 """Fail fast when a run's workers can never be placed: Ray would otherwise wait forever for resources
-that do not exist. Asked once per command, after connecting (`cli.py`, `search/pipeline.py`).
+that do not exist. Asked once per command, after connecting (`cli.py`: `_connect`), and again by
+`search/tune.py` before a search (with the trial drivers' CPUs).
 
 On a cluster that autoscales (`autoscaler.py`), "can never" means "not even with every node type at its
 `max_workers`": a run that fits once nodes are added asks the autoscaler for them and waits, with a

@@ -23,6 +23,8 @@ import yaml
 
 from allatt_dist.cluster.jobs_api import first_line, job_info, job_logs
 from allatt_dist.errors import UserError
+from allatt_dist.recipe import load_config
+from allatt_dist.remote import parse_remote
 
 COMMANDS = ("train", "run", "tune")
 DEFAULT_EXCLUDES = [
@@ -115,49 +117,15 @@ def build_job(
     extra: list[str] | None = None,
 ) -> tuple[str, dict[str, Any], dict[str, str]]:
     """(entrypoint, runtime_env, metadata) of one submission; checks everything local first."""
-    from allatt_dist.recipe import load_config
-
     if command not in COMMANDS:
         raise UserError(f"--command {command}: expected one of {', '.join(COMMANDS)}")
     cfg = load_config(config, overrides)  # the job runs this code on this recipe: a bad key fails here, not there
     if command in ("run", "tune") and cfg.tune is None:
         raise UserError(f"{config}: tune: section missing (see docs/search.md)")
     runtime_env = load_runtime_env(runtime_env_path)
-    wd = runtime_env.get("working_dir", ".")
-    if not isinstance(wd, str):
-        raise UserError(f"{runtime_env_path}: working_dir must be a path or a URI")
-    excludes = list(runtime_env.get("excludes") or [])
-    runtime_env["excludes"] = excludes + [e for e in DEFAULT_EXCLUDES if e not in excludes]
-    if _is_uri(wd):
-        # A package already uploaded (s3://, gs://, https://...zip): CONFIG names a file inside it.
-        if Path(config).is_absolute():
-            raise UserError(f"{config}: with working_dir {wd}, give CONFIG relative to that package's root")
-        rel = Path(config).as_posix()
-    else:
-        root = Path(wd).expanduser().resolve()
-        if not root.is_dir():
-            raise UserError(f"working_dir {wd}: not a directory")
-        cfg = Path(config).expanduser().resolve()
-        if not cfg.is_relative_to(root):
-            raise UserError(
-                f"{config}: not inside the uploaded working_dir {root}; move the recipe under it (e.g. "
-                "tune_configs/) or run submit from a directory that holds it"
-            )
-        rel = cfg.relative_to(root).as_posix()
-        rule = _excluded(rel, root, runtime_env["excludes"])
-        if rule:
-            raise UserError(f"{config}: left out of the uploaded working_dir by its {rule}; move it elsewhere")
-        runtime_env["working_dir"] = str(root)
+    rel = _recipe_in_working_dir(config, runtime_env, runtime_env_path)
     if out is not None:
-        if _is_uri(out):
-            from allatt_dist.remote import parse_remote
-
-            parse_remote(out)  # a scheme no filesystem handles is refused here; the bucket is checked by the job
-        elif not Path(out).is_absolute():
-            raise UserError(
-                f"--out {out}: give an absolute path on the cluster's shared filesystem (a relative one "
-                "would land in the job's temporary copy of the working_dir)"
-            )
+        _check_out(out)
     argv = ["python", "-m", "allatt_dist.cli", command, rel]
     for item in overrides or []:
         argv += ["--set", item]
@@ -168,6 +136,48 @@ def build_job(
     if out is not None:
         metadata["allatt_out"] = out
     return shlex.join(argv), runtime_env, metadata
+
+
+def _recipe_in_working_dir(config: str, runtime_env: dict[str, Any], runtime_env_path: str | None) -> str:
+    """CONFIG's path inside the job's working_dir (checked: uploaded, not excluded); sets the runtime env's
+    excludes and, for a local folder, its absolute working_dir."""
+    wd = runtime_env.get("working_dir", ".")
+    if not isinstance(wd, str):
+        raise UserError(f"{runtime_env_path}: working_dir must be a path or a URI")
+    excludes = list(runtime_env.get("excludes") or [])
+    runtime_env["excludes"] = excludes + [e for e in DEFAULT_EXCLUDES if e not in excludes]
+    if _is_uri(wd):
+        # A package already uploaded (s3://, gs://, https://...zip): CONFIG names a file inside it.
+        if Path(config).is_absolute():
+            raise UserError(f"{config}: with working_dir {wd}, give CONFIG relative to that package's root")
+        return Path(config).as_posix()
+    root = Path(wd).expanduser().resolve()
+    if not root.is_dir():
+        raise UserError(f"working_dir {wd}: not a directory")
+    cfg = Path(config).expanduser().resolve()
+    if not cfg.is_relative_to(root):
+        raise UserError(
+            f"{config}: not inside the uploaded working_dir {root}; move the recipe under it (e.g. "
+            "tune_configs/) or run submit from a directory that holds it"
+        )
+    rel = cfg.relative_to(root).as_posix()
+    rule = _excluded(rel, root, runtime_env["excludes"])
+    if rule:
+        raise UserError(f"{config}: left out of the uploaded working_dir by its {rule}; move it elsewhere")
+    runtime_env["working_dir"] = str(root)
+    return rel
+
+
+def _check_out(out: str) -> None:
+    """`--out` as the job will see it: a URI whose scheme a filesystem handles (the bucket is checked by the
+    job), or an absolute path on the cluster's shared filesystem."""
+    if _is_uri(out):
+        parse_remote(out)
+    elif not Path(out).is_absolute():
+        raise UserError(
+            f"--out {out}: give an absolute path on the cluster's shared filesystem (a relative one "
+            "would land in the job's temporary copy of the working_dir)"
+        )
 
 
 # --------------------------------------------------------------------------------------------------

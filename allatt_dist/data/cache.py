@@ -19,12 +19,12 @@ import contextlib
 import fcntl
 import hashlib
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
+from allatt_dist.atomic import writing
 from allatt_dist.data.vocab import Vocab
 from allatt_dist.errors import DataError
 
@@ -103,12 +103,5 @@ def _load(path: Path) -> np.ndarray | None:
 
 
 def _save_atomic(path: Path, ids: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, np.ascontiguousarray(ids, dtype=DTYPE), allow_pickle=False)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with writing(path, "wb", perms=0o644) as f:  # the cache is meant to be shared
+        np.save(f, np.ascontiguousarray(ids, dtype=DTYPE), allow_pickle=False)

@@ -8,14 +8,13 @@ appearance, so the same corpus always gives the same ids.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
+from allatt_dist.atomic import writing
 from allatt_dist.errors import DataError
 
 
@@ -79,14 +78,8 @@ class Vocab:
         """Write one token per line (UTF-8), atomically: a temp file in the same folder, then rename."""
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-                f.write("".join(tok + "\n" for tok in self.itos))
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with writing(target, encoding="utf-8", newline="\n", perms=0o600) as f:  # 0600: as mkstemp made it
+            f.write("".join(tok + "\n" for tok in self.itos))
 
     @classmethod
     def load(cls, path: str | Path) -> Vocab:

@@ -4,58 +4,29 @@ Both are the shared stack of model/transformer.py (pre-LN relative attention wit
 gated heads); they differ only in what a layer holds besides its heads, its `StackLayout`: persistent
 key/value vectors (All-attention) or a feed-forward sublayer (Transformer-XL). The per-head parameter
 count (pruning) and the per-layer FLOPs (bench) follow from the layout. A further variant of the stack
-is one `register(stack_family(...))` line; a different model is a `ModelFamily` of its own.
+is one `registry.register(stack_family(...))` line; a different model is a `ModelFamily` of its own.
 
-No torch import at module level (config validation reads this module).
+No torch import at module level (the registry imports this module, and config checks read the registry);
+the model code is imported when a model is built or pruned.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from allatt_dist.model.registry import ModelFamily, register
+from allatt_dist.model.family import ModelFamily
+from allatt_dist.model.stack import (
+    StackLayout,
+    all_attention_layout,
+    declare_layout,
+    stack_layer_flops,
+    stack_per_head_params,
+    transformer_xl_layout,
+)
 
 if TYPE_CHECKING:
     from allatt_dist.config import GateConfig, ModelConfig
-
-
-@dataclass(frozen=True)
-class StackLayout:
-    """What one layer of the stack holds besides its heads."""
-
-    num_persistent: int  # N persistent key/value vectors per head; 0 for none
-    ffn_dim: int  # width of the feed-forward sublayer; 0 for none
-
-
-_LAYOUTS: dict[str, Callable[[ModelConfig], StackLayout]] = {}
-
-
-def stack_layout(cfg: ModelConfig) -> StackLayout:
-    """The layer layout of `cfg.architecture` (a stack family)."""
-    if cfg.architecture not in _LAYOUTS:
-        raise ValueError(f"architecture {cfg.architecture!r} is not built on the shared stack (model/transformer.py)")
-    return _LAYOUTS[cfg.architecture](cfg)
-
-
-def stack_per_head_params(cfg: ModelConfig) -> int:
-    """q,k,v,r,o projections (5 d dh) + u,v biases (2 dh) + persistent keys and values (2 N dh)."""
-    n = stack_layout(cfg).num_persistent
-    return cfg.head_dim * (5 * cfg.hidden_dim + 2 + 2 * n)
-
-
-def stack_layer_flops(cfg: ModelConfig, heads: int, batch: int) -> float:
-    """Forward matmul FLOPs per token of one layer with `heads` heads (docs/performance.md):
-    q 2dI + k,v 4dI K/T + positions 2dI K/(B T) + context scores (content and position) 4IK
-    + persistent scores 2IN + weighted values 2I(K+N) + output projection 2Id + feed-forward 4 d ffn_dim,
-    with I = heads * head_dim, K = mem_len + T context keys, N persistent vectors."""
-    layout = stack_layout(cfg)
-    d, t, k, n = cfg.hidden_dim, cfg.seq_len, cfg.mem_len + cfg.seq_len, layout.num_persistent
-    i = heads * cfg.head_dim
-    total = 2 * d * i + 4 * d * i * k / t + 2 * d * i * k / (batch * t)
-    total += 4 * i * k + 2 * i * n + 2 * i * (k + n) + 2 * i * d
-    return total + 4 * d * layout.ffn_dim
 
 
 def _build_stack(cfg: ModelConfig, vocab_size: int, gates: GateConfig | None, heads_per_layer: list[int] | None):
@@ -65,7 +36,7 @@ def _build_stack(cfg: ModelConfig, vocab_size: int, gates: GateConfig | None, he
 
 
 def _prune_stack(gated):
-    from allatt_dist.model.pruning import prune_heads
+    from allatt_dist.model.stack_pruning import prune_heads
 
     return prune_heads(gated)
 
@@ -78,7 +49,7 @@ def stack_family(
     color: str | None = None,
 ) -> ModelFamily:
     """A family on the shared stack whose layers are laid out by `layout(cfg)`."""
-    _LAYOUTS[name] = layout
+    declare_layout(name, layout)
     extra = {"validate": validate} if validate is not None else {}
     return ModelFamily(
         name=name,
@@ -99,14 +70,11 @@ def _needs_persistent(cfg: ModelConfig) -> None:
 
 ALL_ATTENTION = stack_family(
     "all_attention",
-    lambda cfg: StackLayout(num_persistent=cfg.num_persistent, ffn_dim=0),
+    all_attention_layout,
     validate=_needs_persistent,
     marker="o",
     color="tab:blue",
 )
-TRANSFORMER_XL = stack_family(
-    "transformer_xl", lambda cfg: StackLayout(num_persistent=0, ffn_dim=cfg.ffn_dim), marker="s", color="tab:orange"
-)
+TRANSFORMER_XL = stack_family("transformer_xl", transformer_xl_layout, marker="s", color="tab:orange")
 
-register(ALL_ATTENTION)
-register(TRANSFORMER_XL)
+BUILTIN = (ALL_ATTENTION, TRANSFORMER_XL)  # registered by model/registry.py when it is imported

@@ -4,9 +4,9 @@ A family says how to check its config, build a (gated or pruned) model, prune a 
 many parameters and FLOPs one head / one layer costs. Everything else (training, export, model
 directories, `prune`, `evaluate`, `bench`'s formula, the Pareto plot) goes through this registry, so
 adding an architecture is one module that declares a `ModelFamily` and one `register(...)` line.
-The built-in families (`model/families.py`) are loaded on the first lookup.
+The built-in families (`model/families.py`) are registered when this module is imported.
 
-A family's models offer what the rest of the code uses (see `FamilyModel`): `LanguageModel`
+A family's models offer what the rest of the code uses (see `FamilyModel`, model/family.py): `LanguageModel`
 (model/transformer.py) is the shared implementation of the built-in ones.
 
 Importing this module does not import torch: config validation stays cheap.
@@ -14,61 +14,19 @@ Importing this module does not import torch: config validation stays cheap.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING
 
 from allatt_dist.errors import ConfigError
+from allatt_dist.model.families import BUILTIN
+from allatt_dist.model.family import FamilyModel, ModelFamily
 
 if TYPE_CHECKING:
-    import torch
-    from torch import nn
-
     from allatt_dist.config import GateConfig, ModelConfig
-    from allatt_dist.model.gates import HeadGate
+
+__all__ = ["FamilyModel", "ModelFamily", "build_model", "family_names", "get_family", "register", "unregister"]
 
 
-class FamilyModel(Protocol):
-    """What training, pruning, export and evaluation need of a model (LanguageModel has it all)."""
-
-    cfg: ModelConfig
-    vocab_size: int
-    heads_per_layer: list[int]  # heads per layer as built (after pruning, fewer)
-
-    @property
-    def gates(self) -> list[HeadGate]: ...  # per gated layer, in order; [] when ungated
-
-    def gate_parameters(self) -> dict[str, nn.Parameter]: ...  # gate logits by parameter name
-
-    def weight_state_dict(self) -> dict[str, torch.Tensor]: ...  # the state without the gates
-
-    # forward(x (B,T), mems, target (B,T) | None) -> LMOutput (nll (B,T) or log_probs, new mems)
-    def __call__(self, x: torch.Tensor, mems: list[torch.Tensor] | None = None, target=None) -> Any: ...
-
-    def loss(self, x: torch.Tensor, target: torch.Tensor, mems=None) -> tuple[torch.Tensor, list]: ...
-
-
-def _no_checks(cfg: ModelConfig) -> None:
-    return None
-
-
-@dataclass(frozen=True)
-class ModelFamily:
-    """One architecture. `validate` raises ValueError (one line naming the key) for a config the
-    family cannot build; `layer_flops(cfg, heads, batch)` is the forward matmul FLOPs per token of one
-    layer with `heads` heads (perf.flops_per_token adds the output layer)."""
-
-    name: str
-    build: Callable[[ModelConfig, int, GateConfig | None, list[int] | None], FamilyModel]
-    prune: Callable[[FamilyModel], FamilyModel]  # gated -> ungated with only the open heads
-    per_head_params: Callable[[ModelConfig], int]  # parameters removed with one head
-    layer_flops: Callable[[ModelConfig, int, int], float]
-    validate: Callable[[ModelConfig], None] = _no_checks
-    marker: str = "o"  # Pareto plot
-    color: str | None = None
-
-
-_FAMILIES: dict[str, ModelFamily] = {}
+_FAMILIES: dict[str, ModelFamily] = {family.name: family for family in BUILTIN}  # model/families.py
 
 
 def register(family: ModelFamily) -> ModelFamily:
@@ -84,12 +42,7 @@ def unregister(name: str) -> None:
     _FAMILIES.pop(name, None)
 
 
-def _load_builtins() -> None:
-    import allatt_dist.model.families  # noqa: F401  (registers all_attention and transformer_xl)
-
-
 def family_names() -> list[str]:
-    _load_builtins()
     return list(_FAMILIES)
 
 
@@ -98,7 +51,6 @@ def unknown_architecture(name: str) -> str:
 
 
 def get_family(name: str) -> ModelFamily:
-    _load_builtins()
     if name not in _FAMILIES:
         raise ConfigError(f"model.architecture: {unknown_architecture(name)}")
     return _FAMILIES[name]

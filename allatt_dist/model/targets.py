@@ -20,12 +20,12 @@ import math
 import torch
 
 from allatt_dist.config import GateConfig, ModelConfig
+from allatt_dist.model.pruning import per_head_params
+from allatt_dist.model.transformer import LanguageModel
 
 
 def non_embedding_params(model: ModelConfig) -> int:
     """Parameters of the dense model outside the word embeddings and softmax (built on the meta device)."""
-    from allatt_dist.model.transformer import LanguageModel
-
     vocab = (max(model.adaptive_cutoffs) + 1) if model.adaptive_cutoffs else 2
     with torch.device("meta"):
         lm = LanguageModel(model, vocab)
@@ -34,8 +34,6 @@ def non_embedding_params(model: ModelConfig) -> int:
 
 
 def per_head(model: ModelConfig) -> int:
-    from allatt_dist.model.pruning import per_head_params
-
     return per_head_params(model)
 
 

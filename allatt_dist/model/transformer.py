@@ -2,7 +2,7 @@
 
 Both are pre-LayerNorm stacks of relative attention with segment-level memory; they differ only in
 persistent vectors (All-attention) versus a feed-forward sublayer (Transformer-XL), which their
-family declares (`StackLayout`, model/families.py). With a
+family declares (`StackLayout`, model/stack.py). With a
 `GateConfig` every layer's heads get a Hard Concrete gate; with `heads_per_layer` the model is a
 physically pruned one (layers may differ in head count; a layer with none is a pure residual, plus
 the output projection's bias when it has one). The `ModelConfig` switches (final norm, learned
@@ -25,9 +25,9 @@ from allatt_dist.model.attention import (
     set_attention_impl,
     sinusoid,
 )
-from allatt_dist.model.families import StackLayout, stack_layout
 from allatt_dist.model.gates import GatedModule, HeadGate
 from allatt_dist.model.output import TiedSoftmax, make_output
+from allatt_dist.model.stack import StackLayout, stack_layout
 
 
 class Block(nn.Module):

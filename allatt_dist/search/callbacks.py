@@ -11,6 +11,8 @@ import sys
 
 from ray import tune
 
+from allatt_dist.search.records import finalize_trial
+
 
 class TrialProgress(tune.Callback):
     """One bar over trials on a terminal, else a line per finished trial (the bar is made on first use,
@@ -85,11 +87,9 @@ class RecordTrial(tune.Callback):
 
     def __init__(self, exp_dir, max_steps: int, dense_models: dict[str, str], store=None):
         self.exp_dir, self.max_steps, self.dense_models = exp_dir, max_steps, dense_models
-        self.store = store  # the experiment's Mirror (object storage: pulled and pushed around each record)
+        self.store = store  # the experiment's RunDir (object storage: fetched and published around each record)
 
     def _record(self, trial, error: str | None) -> None:
-        from allatt_dist.search.records import finalize_trial
-
         try:
             finalize_trial(
                 self.exp_dir,
@@ -109,5 +109,5 @@ class RecordTrial(tune.Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         err = self.exp_dir / "trials" / trial.trial_id / "error.txt"
         if self.store is not None:
-            self.store.pull(err)
+            self.store.fetch(err)
         self._record(trial, err.read_text() if err.is_file() else "the trial failed")

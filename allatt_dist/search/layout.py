@@ -13,7 +13,6 @@ EXP_DIR/
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,27 +21,21 @@ import yaml
 from allatt_dist.config import RunConfig
 from allatt_dist.errors import UserError
 from allatt_dist.recipe import saved_config_diff
-from allatt_dist.storage import Mirror
+from allatt_dist.rundir import RunDir
+from allatt_dist.search.records import finalize_trial
 
 SEARCH_IDENTITY = ("model", "data", "gates", "prune", "tune")  # what a resumed search must share with its start
 _RESOURCE_KEYS = ("max_concurrent_trials", "trial_driver_cpus")  # may change between sessions
 
 
-def write_json(path: Path, data: dict) -> None:
-    """Write `data` as JSON at `path` through a temporary name, so a reader sees the old or the new file."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    tmp.replace(path)
-
-
 @dataclass(frozen=True)
 class Experiment:
     root: Path  # absolute: trial functions run in Ray's own working directories
-    store: Mirror | None = None  # where root is kept (object storage: a local mirror of the bucket's prefix)
+    run: RunDir | None = None  # the experiment directory root lies in (default: root itself, local)
 
-    @property
-    def mirror(self) -> Mirror:
-        return self.store if self.store is not None else Mirror(self.root)
+    def __post_init__(self) -> None:
+        if self.run is None:
+            object.__setattr__(self, "run", RunDir(self.root))
 
     @property
     def tune_dir(self) -> Path:
@@ -80,21 +73,18 @@ class Experiment:
                     f"--out, or delete {self.tune_dir} and {self.root / 'trials'} to start the search over"
                 )
         if not restore or not self.search_file.is_file():
-            self.root.mkdir(parents=True, exist_ok=True)
-            self.search_file.write_text(yaml.safe_dump(spec, sort_keys=False))
-            self.mirror.push(self.search_file)
+            self.run.write_text(self.search_file, yaml.safe_dump(spec, sort_keys=False))
 
     def record_statuses(self, grid, max_steps: int, dense_models: dict[str, str]) -> list[dict]:
         """After the search: every trial's final record (search/records.py: status.json, the HParams entry,
         the files of a trial stopped at its last step), from Tune's results."""
-        from allatt_dist.search.records import finalize_trial
 
         rows = []
         for r in grid:
             metrics = r.metrics or {}
             trial_id = metrics.get("trial_id") or Path(r.path).name
             error = str(r.error) if r.error is not None else None
-            rows.append(finalize_trial(self.root, trial_id, metrics, error, max_steps, dense_models, self.mirror))
+            rows.append(finalize_trial(self.root, trial_id, metrics, error, max_steps, dense_models, self.run))
         return rows
 
 

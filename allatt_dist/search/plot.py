@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from allatt_dist.atomic import writing
 from allatt_dist.errors import ConfigError
 from allatt_dist.model.registry import get_family
 
@@ -67,7 +68,6 @@ def pareto_plot(table: list[dict], out: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = out.with_suffix(".tmp.png")
-    fig.savefig(tmp)
+    with writing(out, "wb") as f:
+        fig.savefig(f, format="png")
     plt.close(fig)
-    tmp.replace(out)

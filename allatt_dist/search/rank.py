@@ -15,12 +15,18 @@ import json
 import shutil
 from pathlib import Path
 
-import yaml
-
 from allatt_dist import atomic
+from allatt_dist.cluster.session import connect
+from allatt_dist.config import ModelConfig
 from allatt_dist.errors import UserError
+from allatt_dist.model.pruning import per_head_params
+from allatt_dist.model.targets import non_embedding_params
+from allatt_dist.modelio import save_model_dir
+from allatt_dist.recipe import data_config, read_mapping, read_run_config
+from allatt_dist.rundir import RunDir
+from allatt_dist.search.plot import pareto_plot
 from allatt_dist.search.records import record_test_ppl, trial_run_name
-from allatt_dist.storage import Mirror
+from allatt_dist.search.scoring import Job, score_all
 
 # The leaderboard's columns, declared once: (name, shown in leaderboard.md). JSON and CSV hold them all.
 COLUMNS: tuple[tuple[str, bool], ...] = (
@@ -60,37 +66,6 @@ def pareto_flags(points: list[tuple[float, float] | None]) -> list[bool]:
     return flags
 
 
-def _read(path: Path) -> dict:
-    """A JSON (or, for .yaml, YAML) mapping of the experiment; {} when absent; one line when damaged."""
-    if not path.is_file():
-        return {}
-    try:
-        text = path.read_text()
-        data = yaml.safe_load(text) if path.suffix == ".yaml" else json.loads(text)
-    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{path}: damaged ({why}); restore or delete it and run again") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: damaged (expected a mapping, found {type(data).__name__})")
-    return data
-
-
-def _run_config(path: Path):
-    """A trial's typed config from its run.yaml (None when the trial never wrote one); one line when damaged."""
-    from allatt_dist.errors import ConfigError
-    from allatt_dist.recipe import build_config
-
-    data = _read(path)
-    if not data:
-        return None
-    try:
-        return build_config(data, str(path))
-    except ConfigError as e:
-        raise UserError(f"damaged ({e}); restore or delete {path.parent} and run again") from None
-
-
 def collect(exp_dir: Path) -> list[dict]:
     """One row per trial directory (plus the dense reference), with what is known before scoring."""
     if not (exp_dir / "trials").is_dir() and not (exp_dir / "tune").is_dir():
@@ -99,7 +74,7 @@ def collect(exp_dir: Path) -> list[dict]:
     for run_dir in [exp_dir, *sorted(exp_dir.glob("dense-*"))]:
         dense = run_dir / "dense" / "model"
         if (dense / "config.json").is_file():
-            meta = _read(dense / "config.json")
+            meta = read_mapping(dense / "config.json")
             arch = meta.get("architecture")
             rows.append(
                 {
@@ -110,13 +85,13 @@ def collect(exp_dir: Path) -> list[dict]:
                     "source": dense,
                     "gated": False,
                     "model": meta.get("model"),
-                    "valid_ppl": _read(run_dir / "dense" / "result.json").get("valid_ppl"),
+                    "valid_ppl": read_mapping(run_dir / "dense" / "result.json").get("valid_ppl"),
                 }
             )
     for trial in sorted(p for p in (exp_dir / "trials").glob("*") if p.is_dir()):
-        cfg = _run_config(trial / "run.yaml")
-        status = _read(trial / "status.json")
-        result = _read(trial / "prune" / "result.json")
+        cfg = read_run_config(trial / "run.yaml")
+        status = read_mapping(trial / "status.json")
+        result = read_mapping(trial / "prune" / "result.json")
         finished = status.get("status") == "finished" and (trial / "prune" / "model" / "config.json").is_file()
         arch = cfg.model.architecture if cfg else None
         rows.append(
@@ -141,12 +116,9 @@ def collect(exp_dir: Path) -> list[dict]:
     return rows
 
 
-def score(rows: list[dict], exp_dir: Path, data_cfg, progress: bool, store: Mirror | None = None) -> None:
+def score(rows: list[dict], exp_dir: Path, data_cfg, progress: bool, store: RunDir | None = None) -> None:
     """Prune and evaluate every scorable row in place (test_ppl, params, heads, sparsity), the models in
     parallel as Ray tasks (`scoring.py`); the pruned models are saved here, under .rank-work/."""
-    from allatt_dist.cluster.session import connect
-    from allatt_dist.modelio import save_model_dir
-    from allatt_dist.search.scoring import Job, score_all
 
     work = exp_dir / ".rank-work"
     shutil.rmtree(work, ignore_errors=True)
@@ -195,7 +167,6 @@ def write_outputs(rows: list[dict], exp_dir: Path, budget: int | None) -> dict:
     if budget is not None:
         fits = [r for r in table if r.get("test_ppl") is not None and r["params"] <= budget]
         out["budget"] = {"params": budget, "best": fits[0]["name"] if fits else None}
-    from allatt_dist.search.plot import pareto_plot
 
     pareto_plot(table, exp_dir / "pareto.png")  # written under a temporary name and renamed
     rows_csv = io.StringIO(newline="")
@@ -256,34 +227,29 @@ def rank(
     budget: int | None = None,
     progress: bool = True,
     data_overrides: list[str] | None = None,
-    store: Mirror | None = None,
+    store: RunDir | None = None,
 ) -> dict:
     """Prune and test-evaluate every finished trial; `data_overrides` (`data.KEY=VALUE`) amend run.yaml's data.
-    `store`: the experiment directory when it lives in object storage (pulled first, the results pushed)."""
-    from allatt_dist.recipe import data_config
-
+    `store`: the experiment directory when it lives in a bucket (its records fetched first, the results published)."""
     exp_dir = Path(exp_dir)
-    store = store or Mirror(exp_dir)
-    store.pull(exp_dir, weights=False, skip_dirs=("checkpoints",))  # records; the scoring tasks fetch models
-    store.pull(exp_dir / "models")  # the models the last ranking kept: replaced or removed below
+    store = store or RunDir(exp_dir)
+    store.fetch_records(exp_dir)  # the scoring tasks fetch the models they score
+    store.fetch(exp_dir / "models")  # the models the last ranking kept: replaced or removed below
     rows = collect(exp_dir)
-    run = _read(exp_dir / "run.yaml")
+    run = read_mapping(exp_dir / "run.yaml")
     data_cfg = data_config(run.get("data") or {}, data_overrides, store.uri(exp_dir / "run.yaml"))
     score(rows, exp_dir, data_cfg, progress, store)
     count_non_embedding(rows)
     record_test_ppl(exp_dir, rows)  # records: test perplexity into each scored run's HParams entry
     out = write_outputs(rows, exp_dir, budget)
-    store.push(exp_dir / "models", delete=False)  # the new models first, then the leaderboard naming them,
-    store.push(exp_dir)  # then the models it no longer names are removed
+    store.publish(exp_dir / "models", keep_others=True)  # the new models first, then the leaderboard naming
+    store.publish(exp_dir)  # them, then the models it no longer names are removed
     return out
 
 
 def count_non_embedding(rows: list[dict]) -> None:
     """Each scored row's non-embedding parameters (the paper's count): the dense model's, less what each
     removed head carries (model/targets.py, the per-head formula of the row's architecture)."""
-    from allatt_dist.config import ModelConfig
-    from allatt_dist.model.pruning import per_head_params
-    from allatt_dist.model.targets import non_embedding_params
 
     for row in rows:
         if row.get("heads_per_layer") is None or not row.get("model"):

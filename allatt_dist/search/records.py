@@ -12,18 +12,18 @@ entry lives in its own events file (`*.hparams`), replaced whole on each write, 
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from allatt_dist.search.layout import write_json
+from allatt_dist.atomic import write_json
+from allatt_dist.modelio import read_meta
+from allatt_dist.recipe import read_mapping, read_run_config
+from allatt_dist.rundir import RunDir
 from allatt_dist.search.scheduler import TargetHalving
-from allatt_dist.storage import Mirror
 from allatt_dist.train.monitor import TB_DIR
+from allatt_dist.train.trainer import finish_phase
 
 STATUSES = ("finished", "stopped", "error", "reference")
 SUFFIX = ".hparams"  # the driver's own events files, told apart from the workers'
@@ -82,15 +82,14 @@ def run_name(run: dict, params: dict[str, Any] | None = None, trial_id: str | No
     return f"prune/{trial_label(run, params or {})}/{trial_id}"
 
 
-def _read(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    data = yaml.safe_load(path.read_text()) if path.suffix == ".yaml" else json.loads(path.read_text())
-    return data if isinstance(data, dict) else {}
+def _run(run_dir: Path) -> dict:
+    """The config of the run in `run_dir` (its run.yaml, read typed: recipe.read_run_config) as plain data."""
+    cfg = read_run_config(run_dir / "run.yaml")
+    return cfg.to_dict() if cfg is not None else {}
 
 
 def trial_run_name(trial_dir: Path) -> str:
-    return run_name(_read(trial_dir / "run.yaml"), _read(trial_dir / "params.json"), trial_dir.name)
+    return run_name(_run(trial_dir), read_mapping(trial_dir / "params.json"), trial_dir.name)
 
 
 def tb_run_dir(exp_dir: Path, name: str) -> Path:
@@ -106,11 +105,9 @@ def trial_status(last: dict, error: str | None, max_steps: int) -> dict:
     return {"status": "stopped", "stopped_at_step": last.get("step")}
 
 
-def complete_records(trial_dir: Path, last: dict, max_steps: int, dense_dir: Path, store: Mirror) -> bool:
+def complete_records(trial_dir: Path, last: dict, max_steps: int, dense_dir: Path, store: RunDir) -> bool:
     """A trial the scheduler stopped at its last report: its model was exported before that report, but
     result.json and pruned/ were not written. Write them now, as the trial would have. True if it did."""
-    from allatt_dist.modelio import read_meta
-    from allatt_dist.train.trainer import finish_phase
 
     phase_dir = trial_dir / "prune"
     if (phase_dir / "result.json").is_file() or (last.get("step") or 0) < max_steps:
@@ -118,8 +115,8 @@ def complete_records(trial_dir: Path, last: dict, max_steps: int, dense_dir: Pat
     if not (phase_dir / "model" / "config.json").is_file() or read_meta(phase_dir / "model").get("step") != max_steps:
         return False
     keep = {k: v for k, v in last.items() if k not in ("config", "trial_id", "experiment_tag")}
-    store.pull(phase_dir / "model")  # object storage: the weights the workers published
-    store.pull(dense_dir / "config.json")
+    store.fetch(phase_dir / "model")  # object storage: the weights the workers published
+    store.fetch(dense_dir / "config.json")
     finish_phase(phase_dir, "prune", keep, dense_dir)
     return True
 
@@ -131,30 +128,30 @@ def finalize_trial(
     error: str | None,
     max_steps: int,
     dense_dirs: dict[str, str],
-    store: Mirror | None = None,
+    store: RunDir | None = None,
 ) -> dict:
     """The driver's record of an ended trial: completes its files, writes status.json and its HParams entry.
     Idempotent: called when the trial ends (Tune callback) and again for every trial after the search.
     `dense_dirs`: architecture -> the dense model the trials start from; `store`: the experiment directory
-    (object storage: the trial's files are pulled first and the record pushed after)."""
-    store = store or Mirror(exp_dir)
+    (object storage: the trial's files are fetched first and the record published after)."""
+    store = store or RunDir(exp_dir)
     trial_dir = exp_dir / "trials" / trial_id
-    store.pull(trial_dir, weights=False, skip_dirs=("checkpoints",))
+    store.fetch_records(trial_dir)
     trial_dir.mkdir(parents=True, exist_ok=True)
     stop = TargetHalving.stops(exp_dir / "scheduler.json").get(trial_id)
     if stop is not None and error is None and stop["step"] != last.get("step"):
         last = {"step": stop["step"], "valid_ppl": stop["value"]}  # a resumed search ran it past its stop
     status = trial_status(last, error, max_steps)
-    arch = _get(_read(trial_dir / "run.yaml"), "model.architecture")
+    arch = _get(_run(trial_dir), "model.architecture")
     if status["status"] == "finished" and arch in dense_dirs:
         complete_records(trial_dir, last, max_steps, Path(dense_dirs[arch]), store)
     name = trial_run_name(trial_dir)
     shown = {k: last.get(k) for k in ("step", "valid_ppl", "expected_sparsity", "hard_sparsity")}
     write_json(trial_dir / "status.json", {**status, "name": name, "last": shown})
-    store.pull(tb_run_dir(exp_dir, name), weights=False)  # its earlier entry, so that this one replaces it
+    store.fetch(tb_run_dir(exp_dir, name), weights=False)  # its earlier entry, so that this one replaces it
     record_trial(exp_dir, trial_dir)
-    store.push(trial_dir)
-    store.push(tb_run_dir(exp_dir, name))
+    store.publish(trial_dir)
+    store.publish(tb_run_dir(exp_dir, name))
     return {"trial_id": trial_id, "name": name, **status}
 
 
@@ -249,8 +246,8 @@ def write_session(run_dir: Path, hparams: dict[str, Any], metrics: dict[str, Any
 
 def record_trial(exp_dir: Path, trial_dir: Path, test_ppl: float | None = None) -> None:
     """(Re)write a trial's HParams entry from its files: run.yaml, params.json, status.json, result.json."""
-    run, params = _read(trial_dir / "run.yaml"), _read(trial_dir / "params.json")
-    status, result = _read(trial_dir / "status.json"), _read(trial_dir / "prune" / "result.json")
+    run, params = _run(trial_dir), read_mapping(trial_dir / "params.json")
+    status, result = read_mapping(trial_dir / "status.json"), read_mapping(trial_dir / "prune" / "result.json")
     last = status.get("last") or {}
     hp = {key: _get(run, key) for key, _ in HPARAMS} | params | {"status": status.get("status", "running")}
     step = result.get("step") or last.get("step") or 0
@@ -267,10 +264,10 @@ def record_trial(exp_dir: Path, trial_dir: Path, test_ppl: float | None = None) 
 
 def record_dense(exp_dir: Path, test_ppl: float | None = None) -> None:
     """The dense model's entry (status `reference`), so every trial compares against it in HParams."""
-    run, result = _read(exp_dir / "run.yaml"), _read(exp_dir / "dense" / "result.json")
+    run, result = _run(exp_dir), read_mapping(exp_dir / "dense" / "result.json")
     if not result:
         return
-    meta = _read(exp_dir / "dense" / "model" / "config.json")
+    meta = read_mapping(exp_dir / "dense" / "model" / "config.json")
     hp = {key: _get(run, key) for key, col in HPARAMS if key in ("model.architecture", "train.seed")}
     metrics = {
         "valid_ppl": result.get("valid_ppl"),

@@ -19,11 +19,12 @@ Two more properties:
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+
+from allatt_dist.rundir import RunDir
 
 # Trials compete only with trials that agree on these (absent = the recipe's value, shared by all).
 GROUP_KEYS = ("model.architecture", "gates.sparsity_target", "gates.param_budget", "gates.l0_coefficient")
@@ -48,7 +49,7 @@ class TargetHalving(FIFOScheduler):
         self, grace: int, reduction_factor: float, max_steps: int, state_file: Path, time_attr: str = "step", store=None
     ):
         super().__init__()
-        self.store = store  # the experiment's Mirror: with object storage each decision is pushed as it is made
+        self.store = store  # the experiment's RunDir: with object storage each decision is published as it is made
         self.rungs, self.max_steps = rungs(grace, reduction_factor, max_steps), max_steps
         self.rf, self.time_attr, self.state_file = reduction_factor, time_attr, Path(state_file)
         self.mode = "min"
@@ -68,11 +69,8 @@ class TargetHalving(FIFOScheduler):
         return self._state
 
     def _save(self) -> None:
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self._state, indent=1, sort_keys=True) + "\n")
-        os.replace(tmp, self.state_file)
-        if self.store is not None:
-            self.store.push(self.state_file)
+        run = self.store if self.store is not None else RunDir(self.state_file.parent)
+        run.write_text(self.state_file, json.dumps(self._state, indent=1, sort_keys=True) + "\n")
 
     def __getstate__(self) -> dict:  # Tune pickles the scheduler at the start; the file holds the history
         return {**self.__dict__, "_state": None}

@@ -12,8 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from allatt_dist.config import DataConfig
+from allatt_dist.data.corpus import load_corpus
 from allatt_dist.errors import UserError
-from allatt_dist.storage import Mirror
+from allatt_dist.evaluate import evaluate
+from allatt_dist.model.pruning import prune_model
+from allatt_dist.modelio import load_model_dir
+from allatt_dist.rundir import RunDir
 
 
 @dataclass(frozen=True)
@@ -21,24 +25,19 @@ class Job:
     name: str
     source: Path  # under store.root
     gated: bool
-    store: Mirror | None = None  # the experiment directory (object storage: the task downloads the model itself)
+    store: RunDir | None = None  # the experiment directory (object storage: the task downloads the model itself)
 
 
 def score_one(job: Job, data_cfg: DataConfig, device: str = "cpu") -> dict:
     """Prune (when gated) and test-evaluate one model; {"error": line} when its vocabulary is not the corpus's."""
     import torch
 
-    from allatt_dist.data.corpus import load_corpus
-    from allatt_dist.evaluate import evaluate
-    from allatt_dist.model.pruning import prune_model
-    from allatt_dist.modelio import load_model_dir
-
     corpus = load_corpus(data_cfg, splits=("test",))
-    store = job.store or Mirror(job.source)
+    store = job.store or RunDir(job.source)
     mine = store.here("score")
     try:
         source = store.moved(job.source, mine)
-        mine.pull(source)
+        mine.fetch(source)
         model, vocab, _ = load_model_dir(source)
     finally:
         mine.discard()

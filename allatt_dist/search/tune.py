@@ -13,11 +13,17 @@ import os
 from pathlib import Path
 from typing import Any
 
+from allatt_dist.cluster.capacity import check_fits_with_drivers
 from allatt_dist.config import TuneConfig
 from allatt_dist.errors import UserError
 from allatt_dist.plan import Plan
+from allatt_dist.search.callbacks import RecordTrial, ReleaseTrialResources, TrialProgress
 from allatt_dist.search.layout import Experiment
+from allatt_dist.search.records import record_dense, run_name, write_experiment
+from allatt_dist.search.scheduler import TargetHalving
+from allatt_dist.search.trial import run_trial
 from allatt_dist.train.monitor import TB_DIR
+from allatt_dist.train.trainer import check_starting_model
 
 
 def param_space(tc: TuneConfig) -> dict[str, Any]:
@@ -41,8 +47,6 @@ class TrialName:
         self.base = base
 
     def __call__(self, trial) -> str:
-        from allatt_dist.search.records import run_name
-
         return run_name(self.base, trial.config, trial.trial_id)
 
 
@@ -67,20 +71,15 @@ def scheduler(plan: Plan, exp: Experiment):
     """Successive halving within each target (search/scheduler.py), or FIFO (no early stopping)."""
     from ray.tune.schedulers import FIFOScheduler
 
-    from allatt_dist.search.scheduler import TargetHalving
-
     tc, max_steps = plan.cfg.tune, plan.cfg.prune.max_steps
     if tc.scheduler.type != "asha":
         return FIFOScheduler()
     grace = min(tc.scheduler.grace_period, max_steps)
-    return TargetHalving(grace, tc.scheduler.reduction_factor, max_steps, exp.scheduler_file, store=exp.mirror)
+    return TargetHalving(grace, tc.scheduler.reduction_factor, max_steps, exp.scheduler_file, store=exp.run)
 
 
 def _tuner(plan: Plan, exp: Experiment, dense_models: dict[str, Path], restore: bool):
     from ray import tune
-
-    from allatt_dist.search.callbacks import RecordTrial, ReleaseTrialResources, TrialProgress
-    from allatt_dist.search.trial import run_trial
 
     tc = plan.cfg.tune
     trainable = tune.with_resources(
@@ -93,7 +92,7 @@ def _tuner(plan: Plan, exp: Experiment, dense_models: dict[str, Path], restore: 
         )
     search_alg, max_concurrent = search_algorithm(tc)
     dense = {a: str(d) for a, d in dense_models.items()}
-    record = RecordTrial(exp.root, plan.cfg.prune.max_steps, dense, exp.mirror)
+    record = RecordTrial(exp.root, plan.cfg.prune.max_steps, dense, exp.run)
     callbacks = [ReleaseTrialResources(), record] + ([] if plan.verbose else [TrialProgress(tc.expected_trials())])
     return tune.Tuner(
         trainable,
@@ -120,15 +119,14 @@ def _tuner(plan: Plan, exp: Experiment, dense_models: dict[str, Path], restore: 
 
 def tune_storage(exp: Experiment) -> tuple[str, Any]:
     """(storage_path, storage_filesystem) for Tune's experiment state: EXP/tune, in the bucket when EXP is."""
-    if not exp.mirror.is_remote:
+    if not exp.run.is_remote:
         return str(exp.root), None
-    remote = exp.mirror.remote
+    remote = exp.run.remote
     return remote.key(), remote.filesystem()
 
 
 def check_dense_models(plan: Plan, dense_models: dict[str, Path]) -> None:
     """Every architecture's starting model exists and fits the recipe (searched model keys aside)."""
-    from allatt_dist.train.trainer import check_starting_model
 
     searched = tuple(k.split(".", 1)[1] for k in plan.cfg.tune.space if k.startswith("model."))
     for arch, d in dense_models.items():
@@ -142,16 +140,13 @@ def tune_search(plan: Plan, dense_dir: Path | None = None) -> list[dict]:
     `dense_dir` overrides where the recipe's own architecture's dense model is read from."""
     from ray import tune
 
-    from allatt_dist.cluster.capacity import check_fits_with_drivers
-    from allatt_dist.search.records import record_dense, write_experiment
-
     if plan.cfg.tune is None:
         raise UserError("tune: section missing (see docs/search.md)")
-    exp = Experiment(plan.out, plan.mirror)
-    exp.mirror.pull(exp.root, weights=False, skip_dirs=("checkpoints",))  # object storage: the records here
+    exp = Experiment(plan.out, plan.run)
+    exp.run.fetch_records(exp.root)  # object storage: the records here
     dense_models = exp.dense_models(plan.cfg)
     if dense_dir is not None:
-        if exp.mirror.is_remote:
+        if exp.run.is_remote:
             raise UserError(
                 f"--dense {dense_dir}: with --out in object storage the trials start from OUT/dense/model; "
                 "put the dense model there (or run `allatt-dist run`)"
@@ -166,11 +161,11 @@ def tune_search(plan: Plan, dense_dir: Path | None = None) -> list[dict]:
     restore = tune.Tuner.can_restore(f"{path}/{exp.tune_dir.name}", storage_filesystem=fs)
     exp.check_same_search(plan.cfg, restore)
     if not restore:
-        exp.mirror.delete(exp.scheduler_file)  # decisions of a search whose Tune state was deleted
-    exp.mirror.pull(exp.root / TB_DIR / "dense", weights=False)  # the entries rewritten next replace these
+        exp.run.delete(exp.scheduler_file)  # decisions of a search whose Tune state was deleted
+    exp.run.fetch(exp.root / TB_DIR / "dense", weights=False)  # the entries rewritten next replace these
     write_experiment(exp.root, plan.cfg.to_dict(), plan.cfg.tune.space)  # HParams columns, then the reference
     record_dense(exp.root)
-    exp.mirror.push(exp.root / TB_DIR / "dense")
+    exp.run.publish(exp.root / TB_DIR / "dense")
     grid = _tuner(plan, exp, dense_models, restore).fit()
     rows = exp.record_statuses(grid, plan.cfg.prune.max_steps, {a: str(d) for a, d in dense_models.items()})
     check_some_trial_ran(rows, exp.root)

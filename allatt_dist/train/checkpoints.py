@@ -1,184 +1,239 @@
-"""Checkpoints that are whole or absent: written under a temporary name, published by one rename.
+"""A phase's checkpoints, one interface for the worker and the driver, in a local folder or a bucket.
 
-    RUN/<phase>/checkpoints/
-      checkpoint_00000300/          published: every rank's files, then MANIFEST.json (written last:
-                                    each file's size and SHA-256), then renamed to this name
-      .staging-00000400-<nonce>/    being written, or left by a process killed while writing: never
-                                    read, removed by the next run of the phase and at its end
-      .trash-<name>/                a checkpoint being deleted (renamed first, so a half-deleted
-                                    checkpoint never looks published)
-      (Ray Train's own run state, which lists no checkpoints: reports carry metrics only)
+    ckpts = open_checkpoints(run, RUN/<phase>/checkpoints)
+    worker:  ckpts.restore(load, rank, world)        choose the newest every rank can load; fall back
+             ckpts.save(step, write, metrics, ...)   write whole (every rank's files, manifest last),
+                                                     then prune to `train.keep_checkpoints`
+    driver:  ckpts.resume_point()                    before a run: damaged/unfinished ones reported, removed
+             ckpts.newest_metrics()                  after it: the last report's metrics
+             ckpts.candidates()                      list: published checkpoint names, newest first
 
-Every rank writes its DeepSpeed shards and memory into the staging folder (a run directory on disk
-is one folder every node sees, docs/cluster.md; one in a bucket: train/ckpt_store.py); after a
-barrier rank 0 writes the manifest and renames
-the folder, then deletes the oldest published checkpoints beyond `train.keep_checkpoints`. A kill at
-any moment leaves either no new checkpoint or a complete one.
+    LocalCheckpoints   a folder every node sees (train/ckpt_folder.py: a shared staging folder, MANIFEST.json,
+                       one rename)
+    RemoteCheckpoints  the same names in a bucket (rundir.py): each rank writes its files into its own
+                       local staging folder and uploads them under checkpoint_<step>/; rank 0 then uploads
+                       the manifest of every rank's files, last. No manifest: not published.
 
-Resuming, the driver checks every published checkpoint against its manifest (sizes and checksums),
-newest first, warns about (and removes) each one that fails, naming the file, and removes what was
-never published; the workers then load the newest remaining one and fall back to an older one if
-any rank cannot load it.
+`save` and `restore` are collective (every rank calls them); what a checkpoint holds is the caller's
+(`write(folder)` / `load(folder)`: train/worker.py writes the DeepSpeed state, memory and stream position).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import secrets
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-PREFIX = "checkpoint_"
-STAGING = ".staging-"
-TRASH = ".trash-"
-MANIFEST = "MANIFEST.json"
+import torch.distributed as dist
 
-
-def _step_name(step: int) -> str:
-    return f"{step:08d}"
-
-
-def staging_dir(root: Path, step: int, nonce: str | None = None) -> Path:
-    """Where the ranks write the checkpoint of `step` (one name for all ranks: rank 0 picks `nonce`)."""
-    return root / f"{STAGING}{_step_name(step)}-{nonce or secrets.token_hex(4)}"
+from allatt_dist.errors import CheckpointError
+from allatt_dist.rundir import RunDir
+from allatt_dist.train import ckpt_folder as folder
+from allatt_dist.train.ckpt_folder import MANIFEST, PREFIX, step_name, step_of, warn
 
 
-def new_nonce() -> str:
-    return secrets.token_hex(4)
+def _dist() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-        os.fsync(f.fileno())  # on disk before the manifest says it is
-    return h.hexdigest()
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _gathered(value: Any, world: int) -> list[Any]:
+    """`value` of every rank, by rank (collective)."""
+    every = [value] * world
+    if dist.is_initialized() and world > 1:
+        every = [None] * world
+        dist.all_gather_object(every, value)
+    return every
 
 
-def describe(folder: Path) -> dict[str, dict]:
-    """Every file under `folder` (relative name) -> its size and SHA-256, as a manifest lists them."""
-    return {
-        str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)}
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
-    }
+class Checkpoints:
+    """What both kinds share: the collective save and restore over their own fetch/staging/publish."""
+
+    root: Path
+
+    def candidates(self) -> list[str]:
+        raise NotImplementedError
+
+    def fetch(self, name: str) -> Path:
+        raise NotImplementedError
+
+    def release(self, path: Path) -> None:
+        """Done loading from `path`."""
+
+    def staging(self, step: int, nonce: str) -> Path:
+        return folder.staging_dir(self.root, step, nonce)
+
+    def publish(self, staging: Path, step: int, keep: int, rank: int) -> None:
+        raise NotImplementedError
+
+    def save(self, step: int, write: Callable[[Path], None], metrics: dict, keep: int, rank: int, world: int) -> None:
+        """Every rank writes its files (`write(folder)`) into one staging folder; rank 0 adds metrics.json and
+        publishes it (manifest, rename) once all have, then keeps the newest `keep`: whole or absent."""
+        nonce = [folder.new_nonce() if rank == 0 else None]
+        if dist.is_initialized() and world > 1:
+            dist.broadcast_object_list(nonce, src=0)
+        staging = self.staging(step, nonce[0])
+        write(staging)
+        if rank == 0:
+            (staging / "metrics.json").write_text(json.dumps(metrics))
+        self.publish(staging, step, keep, rank)  # collective
+
+    def restore(self, load: Callable[[Path], Any], rank: int, world: int) -> Any | None:
+        """`load(folder)` of the newest checkpoint every rank can load (None: there is none, start afresh).
+
+        All ranks try the same candidates in the same order and agree on each: one rank failing to load
+        moves all of them to the next older one, so no rank resumes from another step than the others."""
+        tried = []
+        for name in self.candidates():
+            ckpt = self.root / name
+            try:
+                ckpt = self.fetch(name)  # object storage: downloaded and checked against its manifest
+                loaded, error = load(ckpt), None
+            except Exception as e:  # noqa: BLE001 - any failure moves every rank to an older checkpoint
+                loaded, error = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            bad = [f"rank {r}: {e}" for r, e in enumerate(_gathered(error, world)) if e is not None]
+            self.release(ckpt)
+            if not bad:
+                return loaded
+            tried.append(ckpt.name)
+            if rank == 0:
+                warn(f"checkpoint {ckpt} could not be loaded ({bad[0]}); trying an older one")
+        if tried:  # a failed load may have changed the caller's state: never train on from it
+            raise CheckpointError(f"{self.root}: no checkpoint could be loaded (tried {', '.join(tried)})")
+        return None
 
 
-def write_manifest(folder: Path, step: int, files: dict[str, dict]) -> None:
-    """MANIFEST.json in `folder`, through a temporary name and on disk before it is renamed in."""
-    tmp = folder / f"{MANIFEST}.tmp"
-    with open(tmp, "w") as f:
-        json.dump({"step": step, "files": files}, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(folder / MANIFEST)
+class LocalCheckpoints(Checkpoints):
+    def __init__(self, root: Path):
+        self.root = root
+
+    def resume_point(self, report: Callable[[str], None] = warn) -> None:
+        folder.resume_point(self.root, report)
+
+    def newest_metrics(self) -> tuple[dict, str | None]:
+        folder.remove_unfinished(self.root)  # what a worker killed while writing left
+        newest = folder.published(self.root)
+        if not newest:
+            return {}, None
+        return json.loads((newest[0] / "metrics.json").read_text()), str(newest[0])
+
+    def candidates(self) -> list[str]:
+        return [p.name for p in folder.candidates(self.root)]
+
+    def fetch(self, name: str) -> Path:
+        return self.root / name
+
+    def publish(self, staging: Path, step: int, keep: int, rank: int) -> None:
+        _barrier()  # every rank's files are in the shared staging folder
+        if rank == 0:
+            folder.publish(staging, self.root, step, keep)  # looked up here: tests/test_resume.py wraps it
+        _barrier()
 
 
-def publish(staging: Path, root: Path, step: int, keep: int) -> Path:
-    """Rank 0, once every rank's files are in `staging`: manifest last, then one rename into place;
-    then only the newest `keep` published checkpoints are kept. Returns the published folder."""
-    write_manifest(staging, step, describe(staging))
-    final = root / f"{PREFIX}{_step_name(step)}"
-    for later in published(root):
-        if _step_of(later) >= step:  # past the resume point (it failed to load): superseded
-            _discard(later)
-    os.rename(staging, final)
-    _fsync_dir(root)
-    for old in published(root)[keep:]:
-        _discard(old)
-    return final
+class RemoteCheckpoints(Checkpoints):
+    def __init__(self, store: RunDir, root: Path):
+        self.store, self.root = store, root
+
+    def _names(self) -> dict[str, dict[str, int]]:
+        """Remote checkpoint folders (ours by name) -> their files and sizes, newest step first."""
+        files = self.store.list_remote(self.root)
+        by: dict[str, dict[str, int]] = {}
+        for rel, size in files.items():
+            name, _, inner = rel.partition("/")
+            if name.startswith(PREFIX) and inner and step_of(Path(name)) >= 0:
+                by.setdefault(name, {})[inner] = size
+        return dict(sorted(by.items(), key=lambda kv: step_of(Path(kv[0])), reverse=True))
+
+    def _manifest(self, name: str) -> dict | None:
+        path = self.root / name / MANIFEST
+        self.store.fetch(path)
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def resume_point(self, report: Callable[[str], None] = warn) -> None:
+        """The driver: checkpoints without a manifest removed (an upload or a deletion cut short), then the
+        newest published one's sizes checked against its manifest (the checksums are checked by each worker as
+        it downloads), a damaged one reported and removed, and so on to an older one."""
+        names = self._names()
+        for name, files in names.items():
+            if MANIFEST not in files:
+                self.store.delete(self.root / name)
+        for name, files in names.items():
+            if MANIFEST not in files:
+                continue
+            man = self._manifest(name)
+            why = None
+            if man is None or not isinstance(man.get("files"), dict):
+                why = f"{self.store.uri(self.root / name / MANIFEST)}: unreadable"
+            else:
+                for rel, v in man["files"].items():
+                    if files.get(rel) != v.get("size"):
+                        got = f"{files[rel]} bytes where {v.get('size')} were written" if rel in files else "missing"
+                        why = f"{self.store.uri(self.root / name / rel)}: {got}"
+                        break
+            if why is None:
+                return
+            report(f"{name} skipped: {why}")
+            self.store.delete(self.root / name)
+
+    def newest_metrics(self) -> tuple[dict, str | None]:
+        for name, files in self._names().items():
+            if MANIFEST in files:
+                path = self.root / name / "metrics.json"
+                self.store.fetch(path)
+                return json.loads(path.read_text()), self.store.uri(self.root / name)
+        return {}, None
+
+    def candidates(self) -> list[str]:
+        return [n for n, files in self._names().items() if MANIFEST in files]
+
+    def fetch(self, name: str) -> Path:
+        """Download checkpoint `name` here and check every file against its manifest (sizes and checksums)."""
+        local = self.root / name
+        self.store.fetch(local)
+        why = folder.problem(local)
+        if why is not None:
+            raise OSError(why)
+        return local
+
+    def release(self, path: Path) -> None:
+        shutil.rmtree(path, ignore_errors=True)  # loaded: the bucket keeps it
+        self.store.forget(path)
+
+    def publish(self, staging: Path, step: int, keep: int, rank: int) -> None:
+        name = f"{PREFIX}{step_name(step)}"
+        final = self.root / name
+        if rank == 0:  # past the resume point (it failed to load), or an interrupted upload: superseded
+            for old in self._names():
+                if step_of(Path(old)) >= step:
+                    self.store.delete(self.root / old)
+        _barrier()
+        mine = folder.describe(staging)  # this rank's files: size, SHA-256
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+        self.store.publish(final)  # everything but a manifest (none is there yet)
+        every = _gathered(mine, dist.get_world_size() if _dist() else 1)
+        _barrier()  # every rank's files are in the bucket
+        if rank == 0:
+            files = {k: v for part in every for k, v in part.items()}
+            folder.write_manifest(final, step, files)
+            self.store.publish(final / MANIFEST)
+            kept = self.candidates()[:keep]
+            for old in [n for n in self._names() if n not in kept]:  # older ones, and leftovers without a manifest
+                self.store.delete(self.root / old)
+        _barrier()
+        self.release(final)  # the bucket holds it
 
 
-def _discard(path: Path) -> None:
-    """Delete a folder so that no reader sees it half-deleted under its name."""
-    trash = path.with_name(f"{TRASH}{path.name}-{secrets.token_hex(4)}")
-    os.rename(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def _step_of(path: Path) -> int:
-    try:
-        return int(path.name[len(PREFIX) :])
-    except ValueError:
-        return -1
-
-
-def _ours(root: Path) -> list[Path]:
-    """Folders named as this module publishes them (checkpoint_<step>), newest step first. Ray Train's
-    own files there (checkpoint_manager_snapshot.json) and an earlier version's checkpoint_<date>
-    folders, which Ray Train's record may name, are not ours: left alone."""
-    if not root.is_dir():
-        return []
-    found = [p for p in root.glob(f"{PREFIX}*") if p.is_dir() and _step_of(p) >= 0]
-    return sorted(found, key=_step_of, reverse=True)
-
-
-def published(root: Path) -> list[Path]:
-    """Published checkpoints (a manifest inside), newest step first."""
-    return [p for p in _ours(root) if (p / MANIFEST).is_file()]
-
-
-def problem(ckpt: Path, checksums: bool = True) -> str | None:
-    """Why `ckpt` cannot be resumed from, naming the file (None: it is whole)."""
-    if not (ckpt / MANIFEST).is_file():
-        return f"{ckpt / MANIFEST}: missing (the checkpoint was never completed)"
-    try:
-        files = json.loads((ckpt / MANIFEST).read_text())["files"]
-        items = [(ckpt / rel, int(v["size"]), str(v["sha256"])) for rel, v in files.items()]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        return f"{ckpt / MANIFEST}: unreadable ({type(e).__name__})"
-    for path, size, _ in items:
-        if not path.is_file():
-            return f"{path}: missing"
-        if path.stat().st_size != size:
-            return f"{path}: {path.stat().st_size} bytes where {size} were written (truncated or damaged)"
-    if checksums:
-        for path, _, digest in items:
-            if _sha256(path) != digest:
-                return f"{path}: its content changed since it was written (checksum differs)"
-    return None
-
-
-def warn(message: str) -> None:
-    print(f"allatt-dist: warning: {message}", file=sys.stderr, flush=True)
-
-
-def remove_unfinished(root: Path) -> None:
-    """Staging and trash folders: what a process killed while writing or deleting a checkpoint left."""
-    if not root.is_dir():
-        return
-    for p in root.iterdir():
-        if p.name.startswith((STAGING, TRASH)):
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def resume_point(root: Path, report: Callable[[str], None] = warn) -> Path | None:
-    """The driver, before a phase (re)starts: the newest whole checkpoint, after removing what is not
-    whole (each damaged one reported in one line that names its file). None: start from step 0."""
-    remove_unfinished(root)
-    for ckpt in _ours(root):
-        why = problem(ckpt)
-        if why is None:
-            return ckpt
-        report(f"{ckpt.name} skipped: {why}")
-        _discard(ckpt)
-    return None
-
-
-def candidates(root: Path) -> list[Path]:
-    """A worker, starting: published checkpoints whose files have their sizes, newest first (the driver
-    checked the checksums before the run; a restart within the run finds only checkpoints it wrote)."""
-    return [c for c in published(root) if problem(c, checksums=False) is None]
+def open_checkpoints(run: RunDir, root: Path) -> Checkpoints:
+    """The checkpoints under `root` (RUN/<phase>/checkpoints) of run directory `run`."""
+    return RemoteCheckpoints(run, root) if run.is_remote else LocalCheckpoints(root)

@@ -15,9 +15,9 @@ with a warning naming its file) before anything is rewritten, and every worker r
 newest whole one; finished phases are skipped.
 
 With `--out s3://...` the run directory lives in the bucket and this driver works on a local mirror of it
-(storage.py): it pulls the records (not the weights, not the checkpoints) before deciding anything, and
-pushes what it writes; the workers publish their checkpoints, models and TensorBoard events themselves
-(train/ckpt_store.py).
+(rundir.py): it fetches the records (not the weights, not the checkpoints) before deciding anything, and
+publishes what it writes; the workers publish their checkpoints, models and TensorBoard events themselves
+(train/checkpoints.py).
 """
 
 from __future__ import annotations
@@ -28,14 +28,17 @@ from pathlib import Path
 
 import yaml
 
+from allatt_dist.atomic import write_json
 from allatt_dist.config import ModelConfig, RunConfig
 from allatt_dist.errors import CheckpointError, EnvironmentFailure, UserError
+from allatt_dist.model.pruning import prune_model
+from allatt_dist.modelio import load_model_dir, read_meta, save_model_dir
 from allatt_dist.plan import Plan
 from allatt_dist.recipe import saved_config_diff
-from allatt_dist.train.ckpt_store import checkpoint_store
+from allatt_dist.train.checkpoints import open_checkpoints
 from allatt_dist.train.monitor import TB_DIR, RemoteProgressBoard, follow_progress
 from allatt_dist.train.setup import PHASES, Phase, phase_spec
-from allatt_dist.train.worker import WorkerJob
+from allatt_dist.train.worker import WorkerJob, train_loop_per_worker
 
 INIT_FROM: dict[str, tuple[str, str] | None] = {
     "dense": None,
@@ -70,18 +73,14 @@ def prepare_run_dir(plan: Plan) -> None:
             )
     for phase in PHASES:  # the resume points are known good (damaged checkpoints set aside) first
         if not phase_done(run_dir, phase, plan.cfg):
-            checkpoint_store(plan.mirror, run_dir / phase / "checkpoints").resume_point()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = saved.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(spec, sort_keys=False))
-    tmp.replace(saved)
-    plan.mirror.push(saved)
+            open_checkpoints(plan.run, run_dir / phase / "checkpoints").resume_point()
+    plan.run.write_text(saved, yaml.safe_dump(spec, sort_keys=False))
 
 
 def sync_in(plan: Plan) -> None:
     """Object storage: bring the run directory's records here (weights and checkpoints stay in the bucket
     until a step needs them)."""
-    plan.mirror.pull(plan.out, weights=False, skip_dirs=("checkpoints",))
+    plan.run.fetch_records(plan.out)
 
 
 WEIGHTLESS_MODEL_KEYS = ("dropout", "dropatt", "same_length")  # may differ between a model and its next phase
@@ -90,7 +89,6 @@ WEIGHTLESS_MODEL_KEYS = ("dropout", "dropatt", "same_length")  # may differ betw
 def check_starting_model(model_dir: Path, model: ModelConfig, free: tuple[str, ...] = ()) -> None:
     """One line, before any worker starts, when the model in `model_dir` cannot start a run of `model`
     (whose keys in `free` are set per trial). Reads only config.json."""
-    from allatt_dist.modelio import read_meta
 
     meta = read_meta(model_dir)
     if meta.get("architecture") != model.architecture and "architecture" not in free:
@@ -128,18 +126,16 @@ def _trainer(plan: Plan, phase: Phase, init_dir: Path | None, board, callbacks, 
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchTrainer
 
-    from allatt_dist.train.worker import train_loop_per_worker
-
     cfg, sc = plan.cfg, plan.cfg.scaling
     resources = {"CPU": sc.cpus_per_worker}
     if sc.use_gpu:
         resources["GPU"] = sc.gpus_per_worker
     env = {"DS_ACCELERATOR": "cuda" if sc.use_gpu else "cpu", "ALLATT_VERBOSE": "1" if plan.verbose else "0"}
     tb = tb_dir or plan.out / TB_DIR / phase  # a trial's run is named by what it is (search/records.py)
-    job = WorkerJob(cfg, plan.ds_config, phase, plan.out / phase, init_dir, board, tb, plan.mirror)
+    job = WorkerJob(cfg, plan.ds_config, phase, plan.out / phase, init_dir, board, tb, plan.run)
     storage = {"storage_path": str(plan.out / phase)}  # Ray Train's own run state, beside our checkpoints
-    if plan.mirror.is_remote:
-        remote = plan.mirror.remote.child(plan.mirror.rel(plan.out / phase))
+    if plan.run.is_remote:
+        remote = plan.run.remote.child(plan.run.rel(plan.out / phase))
         storage = {"storage_path": remote.key(), "storage_filesystem": remote.filesystem()}
     return TorchTrainer(
         train_loop_per_worker,
@@ -225,23 +221,20 @@ def run_phase(
     phase_dir = run_dir / phase
     # The last report's metrics are those of the final checkpoint (Ray Train's Result carries metrics
     # only with checkpoints it stores itself, and the workers publish their own: train/checkpoints.py).
-    metrics, newest = checkpoint_store(plan.mirror, phase_dir / "checkpoints").newest_metrics()
+    metrics, newest = open_checkpoints(plan.run, phase_dir / "checkpoints").newest_metrics()
     metrics["checkpoint"] = newest
-    if plan.mirror.is_remote:  # what the workers published, and the config of the model they started from
-        plan.mirror.pull(phase_dir / "model")
-        if init_dir is not None:
-            plan.mirror.pull(init_dir / "config.json")
+    plan.run.fetch(phase_dir / "model")  # what the workers published, and the config of the model they started from
+    if init_dir is not None:
+        plan.run.fetch(init_dir / "config.json")
     result = finish_phase(phase_dir, phase, metrics, init_dir)
-    plan.mirror.push(phase_dir / "pruned")
-    plan.mirror.push(phase_dir / "result.json")
+    plan.run.publish(phase_dir / "pruned")
+    plan.run.publish(phase_dir / "result.json")
     return result
 
 
 def finish_phase(phase_dir: Path, phase: Phase, metrics: dict, init_dir: Path | None) -> dict:
     """After the last step (its model exported): the prune phase's pruned model, then result.json.
     Also how the Tune driver completes a trial the scheduler stopped at its last report."""
-    from allatt_dist.model.pruning import prune_model
-    from allatt_dist.modelio import load_model_dir, read_meta, save_model_dir
 
     if phase == "prune":
         gated, vocab, _ = load_model_dir(phase_dir / "model")
@@ -249,9 +242,7 @@ def finish_phase(phase_dir: Path, phase: Phase, metrics: dict, init_dir: Path | 
         meta = save_model_dir(pruned, vocab, phase_dir / "pruned", extra={"phase": "prune", "pruned": True})
         metrics.update({k: meta[k] for k in ("heads_per_layer", "sparsity", "params")})
         metrics["dense_params"] = read_meta(init_dir)["params"]
-    tmp = phase_dir / "result.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2, default=str) + "\n")
-    tmp.replace(phase_dir / "result.json")
+    write_json(phase_dir / "result.json", metrics)
     return metrics
 
 
