@@ -272,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     from allatt_dist.bench import register as register_bench
 
     register_bench(sub)
+    from allatt_dist.infer import register as register_infer
+
+    register_infer(sub)
     return ap
 
 
