@@ -34,6 +34,7 @@ class Loaded:
     meta: dict  # the model directory's config.json
     row: dict | None  # the leaderboard row when picked from an experiment
     source: str  # where it was read from (as the user named it)
+    recipe: str | None = None  # the experiment's run.yaml, when picked from one
 
 
 def choose(rows: list[dict], pick: Pick, where: str) -> dict:
@@ -117,7 +118,9 @@ def located(text: str, pick: Pick):
         row = choose(read_leaderboard(root / "leaderboard.json", text), pick, text)
         if mirror is not None:
             mirror.pull(root / row["model_dir"])
-        yield root / row["model_dir"], row
+            mirror.pull(root / "run.yaml")
+        recipe = root / "run.yaml"
+        yield root / row["model_dir"], dict(row, recipe=recipe.read_text() if recipe.is_file() else None)
     finally:
         if mirror is not None:
             mirror.discard()
@@ -132,5 +135,6 @@ def load(text: str, pick: Pick = Pick(), device: str = "cpu") -> Loaded:
         model, vocab, meta = load_model_dir(path, device)
     if model.gates:
         model = prune_model(model).to(device).eval()
+    recipe = row.pop("recipe", None) if row else None
     name = row["name"] if row else Path(text.rstrip("/")).name
-    return Loaded(name, model, vocab, meta, row, text)
+    return Loaded(name, model, vocab, meta, row, text, recipe)
