@@ -6,68 +6,14 @@ import argparse
 
 from allatt_dist.cliargs import positive_int
 from allatt_dist.errors import UserError
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not v >= 0.0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
-    return v
-
-
-def _probability(text: str) -> float:
-    v = _non_negative_float(text)
-    if not 0.0 < v <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
-    return v
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {v}")
-    return v
-
-
-def device_of(name: str):
-    """`--device`: cpu, cuda or cuda:N, checked against this machine."""
-    import torch
-
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r}: give cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {name!r}: give cpu, cuda or cuda:N")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} visible)")
-    return device
-
-
-def add_pick_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--budget", type=positive_int, default=None, help="experiment: best model with at most PARAMS")
-    p.add_argument("--name", default=None, help="experiment: the leaderboard row of this name")
-    p.add_argument(
-        "--latency-budget",
-        type=_non_negative_float,
-        default=None,
-        metavar="MS",
-        help="experiment: best model whose measured segment latency (rank's latency_ms) is at most MS",
-    )
-
-
-def pick_of(a: argparse.Namespace):
-    from allatt_dist.infer.source import Pick
-
-    if a.name is not None and (a.budget is not None or a.latency_budget is not None):
-        raise UserError("--name picks one row; give it without --budget / --latency-budget")
-    return Pick(budget=a.budget, name=a.name, latency_ms=a.latency_budget)
+from allatt_dist.infer.args import (
+    add_pick_args,
+    device_of,
+    non_negative_float,
+    non_negative_int,
+    pick_of,
+    probability,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -76,10 +22,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_pick_args(p)
     p.add_argument("--prompt", default="", help="text to continue (words outside the vocabulary read as <unk>)")
     p.add_argument("--max-new-tokens", type=positive_int, default=30)
-    p.add_argument("--temperature", type=_non_negative_float, default=1.0, help="0: greedy (default 1)")
-    p.add_argument("--top-k", type=_non_negative_int, default=0, help="keep the K likeliest words (0: all)")
-    p.add_argument("--top-p", type=_probability, default=1.0, help="nucleus: the likeliest words of mass P")
-    p.add_argument("--seed", type=_non_negative_int, default=None, help="sampling seed (default: a fresh one)")
+    p.add_argument("--temperature", type=non_negative_float, default=1.0, help="0: greedy (default 1)")
+    p.add_argument("--top-k", type=non_negative_int, default=0, help="keep the K likeliest words (0: all)")
+    p.add_argument("--top-p", type=probability, default=1.0, help="nucleus: the likeliest words of mass P")
+    p.add_argument("--seed", type=non_negative_int, default=None, help="sampling seed (default: a fresh one)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.set_defaults(fn=cmd_generate)
 
@@ -91,12 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT")
     p.set_defaults(fn=cmd_export)
 
-    import importlib.util
+    from allatt_dist.infer.serve_cli import register_serve
 
-    if importlib.util.find_spec("allatt_dist.infer.serve_cli"):
-        from allatt_dist.infer.serve_cli import register_serve
-
-        register_serve(sub)
+    register_serve(sub)
 
 
 def cmd_generate(a: argparse.Namespace) -> dict:

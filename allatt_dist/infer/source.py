@@ -85,36 +85,54 @@ def read_leaderboard(path: Path, where: str) -> list[dict]:
     return rows
 
 
+def _open(text: str):
+    """(local root, Mirror or None): a URI's config.json and leaderboard.json downloaded first."""
+    from allatt_dist.remote import check_readable, parse_remote
+    from allatt_dist.storage import Mirror, mirror_root
+
+    if not is_uri(text):
+        return Path(text), None
+    remote = parse_remote(text, "MODEL")
+    check_readable(remote, "model or experiment", "MODEL")
+    mirror = Mirror(mirror_root("model"), remote)
+    mirror.pull(mirror.root / "config.json")
+    mirror.pull(mirror.root / "leaderboard.json")
+    return mirror.root, mirror
+
+
+def _kind(root: Path, text: str, pick: Pick) -> bool:
+    """True for a model directory, False for a ranked experiment; one line for anything else."""
+    picking = pick != Pick()
+    if (root / "config.json").is_file() and not picking:
+        return True
+    if (root / "leaderboard.json").is_file():
+        return False
+    if picking:
+        raise UserError(f"{text}: not a ranked experiment (no leaderboard.json) to pick a model from")
+    raise UserError(f"{text}: not a model directory (no config.json) nor a ranked experiment (no leaderboard.json)")
+
+
+def leaderboard_of(text: str, pick: Pick) -> tuple[list[dict] | None, str]:
+    """(the experiment's leaderboard rows, text), or (None, text) for a model directory."""
+    root, mirror = _open(text)
+    try:
+        return (None if _kind(root, text, pick) else read_leaderboard(root / "leaderboard.json", text)), text
+    finally:
+        if mirror is not None:
+            mirror.discard()
+
+
 @contextmanager
 def located(text: str, pick: Pick):
     """(model directory path, leaderboard row or None), downloaded first when `text` is a URI; the
     download is removed on exit."""
-    from allatt_dist.remote import check_readable, parse_remote
-    from allatt_dist.storage import Mirror, mirror_root
-
-    mirror = None
-    if is_uri(text):
-        remote = parse_remote(text, "MODEL")
-        check_readable(remote, "model or experiment", "MODEL")
-        mirror = Mirror(mirror_root("model"), remote)
-        root = mirror.root
-        mirror.pull(root / "config.json")
-        mirror.pull(root / "leaderboard.json")
-    else:
-        root = Path(text)
+    root, mirror = _open(text)
     try:
-        picking = pick != Pick()
-        if (root / "config.json").is_file() and not picking:
+        if _kind(root, text, pick):
             if mirror is not None:
                 mirror.pull()
             yield root, None
             return
-        if not (root / "leaderboard.json").is_file():
-            if picking:
-                raise UserError(f"{text}: not a ranked experiment (no leaderboard.json) to pick a model from")
-            raise UserError(
-                f"{text}: not a model directory (no config.json) nor a ranked experiment (no leaderboard.json)"
-            )
         row = choose(read_leaderboard(root / "leaderboard.json", text), pick, text)
         if mirror is not None:
             mirror.pull(root / row["model_dir"])
