@@ -16,6 +16,7 @@ from pathlib import Path
 
 from allatt_dist.cliargs import add_override_arg, positive_int
 from allatt_dist.errors import EnvironmentFailure, UserError
+from allatt_dist.infer.args import non_negative_float
 from allatt_dist.outputs import check_new_model_dir, check_output_dir
 from allatt_dist.remote import is_uri
 from allatt_dist.runlock import check_not_in_use, hold
@@ -186,7 +187,14 @@ def cmd_rank(a: argparse.Namespace) -> dict:
         connect(a.address)
     exp = _experiment(a.experiment)
     with hold(exp), _discarding(exp):
-        return rank(exp.root, a.budget, progress=sys.stderr.isatty(), data_overrides=a.overrides, store=exp)
+        return rank(
+            exp.root,
+            a.budget,
+            progress=sys.stderr.isatty(),
+            data_overrides=a.overrides,
+            store=exp,
+            latency_budget=a.latency_budget,
+        )
 
 
 def _experiment(text: str) -> Mirror:
@@ -248,6 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("experiment", help="experiment directory")
     p.add_argument(
         "--budget", type=positive_int, default=None, help="also report the best model under this many params"
+    )
+    p.add_argument(
+        "--latency-budget",
+        type=non_negative_float,
+        default=None,
+        metavar="MS",
+        help="also report the best model under MS ms",
     )
     add_override_arg(p, "data options over the experiment's run.yaml, e.g. data.path=DIR", "data.KEY=VALUE")
     p.add_argument("--address", default=None, help="Ray cluster to score on (default: RAY_ADDRESS or a local Ray)")
