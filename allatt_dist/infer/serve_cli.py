@@ -115,6 +115,8 @@ def start(todo: list[Target], a: argparse.Namespace, limits) -> None:
             num_replicas=a.replicas,
             ray_actor_options={"num_cpus": a.cpus_per_replica, "num_gpus": a.gpus_per_replica},
             max_ongoing_requests=4 * limits.max_batch_size,
+            graceful_shutdown_wait_loop_s=0.5,  # Ctrl-C: requests in flight finish, then the replica goes
+            graceful_shutdown_timeout_s=10,
         ).bind(t.source, t.pick, limits, device)
         apps.append(serve.RunTarget(app, name=_app_name(t.name), route_prefix=t.route))
     serve.run_many(apps)  # the applications deploy side by side; returns once every one is running
