@@ -163,3 +163,24 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_generate_reads_an_experiment_in_a_bucket(model_dirs, capsys, monkeypatch):
+    from s3server import S3Server
+
+    exp, rows = model_dirs
+    args = ["--budget", str(rows[1]["params"]), "--prompt", "w1 w2", "--seed", "4", "--max-new-tokens", "6"]
+    local = _run(capsys, "generate", str(exp), *args)[1]
+    with S3Server() as s3:
+        s3.make_bucket("runs")
+        client = s3.client()
+        for f in exp.rglob("*"):
+            if f.is_file():
+                client.upload_file(str(f), "runs", f"exp/{f.relative_to(exp).as_posix()}")
+        for k, v in s3.env().items():
+            monkeypatch.setenv(k, v)
+        code, res, err = _run(capsys, "generate", "s3://runs/exp", *args)
+        assert code == 0, err
+        assert res["model"] == "prune/t50/0" and res["text"] == local["text"]
+        model = _run(capsys, "generate", "s3://runs/exp/models/dense", "--prompt", "w1", "--max-new-tokens", "2")
+        assert model[0] == 0 and model[1]["tokens"] == 2
