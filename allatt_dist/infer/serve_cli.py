@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 
 from allatt_dist.cliargs import positive_int
-from allatt_dist.errors import UserError
+from allatt_dist.errors import EnvironmentFailure, UserError
 from allatt_dist.infer.args import Limits, add_pick_args, pick_of
 
 
@@ -119,7 +119,12 @@ def start(todo: list[Target], a: argparse.Namespace, limits) -> None:
             graceful_shutdown_timeout_s=10,
         ).bind(t.source, t.pick, limits, device)
         apps.append(serve.RunTarget(app, name=_app_name(t.name), route_prefix=t.route))
-    serve.run_many(apps)  # the applications deploy side by side; returns once every one is running
+    try:
+        serve.run_many(apps)  # the applications deploy side by side; returns once every one is running
+    except Exception as e:  # a replica that cannot load its model (e.g. no access to the bucket from its node)
+        serve.shutdown()
+        first = (str(e).strip().splitlines() or [type(e).__name__])[-1][:300]
+        raise EnvironmentFailure(f"a model did not start on Ray Serve ({first})") from None
 
 
 def _app_name(name: str) -> str:
