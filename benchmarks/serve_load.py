@@ -1,7 +1,7 @@
 """Load on `allatt-dist serve`: N concurrent HTTP clients for a fixed time, per model of a ranked experiment.
 
-For each model the leaderboard keeps (the dense reference and each pruned model under models/), one
-server is started (`allatt-dist serve EXP --name NAME`, the embedded local Ray, one replica), warmed
+For each model the leaderboard keeps under models/, and the dense reference (dense/model), one server
+is started (`allatt-dist serve EXP --name NAME`, the embedded local Ray, one replica), warmed
 up, and driven by `--clients` threads, each sending requests back to back for `--seconds`: POST
 /generate (`--max-new-tokens` tokens, temperature 1, top-k 40, a seed per request, prompts drawn from
 the corpus' valid split) or POST /score (`--mode score`). Every request is counted: answered (2xx),
@@ -24,6 +24,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,9 +33,15 @@ from pathlib import Path
 import requests
 
 
-def kept_models(exp: Path) -> list[dict]:
-    rows = json.loads((exp / "leaderboard.json").read_text())["models"]
-    return [r for r in rows if r.get("model_dir") and r.get("test_ppl") is not None]
+def kept_models(exp: Path) -> list[tuple[dict, list[str]]]:
+    """(leaderboard row, what `serve` is given) per model: each kept under models/, and the dense reference
+    from dense/model when the leaderboard does not keep it (it is off the front when a pruned model wins)."""
+    rows = [r for r in json.loads((exp / "leaderboard.json").read_text())["models"] if r.get("test_ppl") is not None]
+    out = [(r, [str(exp), "--name", r["name"]]) for r in rows if r.get("model_dir")]
+    dense = [r for r in rows if r["name"] == "dense" and not r.get("model_dir")]
+    if dense and (exp / "dense" / "model" / "config.json").is_file():
+        out.insert(0, (dense[0], [str(exp / "dense" / "model")]))
+    return out
 
 
 def prompts(data: Path | None, n: int = 200, words: int = 12) -> list[str]:
@@ -52,12 +59,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(exp: Path, name: str, port: int, extra: list[str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "allatt_dist.cli", "serve", str(exp), "--name", name, "--port", str(port), *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+def start_server(target: list[str], port: int, extra: list[str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "allatt_dist.cli", "serve", *target, "--port", str(port), *extra]
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
     line = proc.stdout.readline()
     if not line.strip():
-        raise SystemExit(f"serve {name}: did not start (exit {proc.poll()})")
+        proc.wait()
+        log.seek(0)
+        raise SystemExit(f"serve {' '.join(target)}: did not start (exit {proc.returncode}): {log.read()[-2000:]}")
     return proc
 
 
@@ -128,9 +138,9 @@ def main() -> None:
     a = ap.parse_args()
     texts = prompts(a.data)
     results = []
-    for row in kept_models(a.experiment):
+    for row, target in kept_models(a.experiment):
         port = free_port()
-        proc = start_server(a.experiment, row["name"], port, a.serve_args.split())
+        proc = start_server(target, port, a.serve_args.split())
         try:
             url = f"http://127.0.0.1:{port}"
             drive(url, a.mode, texts, a.clients, min(5.0, a.seconds), a.max_new_tokens)  # warm-up

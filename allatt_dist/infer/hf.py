@@ -95,7 +95,7 @@ def model_card(got, meta: dict) -> str:
     lines = [
         f"# {got.name}",
         "",
-        f"A {meta['architecture']} language model from allatt-dist (head pruning with Hard Concrete gates), "
+        f"A language model ({meta['architecture']}) from allatt-dist (head pruning with Hard Concrete gates), "
         f"{meta['params']:,} parameters, heads per layer {meta['heads_per_layer']} "
         f"(sparsity {meta['sparsity']:.3f}). Exported from `{got.source}`.",
         "",
