@@ -67,7 +67,7 @@ def server(tmp_path_factory):
     exp, models = _experiment(tmp_path_factory.mktemp("serve"))
     port, mark = _free_port(), f"allatt-serve-test-{uuid.uuid4().hex}"
     env = dict(os.environ, ALLATT_TEST_MARK=mark)
-    args = ["serve", str(exp), "--port", str(port), "--cpus-per-replica", "0.5", "--batch-wait-ms", "100"]
+    args = ["serve", str(exp), "--port", str(port), "--batch-wait-ms", "100"]  # CPUs: an even share
     proc = _cli(*args, "--max-new-tokens", "50", "--max-tokens", "40", env=env, start_new_session=True)
     line: list[str] = []
     reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)

@@ -39,7 +39,12 @@ def register_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=positive_int, default=8000)
     p.add_argument("--replicas", type=positive_int, default=1, help="replicas per model")
     p.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs per replica (the model runs on cuda)")
-    p.add_argument("--cpus-per-replica", type=float, default=1.0)
+    p.add_argument(
+        "--cpus-per-replica",
+        type=float,
+        default=None,
+        help="CPUs per replica (default 1; on the local Ray at most an even share of its CPUs, so every replica fits)",
+    )
     p.add_argument("--max-batch-size", type=positive_int, default=8, help="requests computed together")
     p.add_argument("--batch-wait-ms", type=float, default=10.0, help="longest wait to fill a batch")
     p.add_argument("--max-new-tokens", type=positive_int, default=256, help="limit per /generate request")
@@ -106,6 +111,7 @@ def start(todo: list[Target], a: argparse.Namespace, limits) -> None:
 
     from allatt_dist.infer.serve import LanguageModelServer
 
+    cpus = replica_cpus(len(todo) * a.replicas, a)
     serve.start(http_options={"host": a.host, "port": a.port}, logging_config={"log_level": "WARNING"})
     device = "cuda" if a.gpus_per_replica > 0 else "cpu"
     apps = []
@@ -113,7 +119,7 @@ def start(todo: list[Target], a: argparse.Namespace, limits) -> None:
         app = LanguageModelServer.options(
             name=_app_name(t.name),
             num_replicas=a.replicas,
-            ray_actor_options={"num_cpus": a.cpus_per_replica, "num_gpus": a.gpus_per_replica},
+            ray_actor_options={"num_cpus": cpus, "num_gpus": a.gpus_per_replica},
             max_ongoing_requests=4 * limits.max_batch_size,
             graceful_shutdown_wait_loop_s=0.5,  # Ctrl-C: requests in flight finish, then the replica goes
             graceful_shutdown_timeout_s=10,
@@ -125,6 +131,25 @@ def start(todo: list[Target], a: argparse.Namespace, limits) -> None:
         serve.shutdown()
         first = (str(e).strip().splitlines() or [type(e).__name__])[-1][:300]
         raise EnvironmentFailure(f"a model did not start on Ray Serve ({first})") from None
+
+
+def replica_cpus(replicas: int, a: argparse.Namespace) -> float:
+    """CPUs per replica. On the local Ray every replica must fit (Serve would otherwise wait for ever for
+    the last one): by default an even share of its CPUs (at most 1), and a given value is checked, as
+    are GPUs. A cluster (--address) may grow (autoscaling): its requests are left to Ray."""
+    import ray
+
+    if a.address:
+        return 1.0 if a.cpus_per_replica is None else a.cpus_per_replica
+    total = ray.cluster_resources()
+    cpus = min(1.0, total.get("CPU", 1.0) / replicas) if a.cpus_per_replica is None else a.cpus_per_replica
+    for what, each, flag in (("CPU", cpus, "--cpus-per-replica"), ("GPU", a.gpus_per_replica, "--gpus-per-replica")):
+        if replicas * each > total.get(what, 0.0) + 1e-9:
+            raise UserError(
+                f"{flag} {each:g}: {replicas} replica(s) need {replicas * each:g} {what}s and this machine's Ray "
+                f"has {total.get(what, 0.0):g}; give a smaller {flag}, fewer --replicas or one model (--name)"
+            )
+    return cpus
 
 
 def _app_name(name: str) -> str:
