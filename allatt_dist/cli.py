@@ -16,6 +16,7 @@ from pathlib import Path
 
 from allatt_dist.cliargs import add_override_arg, positive_int
 from allatt_dist.errors import EnvironmentFailure, UserError
+from allatt_dist.infer.args import non_negative_float
 from allatt_dist.outputs import check_new_model_dir
 from allatt_dist.remote import is_uri
 from allatt_dist.rundir import RunDir, fetch_model_dir, open_experiment, open_model_out, open_out
@@ -167,7 +168,14 @@ def cmd_rank(a: argparse.Namespace) -> dict:
         connect(a.address)
     exp = open_experiment(a.experiment)
     with exp.held():
-        return rank(exp.root, a.budget, progress=sys.stderr.isatty(), data_overrides=a.overrides, store=exp)
+        return rank(
+            exp.root,
+            a.budget,
+            progress=sys.stderr.isatty(),
+            data_overrides=a.overrides,
+            store=exp,
+            latency_budget=a.latency_budget,
+        )
 
 
 def cmd_run(a: argparse.Namespace) -> dict:
@@ -220,6 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--budget", type=positive_int, default=None, help="also report the best model under this many params"
     )
+    p.add_argument(
+        "--latency-budget",
+        type=non_negative_float,
+        default=None,
+        metavar="MS",
+        help="also report the best model under MS ms",
+    )
     add_override_arg(p, "data options over the experiment's run.yaml, e.g. data.path=DIR", "data.KEY=VALUE")
     p.add_argument("--address", default=None, help="Ray cluster to score on (default: RAY_ADDRESS or a local Ray)")
     p.set_defaults(fn=cmd_rank)
@@ -243,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     from allatt_dist.bench import register as register_bench
 
     register_bench(sub)
+    from allatt_dist.infer import register as register_infer
+
+    register_infer(sub)
     return ap
 
 

@@ -137,8 +137,10 @@ class LanguageModel(GatedModule):
         mems: list[torch.Tensor] | None = None,
         target: torch.Tensor | None = None,
         reference: bool = False,
+        mem_keep: int | None = None,
     ) -> LMOutput:
-        """x: (B,T) ids; target: (B,T) ids or -100 (ignored); `reference` uses the explicit softmax."""
+        """x: (B,T) ids; target: (B,T) ids or -100 (ignored); `reference` uses the explicit softmax;
+        `mem_keep`: positions the returned memory keeps (default mem_len; generation keeps its whole window)."""
         b, t = x.shape
         h = self.drop(self._word_dropout(x, self.io.embed(x)))  # (B,T,D), in the weights' dtype (bf16/fp16 under DS)
         if not mems and self.cfg.zero_memory_start and self.cfg.mem_len:
@@ -150,7 +152,7 @@ class LanguageModel(GatedModule):
         new_mems = []
         for i, layer in enumerate(self.layers):
             mem = mems[i] if mems else None
-            new_mems.append(self._next_mem(mem, h))
+            new_mems.append(self._next_mem(mem, h, mem_keep))
             h = layer(h, mem, pos, mask, reference)  # (B,T,D)
         h = self.drop(self.final_norm(h))  # (B,T,D)
         if self.cfg.output_dropout_twice:  # the authors' All-attention: drop, then drop_o (all_transformer.py)
@@ -195,9 +197,9 @@ class LanguageModel(GatedModule):
         keep = torch.bernoulli(torch.full((self.vocab_size,), 1.0 - p, device=x.device))  # (V,)
         return e * (keep[x] / (1.0 - p)).to(e.dtype)[..., None]  # (B,T,D)
 
-    def _next_mem(self, mem: torch.Tensor | None, h: torch.Tensor) -> torch.Tensor:
-        """Last mem_len positions of [memory; this layer's input], detached: (B,M',D)."""
-        m_len = self.cfg.mem_len
+    def _next_mem(self, mem: torch.Tensor | None, h: torch.Tensor, keep: int | None = None) -> torch.Tensor:
+        """Last mem_len (or `keep`) positions of [memory; this layer's input], detached: (B,M',D)."""
+        m_len = self.cfg.mem_len if keep is None else keep
         if m_len == 0:
             return h.new_zeros(h.shape[0], 0, h.shape[2])
         cat = h if mem is None else torch.cat([mem, h], dim=1)  # (B,M+T,D)

@@ -1,4 +1,5 @@
-"""The Pareto plot of a ranked experiment: test perplexity against parameter count."""
+"""The Pareto plots of a ranked experiment: test perplexity against parameter count, or against the
+measured segment latency (`x="latency_ms"`)."""
 
 from __future__ import annotations
 
@@ -18,21 +19,28 @@ def _style(arch: str) -> tuple[str, str | None]:
     return family.marker, family.color
 
 
-def pareto_plot(table: list[dict], out: Path) -> None:
-    """Every scored model a point (by architecture), dense references starred, the front drawn."""
+AXES = {"params": ("parameters (millions)", 1e-6, "size"), "latency_ms": ("ms per eval segment", 1.0, "latency")}
+
+
+def pareto_plot(table: list[dict], out: Path, x: str = "params", front: set[str] | None = None) -> None:
+    """Every scored model a point (by architecture), dense references starred, the front drawn: the
+    names in `front` (default: the rows flagged `pareto`, the front over parameters)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scored = [r for r in table if r.get("test_ppl") is not None]
+    label, unit, what = AXES[x]
+    scored = [r for r in table if r.get("test_ppl") is not None and r.get(x) is not None]
+    if front is None:
+        front = {r["name"] for r in scored if r.get("pareto")}
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
     for arch in sorted({r["architecture"] for r in scored}):
         marker, color = _style(arch)
         pts = [r for r in scored if r["architecture"] == arch and r["status"] != "reference"]
         if pts:
             ax.scatter(
-                [r["params"] / 1e6 for r in pts],
+                [r[x] * unit for r in pts],
                 [r["test_ppl"] for r in pts],
                 marker=marker,
                 color=color,
@@ -42,7 +50,7 @@ def pareto_plot(table: list[dict], out: Path) -> None:
         dense = [r for r in scored if r["architecture"] == arch and r["status"] == "reference"]
         if dense:
             ax.scatter(
-                [r["params"] / 1e6 for r in dense],
+                [r[x] * unit for r in dense],
                 [r["test_ppl"] for r in dense],
                 marker="*",
                 s=220,
@@ -51,20 +59,20 @@ def pareto_plot(table: list[dict], out: Path) -> None:
                 label=f"{arch} dense",
                 zorder=3,
             )
-    front = sorted((r for r in scored if r.get("pareto")), key=lambda r: r["params"])
-    if front:
+    line = sorted((r for r in scored if r["name"] in front), key=lambda r: r[x])
+    if line:
         ax.step(
-            [r["params"] / 1e6 for r in front],
-            [r["test_ppl"] for r in front],
+            [r[x] * unit for r in line],
+            [r["test_ppl"] for r in line],
             where="post",
             color="black",
             linestyle="--",
             linewidth=1,
             label="Pareto front",
         )
-    ax.set_xlabel("parameters (millions)")
+    ax.set_xlabel(label)
     ax.set_ylabel("test perplexity")
-    ax.set_title("Pruned models: perplexity vs size")
+    ax.set_title(f"Pruned models: perplexity vs {what}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -2,7 +2,9 @@
 
 For each finished trial: load its final gated model, cut the closed heads out, evaluate test
 perplexity over the whole test split (memory carried), count parameters from the pruned tensors.
-The dense model is a reference row. Writes leaderboard.{json,csv,md}, pareto.png, and
+The dense model is a reference row. Each scored model is also timed on the device the ranking scores on
+(a segment at the eval batch size, generation tokens/s at batch 1: infer/latency.py). Writes
+leaderboard.{json,csv,md}, pareto.png, pareto_latency.png (perplexity against latency), and
 models/<name>/ for every model on the perplexity/parameter Pareto front. Trials that were stopped
 by the scheduler or failed are listed with their status, never dropped.
 """
@@ -19,6 +21,7 @@ from allatt_dist import atomic
 from allatt_dist.cluster.session import connect
 from allatt_dist.config import ModelConfig
 from allatt_dist.errors import UserError
+from allatt_dist.infer.latency import time_on_cluster
 from allatt_dist.model.pruning import per_head_params
 from allatt_dist.model.targets import non_embedding_params
 from allatt_dist.modelio import save_model_dir
@@ -44,6 +47,9 @@ COLUMNS: tuple[tuple[str, bool], ...] = (
     ("non_embedding_params", True),
     ("valid_ppl", True),
     ("test_ppl", True),
+    ("latency_ms", True),  # one eval segment at the eval batch size (infer/latency.py)
+    ("gen_tokens_per_s", True),  # greedy generation at batch 1
+    ("latency_device", False),  # where both were measured (the device the ranking scores on)
     ("pareto", True),
     ("model_dir", False),
 )
@@ -136,9 +142,14 @@ def score(rows: list[dict], exp_dir: Path, data_cfg, progress: bool, store: RunD
             architecture=saved["architecture"],
             work=work / row["name"],
         )
+    timings = time_on_cluster(
+        {r["name"]: res["model"] for r, res in zip(todo, results, strict=True)}, data_cfg, data_cfg.test_batch_size
+    )
+    for row in todo:
+        row.update(timings[row["name"]])
 
 
-def write_outputs(rows: list[dict], exp_dir: Path, budget: int | None) -> dict:
+def write_outputs(rows: list[dict], exp_dir: Path, budget: int | None, latency_budget: float | None = None) -> dict:
     """Publish the ranking so that a reader of the experiment sees, at any instant, a leaderboard whose
     every model folder is there and whole (the old result or the new one, never a mix):
 
@@ -167,8 +178,15 @@ def write_outputs(rows: list[dict], exp_dir: Path, budget: int | None) -> dict:
     if budget is not None:
         fits = [r for r in table if r.get("test_ppl") is not None and r["params"] <= budget]
         out["budget"] = {"params": budget, "best": fits[0]["name"] if fits else None}
+    if latency_budget is not None:
+        out["latency_budget"] = latency_pick(table, latency_budget)
 
     pareto_plot(table, exp_dir / "pareto.png")  # written under a temporary name and renamed
+    timed = [r for r in table if r.get("latency_ms") is not None and r.get("test_ppl") is not None]
+    if timed:
+        fast = pareto_flags([(r["test_ppl"], r["latency_ms"]) for r in timed])
+        front = {r["name"] for r, f in zip(timed, fast, strict=True) if f}
+        pareto_plot(table, exp_dir / "pareto_latency.png", x="latency_ms", front=front)
     rows_csv = io.StringIO(newline="")
     w = csv.DictWriter(rows_csv, fieldnames=FIELDS)
     w.writeheader()
@@ -187,6 +205,14 @@ def write_outputs(rows: list[dict], exp_dir: Path, budget: int | None) -> dict:
             d.rmdir()  # a label folder whose models are all gone
     shutil.rmtree(exp_dir / ".rank-work", ignore_errors=True)
     return out
+
+
+def latency_pick(table: list[dict], ms: float) -> dict:
+    """The best test perplexity whose segment latency is at most `ms` (None when none is), and the fastest."""
+    timed = [r for r in table if r.get("test_ppl") is not None and r.get("latency_ms") is not None]
+    fits = [r for r in timed if r["latency_ms"] <= ms]  # the table is sorted by test perplexity
+    fastest = min(timed, key=lambda r: r["latency_ms"], default=None)
+    return {"ms": ms, "best": fits[0]["name"] if fits else None, "fastest": fastest["name"] if fastest else None}
 
 
 def best_of_each_target(rows: list[dict]) -> set[int]:
@@ -219,6 +245,13 @@ def markdown(table: list[dict], budget: dict | None) -> str:
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in table]
     if budget:
         lines += ["", f"Best under {budget['params']:,} parameters: {budget['best'] or 'none'}"]
+    devices = sorted({r["latency_device"] for r in table if r.get("latency_device")})
+    if devices:
+        lines += [
+            "",
+            f"latency_ms: one eval segment at the eval batch size; gen_tokens_per_s: greedy, batch 1; "
+            f"measured on {'; '.join(devices)}",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -228,8 +261,9 @@ def rank(
     progress: bool = True,
     data_overrides: list[str] | None = None,
     store: RunDir | None = None,
+    latency_budget: float | None = None,
 ) -> dict:
-    """Prune and test-evaluate every finished trial; `data_overrides` (`data.KEY=VALUE`) amend run.yaml's data.
+    """Prune, test-evaluate and time every finished trial; `data_overrides` (`data.KEY=VALUE`) amend run.yaml's data.
     `store`: the experiment directory when it lives in a bucket (its records fetched first, the results published)."""
     exp_dir = Path(exp_dir)
     store = store or RunDir(exp_dir)
@@ -241,7 +275,7 @@ def rank(
     score(rows, exp_dir, data_cfg, progress, store)
     count_non_embedding(rows)
     record_test_ppl(exp_dir, rows)  # records: test perplexity into each scored run's HParams entry
-    out = write_outputs(rows, exp_dir, budget)
+    out = write_outputs(rows, exp_dir, budget, latency_budget)
     store.publish(exp_dir / "models", keep_others=True)  # the new models first, then the leaderboard naming
     store.publish(exp_dir)  # them, then the models it no longer names are removed
     return out
