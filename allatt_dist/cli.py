@@ -222,7 +222,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="experiment directory (default experiments/<config name>)")
     p.add_argument("--dense", default=None, help="dense model dir to start from (default OUT/dense/model)")
     p.set_defaults(fn=cmd_tune)
+    _add_model_commands(sub)
+    from allatt_dist.cluster.commands import register as register_cluster_commands
 
+    register_cluster_commands(sub)
+    from allatt_dist.bench import register as register_bench
+
+    register_bench(sub)
+    from allatt_dist.infer import register as register_infer
+
+    register_infer(sub)
+    return ap
+
+
+def _add_model_commands(sub) -> None:
+    """rank, prune, evaluate: the commands that read trained models."""
     p = sub.add_parser("rank", help="prune, evaluate and rank the finished trials of an experiment")
     p.add_argument("experiment", help="experiment directory")
     p.add_argument(
@@ -252,16 +266,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when there is one, else cpu)")
     add_override_arg(p, "data options, e.g. data.path=DIR", "data.KEY=VALUE")
     p.set_defaults(fn=cmd_evaluate)
-    from allatt_dist.cluster.commands import register as register_cluster_commands
-
-    register_cluster_commands(sub)
-    from allatt_dist.bench import register as register_bench
-
-    register_bench(sub)
-    from allatt_dist.infer import register as register_infer
-
-    register_infer(sub)
-    return ap
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
