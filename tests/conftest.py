@@ -46,6 +46,45 @@ def wt2_cfg(wt2_path: Path) -> DataConfig:
     return DataConfig(path=str(wt2_path))
 
 
+@pytest.fixture(scope="session")
+def s3():
+    """One S3-protocol server (moto, loopback; tests/s3server.py) for the session, with a bucket `runs`.
+    Each test file keeps to prefixes of its own."""
+    from s3server import S3Server
+
+    with S3Server() as server:
+        server.make_bucket("runs")
+        yield server
+
+
+@pytest.fixture(scope="session")
+def local_ray(s3) -> str:
+    """One local Ray for every test that needs one, started as the CLI starts it (`connect()`, with its
+    dashboard) on first use and closed at the end; yields its GCS address, which CLI subprocesses join with
+    `--address`. Its processes know the session's S3 server the standard way (AWS_* in their environment,
+    as the nodes of a cluster have them); this process's environment is left as it was.
+
+    Tests must not call `ray.shutdown()`: the next test that needs Ray would find none."""
+    import ray
+
+    from allatt_dist.cluster.session import connect
+
+    if ray.is_initialized():
+        ray.shutdown()
+    saved = {k: os.environ.get(k) for k in s3.env()}
+    os.environ.update(s3.env())  # read by Ray's node processes as they start; workers inherit them
+    try:
+        connect()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
 def _home_state(home: Path) -> dict[str, tuple[int, int] | None]:
     """What the suite must leave as it found: HOME's top-level names, and Ray's files under it."""
     state: dict[str, tuple[int, int] | None] = {p.name: None for p in home.iterdir()}

@@ -15,12 +15,12 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
+from clirun import run_cli
 from ray_procs import kill_ours
 
 from allatt_dist.cluster import autoscaler as autoscale
@@ -203,13 +203,6 @@ def fake_cluster(tmp_path_factory):
         log.close()
 
 
-def _cli(args: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "allatt_dist.cli", *args], cwd=REPO, env=env, capture_output=True, text=True,
-        timeout=timeout,
-    )  # fmt: skip
-
-
 TINY = [
     "model.num_layers=1", "model.hidden_dim=16", "model.num_heads=2", "model.num_persistent=8",
     "model.seq_len=8", "model.mem_len=8", "model.adaptive_cutoffs=[]",
@@ -223,7 +216,7 @@ def _train(fake_cluster, out: Path, data: Path, *sets: str) -> subprocess.Comple
     items = [*TINY, f"data.path={data}", *sets]
     args = ["train", "tune_configs/quickstart.yaml", "--address", fake_cluster["address"], "--out", str(out),
             "--phase", "dense", "--no-progress", *[a for i in items for a in ("--set", i)]]  # fmt: skip
-    return _cli(args, fake_cluster["env"])
+    return run_cli(*args, env=fake_cluster["env"], cwd=REPO)
 
 
 @pytest.mark.autoscale

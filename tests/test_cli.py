@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
+from clirun import run_cli as cli
 
 from allatt_dist.config import GateConfig, ModelConfig
 from allatt_dist.data.corpus import load_corpus
@@ -18,10 +17,6 @@ from allatt_dist.model.transformer import LanguageModel
 from allatt_dist.modelio import save_model_dir
 
 CFG = ModelConfig(num_layers=2, hidden_dim=32, num_heads=4, num_persistent=8, seq_len=16, mem_len=16)
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "allatt_dist.cli", *args], capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from clirun import run_cli
 from ray_procs import kill_ours
-from s3server import S3Server
 from tb_http import hparams_over_http, tensorboard_on
 
 from allatt_dist.cli import main, parse_args
@@ -304,23 +304,12 @@ def _dead_port() -> int:
 def test_unreachable_address_fails_fast():
     """A real process, a closed port: one line, exit 2, in far less than an HTTP timeout."""
     t0 = time.monotonic()
-    r = subprocess.run(
-        [sys.executable, "-m", "allatt_dist.cli", "submit", RECIPE, "--address", f"127.0.0.1:{_dead_port()}"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    r = run_cli("submit", RECIPE, "--address", f"127.0.0.1:{_dead_port()}", cwd=REPO, timeout=60)
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().startswith("allatt-dist submit: error: cannot reach the Ray Jobs API at http://127.0.0.1:")
     assert len(r.stderr.strip().splitlines()) == 1
     assert time.monotonic() - t0 < 30
-    r = subprocess.run(
-        [sys.executable, "-m", "allatt_dist.cli", "jobs", "status", "raysubmit_x", "--address", "ray://h:10001"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    r = run_cli("jobs", "status", "raysubmit_x", "--address", "ray://h:10001", timeout=60)
     assert r.returncode == 2 and "expected the Jobs API URL" in r.stderr
 
 
@@ -347,9 +336,7 @@ def test_a_port_that_never_answers_fails_fast(silent_port, tmp_path, command, ne
         ["--out", str(tmp_path / "run")] if command[0] == "train" else []
     )
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    r = subprocess.run(
-        [sys.executable, "-m", "allatt_dist.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=90, env=env
-    )
+    r = run_cli(*args, env=env, cwd=REPO, timeout=90)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr
     assert time.monotonic() - t0 < 45
     assert not (tmp_path / "run").exists()
@@ -426,13 +413,6 @@ def _wait_for(what: str, check, procs: list[subprocess.Popen], logs: Path, timeo
 
 
 @pytest.fixture(scope="module")
-def s3():
-    with S3Server() as server:
-        server.make_bucket("runs")
-        yield server
-
-
-@pytest.fixture(scope="module")
 def cluster(tmp_path_factory, s3):
     base = tmp_path_factory.mktemp("cluster")
     # Ray's unix sockets live under the temp dir and must stay under ~107 bytes: a short dir in /tmp.
@@ -487,10 +467,7 @@ def cluster(tmp_path_factory, s3):
 
 
 def _cli(args: list[str], env: dict, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "allatt_dist.cli", *args], cwd=REPO, env=env, capture_output=True, text=True,
-        timeout=timeout,
-    )  # fmt: skip
+    return run_cli(*args, env=env, cwd=REPO, timeout=timeout)
 
 
 TINY = [

@@ -7,11 +7,11 @@ import os
 import resource
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from clirun import cli_cmd
 from ray.train import WorkerGroupError
 
 from allatt_dist import cli
@@ -75,7 +75,7 @@ def test_a_write_the_file_system_refuses_is_exit_1_and_leaves_nothing(tmp_path, 
     save_model_dir(LanguageModel(cfg, len(vocab), gates=GateConfig()), vocab, tmp_path / "gated", gates=GateConfig())
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"}
     r = subprocess.run(
-        [sys.executable, "-m", "allatt_dist.cli", "prune", str(tmp_path / "gated"), "--out", str(tmp_path / "p")],
+        cli_cmd("prune", tmp_path / "gated", "--out", tmp_path / "p"),
         env=env,
         preexec_fn=_small_files_only,
         capture_output=True,

@@ -12,13 +12,13 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from clirun import cli_cmd
 
 from allatt_dist.config import GateConfig, ModelConfig
 from allatt_dist.data.corpus import load_corpus
@@ -93,7 +93,7 @@ def consistent_view(exp: Path) -> tuple[str, list[str]] | None:
     return (before, problems) if (exp / "leaderboard.json").read_text() == before else None
 
 
-def test_a_reader_during_rank_sees_only_whole_results(tmp_path, corpus_dir):
+def test_a_reader_during_rank_sees_only_whole_results(local_ray, tmp_path, corpus_dir):
     exp = _experiment(tmp_path, corpus_dir, {"a": 1, "b": 2, "c": 3})
     first = rank(exp, progress=False)
     old_names = {m["name"] for m in first["models"] if m["model_dir"]}
@@ -117,6 +117,11 @@ def test_a_reader_during_rank_sees_only_whole_results(tmp_path, corpus_dir):
     t.start()
     try:
         second = rank(exp, progress=False)
+        # The reader's look that spans the last replacement proves nothing: let it take one more (on a loaded
+        # machine a look loading every model can take seconds), so that it sees the new leaderboard too.
+        final, deadline = (exp / "leaderboard.json").read_text(), time.monotonic() + 120
+        while final not in seen and t.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
     finally:
         stop.set()
         t.join()
@@ -140,13 +145,16 @@ def _scored(exp: Path) -> int:
         return 0
 
 
-def test_rank_killed_at_any_moment_leaves_a_whole_result(tmp_path, corpus_dir):
+def test_rank_killed_at_any_moment_leaves_a_whole_result(local_ray, tmp_path, corpus_dir):
     exp = _experiment(tmp_path, corpus_dir, {"a": 1, "b": 2, "c": 3, "d": 4})
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "allatt_dist.cli", "rank", str(exp)]
+    cmd = cli_cmd("rank", exp)
     assert subprocess.run(cmd, env=env, capture_output=True, timeout=600).returncode == 0
+    # The killed commands join the session's Ray (`--address`) rather than each start one of their own: what
+    # they leave on disk is the question here, and the first and last commands start their own as a user's does.
+    killed = cli_cmd("rank", exp, "--address", local_ray)
     for delay in (None, 0.0, 0.005, 0.02, 0.05, 0.2):  # re-ranking, killed while scoring, then while writing
-        p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        p = subprocess.Popen(killed, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 300
         while _scored(exp) < (2 if delay is None else 5) and p.poll() is None and time.monotonic() < deadline:
             time.sleep(0.001)
@@ -167,7 +175,7 @@ def test_two_rank_commands_at_once_one_is_refused_naming_the_other(tmp_path, wt2
     corpus = _short_corpus(tmp_path / "corpus", wt2_path, 1000)  # a ranking that lasts a while
     exp = _experiment(tmp_path, corpus, {"a": 1, "b": 2})
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "allatt_dist.cli", "rank", str(exp)]
+    cmd = cli_cmd("rank", exp)
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while f'"pid": {first.pid},' not in _text(exp / ".lock") and first.poll() is None and time.monotonic() < deadline:

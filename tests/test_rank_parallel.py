@@ -4,7 +4,6 @@ evaluating the same models one after another in this process, and a bad model is
 from __future__ import annotations
 
 import pytest
-import ray
 import torch
 
 from allatt_dist.config import DataConfig, GateConfig, ModelConfig
@@ -26,17 +25,6 @@ def _model(vocab_size: int, arch: str, gated: bool, seed: int) -> LanguageModel:
             for gate, signs in zip(model.gates, ([1, -1, 1, -1], [-1, -1, 1, 1]), strict=True):
                 gate.log_alpha.copy_(torch.tensor(signs, dtype=torch.float32) * 3.0)  # some heads closed
     return model
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    from allatt_dist.cluster.session import connect
-
-    if ray.is_initialized():
-        ray.shutdown()
-    connect(num_cpus=2)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from clirun import run_cli
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tiny import tiny_config
 
 from allatt_dist.train import ckpt_folder as ck
 
@@ -61,9 +62,9 @@ def _segments(tb: Path) -> list[list[int]]:
 
 
 def _train(cfg_file: Path, out: Path, env: dict, *sets: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "allatt_dist.cli", "train", str(cfg_file), "--out", str(out)]
-    cmd += ["--phase", "dense", "--no-progress", *(a for s in sets for a in ("--set", s))]
-    return subprocess.run(cmd, env=env, cwd=out.parent, capture_output=True, text=True, timeout=900)
+    sets_ = [a for s in sets for a in ("--set", s)]
+    args = ["train", cfg_file, "--out", out, "--phase", "dense", "--no-progress", *sets_]
+    return run_cli(*args, env=env, cwd=out.parent, timeout=900)
 
 
 def _whole_checkpoints(root: Path) -> list[str]:
@@ -75,8 +76,6 @@ def _whole_checkpoints(root: Path) -> list[str]:
 
 
 def test_killed_write_is_never_resumed_and_a_truncated_newest_is_skipped(tmp_path, wt2_path):
-    from test_train import tiny_config
-
     cfg = tiny_config(
         wt2_path,
         train={"max_steps": 40, "eval_every": 40, "checkpoint_every": 10, "keep_checkpoints": 2},

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from clirun import run_cli
 
 from allatt_dist.runlock import LOCK_NAME, RunDirInUse, check_not_in_use, hold, this_command
 
@@ -21,10 +22,7 @@ RECIPE = str(REPO / "tune_configs/quickstart.yaml")
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, "-m", "allatt_dist.cli", *args], capture_output=True, text=True, timeout=120, env=env
-    )
+    return run_cli(*args, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
 
 
 def _holder(run_dir: Path) -> subprocess.Popen:

@@ -12,13 +12,13 @@ import math
 import re
 import shutil
 import subprocess
-import sys
 import time
 import types
 
 import numpy as np
 import pytest
 import torch
+from clirun import cli_cmd, run_cli
 from safetensors import safe_open
 from tb_http import hparams_over_http, tensorboard_on
 
@@ -50,19 +50,13 @@ def tiny_cfg(wt2_path, **tune):
 
 
 @pytest.fixture(scope="module")
-def experiment(tmp_path_factory, wt2_path):
-    import ray
-
-    from allatt_dist.cluster.session import connect
+def experiment(local_ray, tmp_path_factory, wt2_path):
+    """The search (dense, 4 trials, rank) on the session's local Ray."""
     from allatt_dist.search.pipeline import run_pipeline
 
     exp = tmp_path_factory.mktemp("search") / "exp"
-    connect()
-    try:
-        summary = run_pipeline(make_plan(tiny_cfg(wt2_path), exp, progress=False), budget=10**9)
-        yield exp, summary
-    finally:
-        ray.shutdown()
+    summary = run_pipeline(make_plan(tiny_cfg(wt2_path), exp, progress=False), budget=10**9)
+    return exp, summary
 
 
 @pytest.mark.ray
@@ -318,21 +312,11 @@ def test_cli_run_with_bad_space_writes_nothing(tmp_path, wt2_path):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text("tune:\n  space:\n    gates.nope: {grid: [1, 2]}\n")
     out = tmp_path / "exp"
-    p = subprocess.run(
-        [sys.executable, "-m", "allatt_dist.cli", "run", str(recipe), "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    p = run_cli("run", recipe, "--out", out, timeout=120)
     assert p.returncode == 2
     assert p.stderr.strip().count("\n") == 0 and "gates.nope: no such config key" in p.stderr
     assert not out.exists()
-    p = subprocess.run(
-        [sys.executable, "-m", "allatt_dist.cli", "tune", str(recipe), "--out", str(out), "--set", "tune.space={}"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    p = run_cli("tune", recipe, "--out", out, "--set", "tune.space={}", timeout=120)
     assert p.returncode == 2 and f"{recipe} with --set: tune.space" in p.stderr and not out.exists(), p.stderr
 
 
@@ -402,7 +386,7 @@ def test_a_search_where_every_trial_failed_is_an_error(tmp_path):
 
 
 @pytest.mark.ray
-def test_release_placement_group():
+def test_release_placement_group(local_ray):
     """The public path the release callback takes: a group's hex id (as the workers report it) -> removed.
     A Ray upgrade that breaks `ray.PlacementGroupID` or the placement-group table fails here."""
     import ray
@@ -448,8 +432,7 @@ def test_a_run_killed_mid_search_and_rerun_ends_like_an_uninterrupted_one(experi
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(yaml.safe_dump(tiny_cfg(wt2_path).to_dict()))
     out = tmp_path / "exp"
-    cmd = [sys.executable, "-m", "allatt_dist.cli", "run", str(recipe), "--out", str(out), "--budget", str(10**9)]
-    cmd += ["--no-progress"]
+    cmd = cli_cmd("run", recipe, "--out", out, "--budget", str(10**9), "--no-progress")
     first = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 1200
     state = out / "scheduler.json"

@@ -31,13 +31,6 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE = str(REPO / "tune_configs/quickstart.yaml")
 
 
-@pytest.fixture(scope="module")
-def s3():
-    with S3Server() as server:
-        server.make_bucket("runs")
-        yield server
-
-
 @pytest.fixture
 def env(s3, monkeypatch, tmp_path):
     for k, v in s3.env(ALLATT_MIRROR_DIR=str(tmp_path / "mirrors")).items():

@@ -1,7 +1,8 @@
 """`allatt-dist train` end to end on a local Ray (CPU workers, gloo, DeepSpeed ZeRO) with real WikiText-2.
 
-One Ray instance serves the whole module, and runs of the same tiny recipe are shared by the tests
-(a training phase costs ~30 s here, most of it starting worker processes, so runs are few and reused):
+The session's local Ray (conftest.py) serves the module, and runs of the same tiny recipe are shared by
+the tests (a training phase costs ~30 s here, most of it starting worker processes, so runs are few and
+reused):
 
   zero2       2 workers, ZeRO-2: dense then prune, undisturbed.
   one_worker  1 worker, same global batch: dense only. Its loss curve must be zero2's.
@@ -14,7 +15,7 @@ One Ray instance serves the whole module, and runs of the same tiny recipe are s
               again resumes the dense phase from its last checkpoint and runs prune. Exact resumption
               means the merged loss curve is zero2's too.
 
-The bad-input tests run the CLI in a subprocess joined to the module's Ray (`--address`).
+The bad-input tests run the CLI in a subprocess joined to that Ray (`--address`).
 """
 
 from __future__ import annotations
@@ -25,71 +26,26 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 import torch
 import yaml
+from clirun import cli_cmd, run_cli
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tiny import CKPT_EVERY, DENSE_STEPS, PRUNE_STEPS, tiny_config, with_changes
 
-from allatt_dist.cluster.session import connect
-from allatt_dist.config import RunConfig, merged
+from allatt_dist.config import RunConfig
 from allatt_dist.errors import UserError
 from allatt_dist.plan import make_plan
-from allatt_dist.recipe import build_config
 from allatt_dist.train.ckpt_folder import published
 from allatt_dist.train.setup import lr_multiplier
 from allatt_dist.train.trainer import prepare_run_dir, train
 from allatt_dist.variants import MODEL_PRESETS
 
 pytestmark = pytest.mark.ray
-
-DENSE_STEPS, PRUNE_STEPS, CKPT_EVERY = 60, 20, 10
-
-
-def tiny_config(data_path: Path, **sections) -> RunConfig:
-    """A model small enough that a phase's training steps take seconds."""
-    base = {
-        "model": {
-            "architecture": "all_attention",
-            "num_layers": 2,
-            "hidden_dim": 32,
-            "num_heads": 4,
-            "num_persistent": 16,
-            "seq_len": 16,
-            "mem_len": 16,
-            "dropout": 0.0,
-            "dropatt": 0.0,
-        },
-        # The last eval of a phase scores the whole valid split; 32 rows keep that to ~230 segments.
-        "data": {"path": str(data_path), "eval_batch_size": 32, "eval_max_segments": 4},
-        "train": {
-            "max_steps": DENSE_STEPS,
-            "batch_size": 4,
-            "lr": 0.005,
-            "warmup_steps": 5,
-            "eval_every": 20,
-            "checkpoint_every": CKPT_EVERY,
-            "log_every": 1,
-            "seed": 0,
-        },
-        # Gates start barely open, with fast logits and a high target, so heads close within 20 steps.
-        "gates": {"sparsity_target": 0.6, "warmup_steps": 5, "init": 0.3, "lr": 0.2},
-        "prune": {"max_steps": PRUNE_STEPS},
-        "finetune": {"max_steps": 10},
-        "scaling": {"num_workers": 2, "cpus_per_worker": 0.99},
-        "deepspeed": {"zero_stage": 2, "precision": "fp32"},
-    }
-    return build_config(merged(base, sections))
-
-
-def with_changes(cfg: RunConfig, **sections) -> RunConfig:
-    return build_config(merged(cfg.to_dict(), sections))
-
 
 # ---- TensorBoard / run-dir helpers -------------------------------------------------------------
 
@@ -151,41 +107,18 @@ def alive_train_workers(address: str) -> list:
     return list_actors(address=address, filters=filters, detail=True)  # detail: with placement_group_id
 
 
-def cli_train(cfg_file: Path, out: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "allatt_dist.cli", "train", str(cfg_file), "--out", str(out), *args]
+def cli_train(cfg_file: Path, out: Path | str, *args: str) -> list[str]:
+    return cli_cmd("train", cfg_file, "--out", out, *args)
 
 
 # ---- fixtures -----------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def s3():
-    """An S3-protocol server (moto, loopback) with a bucket `runs`, and its standard variables (AWS_*) set
-    while the module runs: the module's Ray starts with them, as the nodes of a cluster would have them."""
-    from s3server import S3Server
-
-    with S3Server() as server:
-        server.make_bucket("runs")
-        saved = {k: os.environ.get(k) for k in server.env()}
-        os.environ.update(server.env())
-        try:
-            yield server
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-
-
-@pytest.fixture(scope="module")
-def ray_address(s3):
-    """One local Ray (with its dashboard) for the module; its GCS address lets CLI subprocesses join it."""
-    if ray.is_initialized():
-        ray.shutdown()
-    connect()
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
+def ray_address(local_ray) -> str:
+    """The session's local Ray (conftest.py): its GCS address lets CLI subprocesses join it. Its nodes know
+    the S3 server (AWS_* variables), as the nodes of a cluster would."""
+    return local_ray
 
 
 @pytest.fixture(scope="module")
@@ -418,19 +351,15 @@ def test_models_in_a_bucket_are_evaluated_and_pruned_from_it(in_bucket, tmp_path
     """`evaluate` and `prune` read a model directory from the bucket (and `prune --out` writes one there)."""
     cfg, _, results, faults = in_bucket
     env = {**os.environ, **faults["s3"], "ALLATT_MIRROR_DIR": str(tmp_path / "mirrors")}
-    cli = [sys.executable, "-m", "allatt_dist.cli"]
     data = ["--set", f"data.path={cfg.data.path}"]
-    r = subprocess.run(
-        [*cli, "evaluate", "s3://runs/run/prune/pruned", "--split", "valid", "--batch-size", "32", *data],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    r = run_cli("evaluate", "s3://runs/run/prune/pruned", "--split", "valid", "--batch-size", "32", *data, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout)["ppl"] == pytest.approx(results["prune"]["valid_ppl"], rel=1e-4)
-    prune = [*cli, "prune", "s3://runs/run/prune/model", "--out", "s3://runs/pruned"]
-    r = subprocess.run(prune, env=env, capture_output=True, text=True, timeout=300)
+    prune = ["prune", "s3://runs/run/prune/model", "--out", "s3://runs/pruned"]
+    r = run_cli(*prune, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout)["heads_per_layer"] == results["prune"]["heads_per_layer"]
-    r = subprocess.run(prune, env=env, capture_output=True, text=True, timeout=300)
+    r = run_cli(*prune, env=env)
     assert r.returncode == 2 and "a model directory already exists there" in r.stderr, r.stderr
     assert not list((tmp_path / "mirrors").iterdir()), "a local copy was left behind"
 

@@ -9,12 +9,11 @@ tests/test_pruning.py (parametrised over it).
 from __future__ import annotations
 
 import itertools
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from clirun import run_cli
 
 from allatt_dist.config import GateConfig, ModelConfig
 from allatt_dist.errors import ConfigError
@@ -342,6 +341,5 @@ def test_bad_switches_are_one_line(case):
 
 def test_cli_refuses_a_contradicting_preset_in_one_line(tmp_path):
     sets = ["--set", "model.variant=authors", "--set", "model.zero_memory_start=false"]
-    cmd = [sys.executable, "-m", "allatt_dist.cli", "train", str(ROOT / "tune_configs/quickstart.yaml"), *sets]
-    p = subprocess.run([*cmd, "--out", str(tmp_path / "r")], capture_output=True, text=True, timeout=120)
+    p = run_cli("train", ROOT / "tune_configs/quickstart.yaml", *sets, "--out", tmp_path / "r", timeout=120)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "model.zero_memory_start" in p.stderr, p.stderr

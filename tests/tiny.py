@@ -1,0 +1,55 @@
+"""The tiny training recipe of the Ray Train tests (test_train.py, test_resume.py): a model small enough that a
+phase's training steps take seconds, on the real WikiText-2 mini corpus.
+
+    cfg = tiny_config(wt2_path, train={"max_steps": 40})      # sections merged into the base recipe
+    cfg2 = with_changes(cfg, deepspeed={"zero_stage": 3})
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from allatt_dist.config import RunConfig, merged
+from allatt_dist.recipe import build_config
+
+DENSE_STEPS, PRUNE_STEPS, CKPT_EVERY = 60, 20, 10
+
+
+def tiny_config(data_path: Path, **sections) -> RunConfig:
+    """A model small enough that a phase's training steps take seconds."""
+    base = {
+        "model": {
+            "architecture": "all_attention",
+            "num_layers": 2,
+            "hidden_dim": 32,
+            "num_heads": 4,
+            "num_persistent": 16,
+            "seq_len": 16,
+            "mem_len": 16,
+            "dropout": 0.0,
+            "dropatt": 0.0,
+        },
+        # The last eval of a phase scores the whole valid split; 32 rows keep that to ~230 segments.
+        "data": {"path": str(data_path), "eval_batch_size": 32, "eval_max_segments": 4},
+        "train": {
+            "max_steps": DENSE_STEPS,
+            "batch_size": 4,
+            "lr": 0.005,
+            "warmup_steps": 5,
+            "eval_every": 20,
+            "checkpoint_every": CKPT_EVERY,
+            "log_every": 1,
+            "seed": 0,
+        },
+        # Gates start barely open, with fast logits and a high target, so heads close within 20 steps.
+        "gates": {"sparsity_target": 0.6, "warmup_steps": 5, "init": 0.3, "lr": 0.2},
+        "prune": {"max_steps": PRUNE_STEPS},
+        "finetune": {"max_steps": 10},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 0.99},
+        "deepspeed": {"zero_stage": 2, "precision": "fp32"},
+    }
+    return build_config(merged(base, sections))
+
+
+def with_changes(cfg: RunConfig, **sections) -> RunConfig:
+    return build_config(merged(cfg.to_dict(), sections))
