@@ -14,9 +14,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from allatt_dist.cliargs import add_override_arg, positive_int
+from allatt_dist.cliargs import add_override_arg, non_negative_float, parse_device, positive_int
 from allatt_dist.errors import EnvironmentFailure, UserError
-from allatt_dist.infer.args import non_negative_float
 from allatt_dist.outputs import check_new_model_dir
 from allatt_dist.remote import is_uri
 from allatt_dist.rundir import RunDir, fetch_model_dir, open_experiment, open_model_out, open_out
@@ -110,7 +109,7 @@ def cmd_evaluate(a: argparse.Namespace) -> dict:
     from allatt_dist.modelio import load_model_dir
     from allatt_dist.recipe import data_config
 
-    device = _device(a.device)
+    device = parse_device(a.device, allow_auto=True)
     source, fetched = fetch_model_dir(a.model_dir, "model_dir")
     with _discarding(fetched or RunDir(source)):
         model, vocab, meta = load_model_dir(source, device)
@@ -129,23 +128,6 @@ def cmd_evaluate(a: argparse.Namespace) -> dict:
         "params": meta["params"],
         "heads_per_layer": meta["heads_per_layer"],
     }
-
-
-def _device(name: str):
-    """`--device`: auto, cpu, cuda or cuda:N, checked against this machine."""
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r}: give auto, cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {name!r}: give auto, cpu, cuda or cuda:N")
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise UserError(f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} visible)")
-    return device
 
 
 def cmd_tune(a: argparse.Namespace) -> list:

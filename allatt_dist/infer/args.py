@@ -5,50 +5,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from allatt_dist.cliargs import positive_int
+from allatt_dist.cliargs import non_negative_float, positive_int
 from allatt_dist.errors import UserError
-
-
-def non_negative_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not v >= 0.0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
-    return v
-
-
-def probability(text: str) -> float:
-    v = non_negative_float(text)
-    if not 0.0 < v <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
-    return v
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {v}")
-    return v
-
-
-def device_of(name: str):
-    """`--device`: cpu, cuda or cuda:N, checked against this machine."""
-    import torch
-
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r}: give cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {name!r}: give cpu, cuda or cuda:N")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} visible)")
-    return device
 
 
 def add_pick_args(p: argparse.ArgumentParser) -> None:

@@ -4,16 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from allatt_dist.cliargs import positive_int
+from allatt_dist.cliargs import non_negative_float, non_negative_int, parse_device, positive_int, probability
 from allatt_dist.errors import UserError
-from allatt_dist.infer.args import (
-    add_pick_args,
-    device_of,
-    non_negative_float,
-    non_negative_int,
-    pick_of,
-    probability,
-)
+from allatt_dist.infer.args import add_pick_args, pick_of
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -50,7 +43,7 @@ def cmd_generate(a: argparse.Namespace) -> dict:
     if not text.has_words(a.prompt):
         raise UserError("--prompt: give some words to continue")
     s = Sampling(a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed)
-    got = load(a.model, pick_of(a), device_of(a.device))
+    got = load(a.model, pick_of(a), parse_device(a.device))
     ids = text.prompt_ids(got.vocab, a.prompt)
     out = generate(got.model, ids, s)
     return {
