@@ -14,7 +14,8 @@ What the CPU cannot run is mapped, and only that: one worker instead of the reci
 same wrapper, FP16_UnfusedOptimizer, at ZeRO 0). A recipe added to tune_configs/ is picked up here, so
 one that cannot start fails CI.
 
-One local Ray instance serves the module; `train` (the library's entry point) runs the phases.
+The session's local Ray (conftest.py `local_ray`) serves the module; `train` (the library's entry point)
+runs the phases.
 """
 
 from __future__ import annotations
@@ -24,9 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
-import ray
 
-from allatt_dist.cluster.session import connect
 from allatt_dist.config import RunConfig
 from allatt_dist.data.corpus import load_corpus
 from allatt_dist.model.registry import build_model
@@ -78,17 +77,8 @@ def text(wt2_path: Path, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    if ray.is_initialized():
-        ray.shutdown()
-    connect()
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
-def test_recipe_starts_and_trains(recipe, ray_local, text, tmp_path):
+def test_recipe_starts_and_trains(recipe, local_ray, text, tmp_path):
     full = load_config(recipe)
     cfg = shrunk(full, text)
     kept = ("optimizer", "warmup_steps", "hold_steps", "cosine_end", "row_shift")
