@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from allatt_dist.errors import UserError
-from allatt_dist.storage import pid_alive
+from allatt_dist.storage import claim_driver, pid_alive, release_driver
 
 if TYPE_CHECKING:
     from allatt_dist.rundir import RunDir
@@ -182,10 +182,17 @@ def _hold_remote(mirror: RunDir, command: str | None) -> Iterator[str]:
 
     t = threading.Thread(target=beat, name="allatt-lease", daemon=True)
     t.start()
+    claim = None
     try:
+        try:  # other processes' sweeps leave the mirror alone while this one lives
+            claim = claim_driver(mirror.root)
+        except OSError:
+            raise RunDirInUse(f"{remote.uri}: its local copy {mirror.root} is in use by another process here") from None
         mirror.reset()  # the local mirror is this holder's alone from here on
         yield key
     finally:
+        if claim is not None:
+            release_driver(mirror.root, claim)
         stop.set()
         t.join(timeout=5)
         try:

@@ -6,11 +6,13 @@ Only rundir.py uses this module.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -54,11 +56,78 @@ def pid_alive(pid: int) -> bool:
 
 def _sweep(base: Path) -> None:
     """Remove the mirrors of processes that died without removing theirs (a worker killed, a node's
-    processes ended by a crash of the driver): each names its pid, and only dead ones are removed."""
+    processes ended by a crash of the driver): each names its pid, and only dead ones are removed. A driver's
+    mirror (one name per URI, no pid) is removed when no live process holds its claim (`claim_driver`: every
+    command holding a run directory claims it) and it has not changed for DRIVER_GRACE_S (a mirror opened by
+    code that holds no lock, in this process, is left alone while in use)."""
     for p in base.iterdir():
         m = _OWNED.match(p.name)
         if m and p.is_dir() and not pid_alive(int(m.group(1))):
             shutil.rmtree(p, ignore_errors=True)
+        elif p.name.startswith(_DRIVER) and p.is_dir() and _idle(p):
+            fd = _try_claim(_claim_file(p))
+            if fd is not None:  # nobody holds it: its driver is gone
+                shutil.rmtree(p, ignore_errors=True)
+                _release(_claim_file(p), fd)
+
+
+_DRIVER = "allatt-driver-"
+DRIVER_GRACE_S = 300.0
+
+
+def _idle(p: Path) -> bool:
+    try:
+        return time.time() - p.stat().st_mtime > DRIVER_GRACE_S
+    except OSError:
+        return False
+
+
+def _claim_file(root: Path) -> Path:
+    return root.with_name(root.name + ".claim")
+
+
+def _try_claim(path: Path) -> int | None:
+    """flock `path` (created when absent) without waiting: the fd, or None while another process holds it.
+    Retries when the file was replaced between open and flock (its holder removed it on release)."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def _release(path: Path, fd: int) -> None:
+    try:
+        path.unlink()  # before the unlock: a taker that opened this inode sees it replaced and retries
+    except FileNotFoundError:
+        pass
+    os.close(fd)
+
+
+def claim_driver(root: Path, wait_s: float = 10.0) -> int:
+    """Mark the driver's mirror `root` as in use by this process for as long as the returned fd is open
+    (a flock on the sibling ROOT.claim, released by the kernel however the process ends): the sweep of other
+    processes leaves it alone, and removes it once this process is gone. Waits `wait_s` for a sweep in
+    progress; raises OSError when another live process on this machine still holds it."""
+    deadline = time.monotonic() + wait_s
+    while (fd := _try_claim(_claim_file(root))) is None:
+        if time.monotonic() > deadline:
+            raise OSError(f"{root}: in use by another process on this machine")
+        time.sleep(0.1)
+    return fd
+
+
+def release_driver(root: Path, fd: int) -> None:
+    """End the claim of `claim_driver` (after the mirror was removed)."""
+    _release(_claim_file(root), fd)
 
 
 def mirror_root(tag: str = "run") -> Path:
@@ -73,7 +142,7 @@ def driver_root(remote: Remote) -> Path:
     """The driver's mirror of `remote`: one name per URI (not created here), so that what Tune pickles with a
     search (its callbacks name paths in it) still holds when the search is resumed, on this machine or another.
     Only the lock's holder uses it, and it empties it first (runlock.hold)."""
-    return _mirror_base() / f"allatt-driver-{hashlib.sha256(remote.uri.encode()).hexdigest()[:16]}"
+    return _mirror_base() / f"{_DRIVER}{hashlib.sha256(remote.uri.encode()).hexdigest()[:16]}"
 
 
 def under(rel: str, folder: str) -> bool:

@@ -45,3 +45,38 @@ def test_search_refuses_first_report_without_ppl(tmp_path: Path, text: str) -> N
     with pytest.raises(ConfigError, match=r"r\.yaml: train\.checkpoint_every \(\d+\) must be at least .* in a search"):
         _plan(_args(path, tmp_path / "exp"), "experiments", search=True)
     assert not (tmp_path / "exp").exists()
+
+
+# Issue 25 item 8: corpus checks that need no cluster run before Ray starts (they ran in the workers).
+
+
+def _corpus(tmp_path: Path, train: bytes) -> Path:
+    d = tmp_path / "corpus"
+    d.mkdir()
+    (d / "train.txt").write_bytes(train)
+    for split in ("valid", "test"):
+        (d / f"{split}.txt").write_text("the cat sat on the mat\n")
+    return d
+
+
+def _train_recipe(tmp_path: Path, corpus: Path) -> Path:
+    path = tmp_path / "t.yaml"
+    path.write_text(f"data:\n  path: {corpus}\n  cache_dir: {tmp_path / 'cache'}\nmodel:\n  seq_len: 16\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    "train,needle",
+    [
+        (b"one short line of words\n", r"train\.txt: the train split has \d+ tokens; train\.batch_size"),
+        (b"good words\nbad \xff byte\n" * 200, r"train\.txt: not UTF-8 text \(byte \d+\)"),
+    ],
+)
+def test_corpus_refused_before_ray(tmp_path: Path, train: bytes, needle: str) -> None:
+    from allatt_dist.cli import _plan
+    from allatt_dist.errors import DataError
+
+    path = _train_recipe(tmp_path, _corpus(tmp_path, train))
+    with pytest.raises(DataError, match=needle):
+        _plan(_args(path, tmp_path / "run"), "runs", search=False)  # the CLI connects to Ray after this
+    assert not (tmp_path / "run").exists()
