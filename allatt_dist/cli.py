@@ -76,7 +76,9 @@ class _discarding:
     def __enter__(self) -> RunDir:
         return self.run
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, error, tb) -> None:
+        if error is not None:
+            self.run.name_as_given(error)  # an error names the bucket's path, not this local copy
         self.run.discard()
 
 

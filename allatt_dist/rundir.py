@@ -19,6 +19,7 @@ itself, move the files (storage.py; the URI, its filesystem and the up-front che
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -265,12 +266,34 @@ class RunDir:
     @contextmanager
     def held(self, command: str | None = None) -> Iterator[RunDir]:
         """The directory's lock for the block (runlock.py: flock, or a lease in the bucket); the local mirror
-        of a bucket is removed when the block ends."""
+        of a bucket is removed when the block ends. An error from the block names the directory as the user
+        gave it (`name_as_given`)."""
         with hold(self, command):
             try:
                 yield self
+            except BaseException as e:
+                self.name_as_given(e)
+                raise
             finally:
                 self.discard()  # before the lock goes: the next holder's mirror may have the same name
+
+    def name_as_given(self, e: BaseException) -> None:
+        """Rewrite the message of `e` in place so that every path in a local copy of this bucket's directory
+        (this process's mirror, or another process's under the same mirror folder) is named by its URI: the
+        user typed `s3://...`, never a temporary folder. Nothing for a local directory."""
+        if self.remote is None:
+            return
+        roots = {str(storage.mirror_base()), str(storage.mirror_base().resolve())}
+        pattern = "|".join(re.escape(r) + r"/allatt-(?:driver-[0-9a-f]+|[a-z]+-\d+-[A-Za-z0-9_]+)" for r in roots)
+        mirror = re.compile(f"{re.escape(str(self.root))}|{pattern}")
+
+        def fix(text: object) -> object:
+            return mirror.sub(self.remote.uri, text) if isinstance(text, str) else text
+
+        if isinstance(e, OSError) and e.filename is not None:
+            e.filename, e.filename2 = fix(e.filename), fix(e.filename2)
+        elif isinstance(e, Exception):
+            e.args = tuple(fix(a) for a in e.args)
 
 
 # Searches started before RunDir existed hold pickled `storage.Mirror`s (Tune pickles the scheduler and the

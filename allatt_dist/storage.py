@@ -34,7 +34,7 @@ def ordered(rels: Iterable[str]) -> list[list[str]]:
     return [[r for r in rels if r.rsplit("/", 1)[-1] not in LAST], [r for r in rels if r.rsplit("/", 1)[-1] in LAST]]
 
 
-def _mirror_base() -> Path:
+def mirror_base() -> Path:
     base = Path(os.environ.get("ALLATT_MIRROR_DIR") or tempfile.gettempdir())
     base.mkdir(parents=True, exist_ok=True)
     return base
@@ -133,7 +133,7 @@ def release_driver(root: Path, fd: int) -> None:
 def mirror_root(tag: str = "run") -> Path:
     """A new local folder for a mirror: under ALLATT_MIRROR_DIR, else the system's temp folder (the
     leftovers of dead processes there are removed first)."""
-    base = _mirror_base()
+    base = mirror_base()
     _sweep(base)
     return Path(tempfile.mkdtemp(prefix=f"allatt-{tag}-{os.getpid()}-", dir=base))
 
@@ -142,7 +142,7 @@ def driver_root(remote: Remote) -> Path:
     """The driver's mirror of `remote`: one name per URI (not created here), so that what Tune pickles with a
     search (its callbacks name paths in it) still holds when the search is resumed, on this machine or another.
     Only the lock's holder uses it, and it empties it first (runlock.hold)."""
-    return _mirror_base() / f"{_DRIVER}{hashlib.sha256(remote.uri.encode()).hexdigest()[:16]}"
+    return mirror_base() / f"{_DRIVER}{hashlib.sha256(remote.uri.encode()).hexdigest()[:16]}"
 
 
 def under(rel: str, folder: str) -> bool:
