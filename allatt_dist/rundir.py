@@ -30,7 +30,7 @@ from allatt_dist import atomic, storage
 from allatt_dist.errors import UserError
 from allatt_dist.outputs import check_output_dir
 from allatt_dist.remote import Remote, check_readable, check_writable, parse_location
-from allatt_dist.runlock import hold
+from allatt_dist.runlock import check_lease, hold
 
 
 class RunDir:
@@ -45,9 +45,13 @@ class RunDir:
         self.remote = remote
         self._synced: dict[str, tuple[int, int]] = {}  # rel -> (size, mtime_ns) of the local file when last synced
         self._fetched: dict[str, tuple[int, int | None]] = {}  # rel -> the remote (size, mtime) it was pulled at
+        self.lease: tuple[str, str] | None = None  # (key, token) of the run's lease: checked before each publish
 
     def __getstate__(self) -> dict:  # another process starts with nothing synced
-        return {"root": self.root, "remote": self.remote, "_synced": {}, "_fetched": {}}
+        return {"root": self.root, "remote": self.remote, "_synced": {}, "_fetched": {}, "lease": self.lease}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update({"lease": None} | state)  # pickled before the lease travelled with it
 
     def __repr__(self) -> str:
         return f"RunDir({self.root}{', ' + self.remote.uri if self.remote else ''})"
@@ -63,7 +67,16 @@ class RunDir:
 
     def here(self, tag: str = "run") -> RunDir:
         """This run directory for the calling process: a fresh local mirror when remote, else itself."""
-        return RunDir(storage.mirror_root(tag), self.remote) if self.remote else self
+        if not self.remote:
+            return self
+        mine = RunDir(storage.mirror_root(tag), self.remote)
+        mine.lease = self.lease
+        return mine
+
+    def _fenced(self) -> None:
+        """Before writing to the bucket: the run's lease is still ours (runlock.check_lease)."""
+        if self.lease is not None:
+            check_lease(self.remote, self.lease)
 
     def rel(self, path: str | Path) -> str:
         p = Path(path)
@@ -155,9 +168,11 @@ class RunDir:
         else:
             local = {self.rel(f): f for f in base.rglob("*") if f.is_file()} if base.is_dir() else {}
         changed = [r for r, f in local.items() if not storage.skipped(r) and self._synced.get(r) != storage.stat(f)]
+        gone = [r for r in self._synced if storage.under(r, rel) and r not in local] if delete else []
+        if changed or gone:
+            self._fenced()
         for wave in storage.ordered(changed):
             self._transfer(wave, upload=True)
-        gone = [r for r in self._synced if storage.under(r, rel) and r not in local] if delete else []
         if gone:
             fs = self.remote.filesystem()
             for r in gone:
@@ -176,6 +191,8 @@ class RunDir:
         if self.remote is None:
             return
         files = self._remote_files(rel)
+        if files:
+            self._fenced()
         fs = self.remote.filesystem()
         for wave in reversed(storage.ordered(files)):
             for r in wave:

@@ -112,15 +112,16 @@ def _release(path: Path, fd: int) -> None:
     os.close(fd)
 
 
-def claim_driver(root: Path, wait_s: float = 10.0) -> int:
+def claim_driver(root: Path, wait_s: float = 2.0) -> int | None:
     """Mark the driver's mirror `root` as in use by this process for as long as the returned fd is open
     (a flock on the sibling ROOT.claim, released by the kernel however the process ends): the sweep of other
     processes leaves it alone, and removes it once this process is gone. Waits `wait_s` for a sweep in
-    progress; raises OSError when another live process on this machine still holds it."""
+    progress; None when another live process here still claims it (a holder whose lease this process has
+    taken over: frozen, it is fenced off the bucket; its claim keeps the folder from the sweep meanwhile)."""
     deadline = time.monotonic() + wait_s
     while (fd := _try_claim(_claim_file(root))) is None:
         if time.monotonic() > deadline:
-            raise OSError(f"{root}: in use by another process on this machine")
+            return None
         time.sleep(0.1)
     return fd
 
