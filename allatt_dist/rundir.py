@@ -101,14 +101,16 @@ class RunDir:
         import pyarrow.fs as pafs
 
         fs, key = self.remote.filesystem(), self.remote.key(rel)
-        info = fs.get_file_info(key)
+        where = self.remote.child(rel).uri if rel else self.remote.uri
+        info = storage.retrying("listing", where, lambda: fs.get_file_info(key))
         if info.type == pafs.FileType.File:
             return {rel: (info.size, info.mtime_ns)}
         if info.type == pafs.FileType.NotFound:
             return {}
         base = self.remote.key()
         out = {}
-        for i in fs.get_file_info(pafs.FileSelector(key, recursive=True, allow_not_found=True)):
+        selector = pafs.FileSelector(key, recursive=True, allow_not_found=True)
+        for i in storage.retrying("listing", where, lambda: fs.get_file_info(selector)):
             if i.type == pafs.FileType.File:
                 out[i.path[len(base) + 1 :]] = (i.size, i.mtime_ns)
         return out
@@ -176,7 +178,7 @@ class RunDir:
         if gone:
             fs = self.remote.filesystem()
             for r in gone:
-                storage.delete_file(fs, self.remote.key(r))
+                storage.delete_file(fs, self.remote.key(r), self.remote.child(r).uri)
                 self._drop(r)
 
     def delete(self, path: str | Path) -> None:
@@ -196,7 +198,7 @@ class RunDir:
         fs = self.remote.filesystem()
         for wave in reversed(storage.ordered(files)):
             for r in wave:
-                storage.delete_file(fs, self.remote.key(r))
+                storage.delete_file(fs, self.remote.key(r), self.remote.child(r).uri)
         for r in [r for r in self._synced if storage.under(r, rel)]:
             self._drop(r)
 
@@ -219,9 +221,9 @@ class RunDir:
         def one(r: str) -> tuple[str, tuple[int, int]]:
             local = self.root / r
             if upload:
-                storage.copy_up(fs, local, self.remote.key(r))
+                storage.copy_up(fs, local, self.remote.key(r), self.uri(local))
             else:
-                storage.copy_down(fs, self.remote.key(r), local)
+                storage.copy_down(fs, self.remote.key(r), local, self.uri(local))
             return r, storage.stat(local)
 
         with ThreadPoolExecutor(max_workers=min(8, len(rels))) as pool:

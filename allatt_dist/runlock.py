@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from allatt_dist.errors import EnvironmentFailure, UserError
-from allatt_dist.storage import claim_driver, pid_alive, release_driver
+from allatt_dist.storage import claim_driver, pid_alive, release_driver, retrying
 
 if TYPE_CHECKING:
     from allatt_dist.rundir import RunDir
@@ -164,7 +164,8 @@ def check_lease(remote, lease: tuple[str, str]) -> None:
     (a taker waits LEASE); `LeaseLost` otherwise. One read of the lease object. In the process holding the
     lease its own record wins (a RunDir that Tune pickled with an earlier command's search names that one's)."""
     key, token = HELD.get(remote.uri, lease)
-    info = _read_lease(remote.filesystem(), key) or {}
+    fs = remote.filesystem()
+    info = retrying("lease check", remote.child(LOCK_NAME).uri, lambda: _read_lease(fs, key)) or {}
     expiry, _, grace = lease_periods()
     if info.get("token") != token:
         raise LeaseLost(

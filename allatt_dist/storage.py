@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from allatt_dist.atomic import writing
+from allatt_dist.errors import EnvironmentFailure
 from allatt_dist.remote import Remote
 
 LAST = ("MANIFEST.json", "config.json", "result.json")  # published after the rest of their folder
@@ -146,6 +147,43 @@ def driver_root(remote: Remote) -> Path:
     return mirror_base() / f"{_DRIVER}{hashlib.sha256(remote.uri.encode()).hexdigest()[:16]}"
 
 
+# What a storage call may fail with for a moment (the server restarting, a network blip, throttling): retried.
+_TRANSIENT = re.compile(
+    r"connection refused|connection reset|could not connect|couldn't connect|connection was closed|"
+    r"broken pipe|timed out|timeout|network_connection|curl error|curlcode|http response code: 5\d\d|\b50[0234]\b|"
+    r"internalerror|serviceunavailable|slowdown|throttl|too many requests|\b429\b|requesttimeout",
+    re.IGNORECASE,
+)
+
+
+def retry_deadline() -> float:
+    """How long a storage call is retried through transient failures: ALLATT_STORAGE_RETRY_S, default 120 s."""
+    try:
+        return max(0.0, float(os.environ.get("ALLATT_STORAGE_RETRY_S") or 120.0))
+    except ValueError:
+        return 120.0
+
+
+def retrying(what: str, uri: str, call):
+    """`call()`, retried with exponential backoff (0.2 s doubling to 5 s) while it fails transiently
+    (connection refused/reset, timeouts, 5xx, throttling), for at most `retry_deadline()` seconds; then one line
+    (`EnvironmentFailure`, exit status 1) naming `uri` and what failed. Other errors pass through at once."""
+    deadline, pause = time.monotonic() + retry_deadline(), 0.2
+    while True:
+        try:
+            return call()
+        except OSError as e:
+            if not _TRANSIENT.search(str(e)):
+                raise
+            if time.monotonic() + pause > deadline:
+                why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                raise EnvironmentFailure(
+                    f"{uri}: {what} failed for {retry_deadline():.0f} s (ALLATT_STORAGE_RETRY_S): {why}"
+                ) from None
+        time.sleep(pause)
+        pause = min(pause * 2, 5.0)
+
+
 def under(rel: str, folder: str) -> bool:
     return not folder or rel == folder or rel.startswith(folder + "/")
 
@@ -155,20 +193,32 @@ def stat(path: Path) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
-def copy_up(fs, local: Path, key: str) -> None:
-    with open(local, "rb") as src, fs.open_output_stream(key) as dst:
-        shutil.copyfileobj(src, dst, 8 << 20)
+def copy_up(fs, local: Path, key: str, uri: str) -> None:
+    """Upload `local` to `key` (`uri`: the same, as the user names it), retried whole through outages."""
+
+    def once() -> None:
+        with open(local, "rb") as src, fs.open_output_stream(key) as dst:
+            shutil.copyfileobj(src, dst, 8 << 20)
+
+    retrying("upload", uri, once)
 
 
-def copy_down(fs, key: str, local: Path) -> None:
+def copy_down(fs, key: str, local: Path, uri: str) -> None:
     """Download to a temporary sibling and rename: a reader here sees the old file or the new one."""
     local.parent.mkdir(parents=True, exist_ok=True)
-    with fs.open_input_stream(key) as src, writing(local, "wb") as dst:
-        shutil.copyfileobj(src, dst, 8 << 20)
+
+    def once() -> None:
+        with fs.open_input_stream(key) as src, writing(local, "wb") as dst:
+            shutil.copyfileobj(src, dst, 8 << 20)
+
+    retrying("download", uri, once)
 
 
-def delete_file(fs, key: str) -> None:
-    try:
-        fs.delete_file(key)
-    except FileNotFoundError:
-        pass
+def delete_file(fs, key: str, uri: str = "") -> None:
+    def once() -> None:
+        try:
+            fs.delete_file(key)
+        except FileNotFoundError:
+            pass
+
+    retrying("delete", uri or key, once)
