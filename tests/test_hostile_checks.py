@@ -36,6 +36,7 @@ def test_train_of_recipe_with_tune_section_is_not_refused(tmp_path: Path) -> Non
         # the base recipe is fine, but one end of a searched domain is not
         "train:\n  checkpoint_every: 20\n  eval_every: 20\ntune:\n  space: {train.eval_every: {grid: [10, 40]}}\n",
     ],
+    ids=["recipe", "domain-end"],
 )
 def test_search_refuses_first_report_without_ppl(tmp_path: Path, text: str) -> None:
     from allatt_dist.cli import _plan
@@ -71,6 +72,7 @@ def _train_recipe(tmp_path: Path, corpus: Path) -> Path:
         (b"one short line of words\n", r"train\.txt: the train split has \d+ tokens; train\.batch_size"),
         (b"good words\nbad \xff byte\n" * 200, r"train\.txt: not UTF-8 text \(byte \d+\)"),
     ],
+    ids=["one-line", "not-utf8"],
 )
 def test_corpus_refused_before_ray(tmp_path: Path, train: bytes, needle: str) -> None:
     from allatt_dist.cli import _plan
