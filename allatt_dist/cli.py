@@ -31,6 +31,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def _plan(a: argparse.Namespace, kind: str, search: bool):
     """The command's plan: the recipe read once, its output directory checked, nothing written yet."""
+    from allatt_dist.crosschecks import search_conflict
     from allatt_dist.errors import ConfigError
     from allatt_dist.plan import make_plan
     from allatt_dist.recipe import load_config
@@ -38,6 +39,8 @@ def _plan(a: argparse.Namespace, kind: str, search: bool):
     cfg = load_config(a.config, a.overrides)
     if search and cfg.tune is None:
         raise ConfigError(f"{a.config}: tune: section missing (see docs/search.md)")
+    if search and (msg := search_conflict(cfg)):
+        raise ConfigError(f"{a.config}: {msg}")
     out = open_out(a.out or str(Path(kind) / Path(a.config).stem))  # parsed once; a URI checked writable now
     progress = not getattr(a, "no_progress", False)
     return make_plan(cfg, out, verbose=a.verbose, progress=progress, force=getattr(a, "force", False))
@@ -73,7 +76,9 @@ class _discarding:
     def __enter__(self) -> RunDir:
         return self.run
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, error, tb) -> None:
+        if error is not None:
+            self.run.name_as_given(error)  # an error names the bucket's path, not this local copy
         self.run.discard()
 
 

@@ -340,17 +340,6 @@ class RunConfig(_Section):
         return self
 
     @model_validator(mode="after")
-    def _first_report_scored(self) -> RunConfig:
-        """In a search every report to Tune carries valid_ppl (the scheduler's metric): the first checkpoint,
-        where the first report is made, must come at or after the first evaluation."""
-        if self.tune is not None and self.train.checkpoint_every < self.train.eval_every:
-            raise ValueError(
-                f"train.checkpoint_every ({self.train.checkpoint_every}) must be at least train.eval_every "
-                f"({self.train.eval_every}) in a search: each report to Tune needs a validation perplexity"
-            )
-        return self
-
-    @model_validator(mode="after")
     def _searched_keys(self) -> RunConfig:
         """Every searched key is a real config key, and both ends of its domain make a valid config."""
         if self.tune is None:

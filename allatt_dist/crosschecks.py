@@ -41,3 +41,22 @@ def engine_conflict(optimizer: str, zero_stage: int, shared_rel_bias: bool) -> s
             "which ZeRO-3 gathers only around the module owning them); use zero_stage 0-2"
         )
     return None
+
+
+def search_conflict(cfg: Any) -> str | None:
+    """What a search (`tune`, `run`) needs beyond a valid recipe; None when nothing is missing. Checked by
+    the search commands only: `train` of a recipe with a `tune:` section runs no search.
+
+    Every report to Tune carries valid_ppl (the scheduler's metric): the first checkpoint, where the first
+    report is made, must come at or after the first evaluation, for the base recipe and both ends of every
+    searched domain."""
+    base = {"train.checkpoint_every": cfg.train.checkpoint_every, "train.eval_every": cfg.train.eval_every}
+    for sample in cfg.tune.samples() if cfg.tune is not None else [{}]:
+        values = {**base, **{k: v for k, v in sample.items() if k in base}}
+        ckpt, every = values["train.checkpoint_every"], values["train.eval_every"]
+        if ckpt < every:
+            return (
+                f"train.checkpoint_every ({ckpt}) must be at least train.eval_every ({every}) in a search: "
+                "each report to Tune needs a validation perplexity"
+            )
+    return None

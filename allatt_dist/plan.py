@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from allatt_dist.config import RunConfig
-from allatt_dist.data.corpus import resolve_data
+from allatt_dist.data.corpus import check_segments, resolve_data
 from allatt_dist.rundir import RunDir
 from allatt_dist.train.setup import deepspeed_config
 
@@ -60,5 +60,7 @@ def make_plan(
     rundir.open_out); one line (`UserError`) for anything that cannot run."""
 
     cfg = cfg.model_copy(update={"data": resolve_data(cfg.data, ("train", "valid"))})
+    variants = [cfg, *(cfg.with_values(s) for s in cfg.tune.samples())] if cfg.tune is not None else [cfg]
+    check_segments(cfg.data, {(c.train.batch_size, c.model.seq_len) for c in variants})  # before Ray starts
     run = out if isinstance(out, RunDir) else RunDir(Path(out).resolve())
     return Plan(cfg, run.root, _ds_config(cfg), run, verbose=verbose, progress=progress, force=force)

@@ -43,6 +43,34 @@ def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
     return tree
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, first: int, second: int) -> None:
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.first, self.second = key, first, second
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise _DuplicateKey(key, seen[key], line)
+            except TypeError:  # an unhashable key: the base class words that error
+                break
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def strict_yaml(text: str) -> Any:
+    """YAML text -> data, like `yaml.safe_load`, except that a duplicated key raises `_DuplicateKey`."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if p.is_dir():
@@ -50,7 +78,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = strict_yaml(p.read_text(encoding="utf-8"))
+    except _DuplicateKey as e:
+        raise ConfigError(f"{p}: key {e.key!r} is given twice (lines {e.first} and {e.second}); keep one") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{p}: not a text file (a recipe is UTF-8 YAML)") from None
     except OSError as e:

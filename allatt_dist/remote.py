@@ -128,9 +128,13 @@ def _reason(e: BaseException) -> str:
 def check_writable(remote: Remote, flag: str = "--out") -> None:
     """Before any work: the bucket exists and takes a write and a delete with these credentials (a probe
     object under the prefix, removed again). One line naming the URI and the reason otherwise."""
+    import pyarrow.fs as pafs
+
     probe = remote.key(f".allatt-probe-{secrets.token_hex(4)}")
     try:
         fs = remote.filesystem()
+        if remote.key() and fs.get_file_info(remote.key()).type == pafs.FileType.File:
+            raise UserError(f"{flag} {remote.uri}: exists and is not a folder")  # as a local file is refused
         with fs.open_output_stream(probe) as f:
             f.write(b"probe\n")
         fs.delete_file(probe)

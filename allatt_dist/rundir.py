@@ -19,6 +19,7 @@ itself, move the files (storage.py; the URI, its filesystem and the up-front che
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +30,7 @@ from allatt_dist import atomic, storage
 from allatt_dist.errors import UserError
 from allatt_dist.outputs import check_output_dir
 from allatt_dist.remote import Remote, check_readable, check_writable, parse_location
-from allatt_dist.runlock import hold
+from allatt_dist.runlock import check_lease, hold
 
 
 class RunDir:
@@ -44,9 +45,13 @@ class RunDir:
         self.remote = remote
         self._synced: dict[str, tuple[int, int]] = {}  # rel -> (size, mtime_ns) of the local file when last synced
         self._fetched: dict[str, tuple[int, int | None]] = {}  # rel -> the remote (size, mtime) it was pulled at
+        self.lease: tuple[str, str] | None = None  # (key, token) of the run's lease: checked before each publish
 
     def __getstate__(self) -> dict:  # another process starts with nothing synced
-        return {"root": self.root, "remote": self.remote, "_synced": {}, "_fetched": {}}
+        return {"root": self.root, "remote": self.remote, "_synced": {}, "_fetched": {}, "lease": self.lease}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update({"lease": None} | state)  # pickled before the lease travelled with it
 
     def __repr__(self) -> str:
         return f"RunDir({self.root}{', ' + self.remote.uri if self.remote else ''})"
@@ -62,7 +67,16 @@ class RunDir:
 
     def here(self, tag: str = "run") -> RunDir:
         """This run directory for the calling process: a fresh local mirror when remote, else itself."""
-        return RunDir(storage.mirror_root(tag), self.remote) if self.remote else self
+        if not self.remote:
+            return self
+        mine = RunDir(storage.mirror_root(tag), self.remote)
+        mine.lease = self.lease
+        return mine
+
+    def _fenced(self) -> None:
+        """Before writing to the bucket: the run's lease is still ours (runlock.check_lease)."""
+        if self.lease is not None:
+            check_lease(self.remote, self.lease)
 
     def rel(self, path: str | Path) -> str:
         p = Path(path)
@@ -87,14 +101,16 @@ class RunDir:
         import pyarrow.fs as pafs
 
         fs, key = self.remote.filesystem(), self.remote.key(rel)
-        info = fs.get_file_info(key)
+        where = self.remote.child(rel).uri if rel else self.remote.uri
+        info = storage.retrying("listing", where, lambda: fs.get_file_info(key))
         if info.type == pafs.FileType.File:
             return {rel: (info.size, info.mtime_ns)}
         if info.type == pafs.FileType.NotFound:
             return {}
         base = self.remote.key()
         out = {}
-        for i in fs.get_file_info(pafs.FileSelector(key, recursive=True, allow_not_found=True)):
+        selector = pafs.FileSelector(key, recursive=True, allow_not_found=True)
+        for i in storage.retrying("listing", where, lambda: fs.get_file_info(selector)):
             if i.type == pafs.FileType.File:
                 out[i.path[len(base) + 1 :]] = (i.size, i.mtime_ns)
         return out
@@ -154,13 +170,15 @@ class RunDir:
         else:
             local = {self.rel(f): f for f in base.rglob("*") if f.is_file()} if base.is_dir() else {}
         changed = [r for r, f in local.items() if not storage.skipped(r) and self._synced.get(r) != storage.stat(f)]
+        gone = [r for r in self._synced if storage.under(r, rel) and r not in local] if delete else []
+        if changed or gone:
+            self._fenced()
         for wave in storage.ordered(changed):
             self._transfer(wave, upload=True)
-        gone = [r for r in self._synced if storage.under(r, rel) and r not in local] if delete else []
         if gone:
             fs = self.remote.filesystem()
             for r in gone:
-                storage.delete_file(fs, self.remote.key(r))
+                storage.delete_file(fs, self.remote.key(r), self.remote.child(r).uri)
                 self._drop(r)
 
     def delete(self, path: str | Path) -> None:
@@ -175,10 +193,12 @@ class RunDir:
         if self.remote is None:
             return
         files = self._remote_files(rel)
+        if files:
+            self._fenced()
         fs = self.remote.filesystem()
         for wave in reversed(storage.ordered(files)):
             for r in wave:
-                storage.delete_file(fs, self.remote.key(r))
+                storage.delete_file(fs, self.remote.key(r), self.remote.child(r).uri)
         for r in [r for r in self._synced if storage.under(r, rel)]:
             self._drop(r)
 
@@ -201,9 +221,9 @@ class RunDir:
         def one(r: str) -> tuple[str, tuple[int, int]]:
             local = self.root / r
             if upload:
-                storage.copy_up(fs, local, self.remote.key(r))
+                storage.copy_up(fs, local, self.remote.key(r), self.uri(local))
             else:
-                storage.copy_down(fs, self.remote.key(r), local)
+                storage.copy_down(fs, self.remote.key(r), local, self.uri(local))
             return r, storage.stat(local)
 
         with ThreadPoolExecutor(max_workers=min(8, len(rels))) as pool:
@@ -265,12 +285,34 @@ class RunDir:
     @contextmanager
     def held(self, command: str | None = None) -> Iterator[RunDir]:
         """The directory's lock for the block (runlock.py: flock, or a lease in the bucket); the local mirror
-        of a bucket is removed when the block ends."""
+        of a bucket is removed when the block ends. An error from the block names the directory as the user
+        gave it (`name_as_given`)."""
         with hold(self, command):
             try:
                 yield self
+            except BaseException as e:
+                self.name_as_given(e)
+                raise
             finally:
                 self.discard()  # before the lock goes: the next holder's mirror may have the same name
+
+    def name_as_given(self, e: BaseException) -> None:
+        """Rewrite the message of `e` in place so that every path in a local copy of this bucket's directory
+        (this process's mirror, or another process's under the same mirror folder) is named by its URI: the
+        user typed `s3://...`, never a temporary folder. Nothing for a local directory."""
+        if self.remote is None:
+            return
+        roots = {str(storage.mirror_base()), str(storage.mirror_base().resolve())}
+        pattern = "|".join(re.escape(r) + r"/allatt-(?:driver-[0-9a-f]+|[a-z]+-\d+-[A-Za-z0-9_]+)" for r in roots)
+        mirror = re.compile(f"{re.escape(str(self.root))}|{pattern}")
+
+        def fix(text: object) -> object:
+            return mirror.sub(self.remote.uri, text) if isinstance(text, str) else text
+
+        if isinstance(e, OSError) and e.filename is not None:
+            e.filename, e.filename2 = fix(e.filename), fix(e.filename2)
+        elif isinstance(e, Exception):
+            e.args = tuple(fix(a) for a in e.args)
 
 
 # Searches started before RunDir existed hold pickled `storage.Mirror`s (Tune pickles the scheduler and the

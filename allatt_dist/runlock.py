@@ -9,10 +9,20 @@ names the other process. flock works across processes of one machine and over NF
 is mapped to a POSIX lock); a directory shared between machines any other way is not protected.
 
 A run directory in object storage (rundir.py) has no flock: its lock is a lease, the object
-PREFIX/.lock, holding the holder and a heartbeat that the holder rewrites every 20 s. A lock whose
-heartbeat is older than 90 s, or whose holder is a dead process on this machine, is taken over. Two
-takers racing both write it; each reads it back after a second and only the one whose write stands
-proceeds (S3 reads after writes are consistent), so of two commands started together one is refused.
+PREFIX/.lock, holding the holder, a token of its own and a heartbeat (the holder's wall-clock time) that the
+holder rewrites every BEAT s (20). A lock whose heartbeat is LEASE s old (90), or whose holder is a dead
+process on this machine, is taken over. Two takers racing both write it; each reads it back after a second
+and only the one whose write stands proceeds (S3 reads after writes are consistent), so of two commands
+started together one is refused.
+
+Fencing: a holder that misses its renewals (frozen, cut off from the bucket) must stop writing before anyone
+may take over. Every publish of a process of the run (`RunDir.push`/`delete`: the driver, its trials and
+workers; the lease's key and token travel with the pickled RunDir) first reads the lease and refuses
+(`LeaseLost`, the command ends) unless it still holds this run's token and its heartbeat is under
+LEASE - GRACE s old (75 s): a taker waits LEASE s, so the GRACE (15 s) covers the clock difference between
+the holder's and the taker's machines plus the time from that check to the upload's end. What is
+guaranteed and under which clock assumptions: docs/architecture.md ("One writer per run directory").
+ALLATT_LEASE_S and ALLATT_LEASE_BEAT_S change the periods (the grace is LEASE / 6).
 """
 
 from __future__ import annotations
@@ -30,14 +40,34 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from allatt_dist.errors import UserError
-from allatt_dist.storage import pid_alive
+from allatt_dist.errors import EnvironmentFailure, UserError
+from allatt_dist.storage import claim_driver, pid_alive, release_driver, retrying
 
 if TYPE_CHECKING:
     from allatt_dist.rundir import RunDir
 
 LOCK_NAME = ".lock"
-LEASE_S, BEAT_S, SETTLE_S = 90.0, 20.0, 1.0  # object-storage lease: expiry, heartbeat, read-back delay
+SETTLE_S = 1.0  # object-storage lease: read-back delay of a taker
+
+
+def lease_periods() -> tuple[float, float, float]:
+    """(expiry, heartbeat, grace) of the object-storage lease in seconds: 90, 20 and 15 unless
+    ALLATT_LEASE_S / ALLATT_LEASE_BEAT_S say otherwise (the grace is a sixth of the expiry)."""
+    try:
+        lease = float(os.environ.get("ALLATT_LEASE_S") or 90.0)
+        beat = float(os.environ.get("ALLATT_LEASE_BEAT_S") or 20.0)
+    except ValueError:
+        raise UserError("ALLATT_LEASE_S / ALLATT_LEASE_BEAT_S: give seconds (numbers)") from None
+    if not 0 < beat < lease * 5 / 6:
+        raise UserError(f"ALLATT_LEASE_BEAT_S ({beat}) must be above 0 and below 5/6 of ALLATT_LEASE_S ({lease})")
+    return lease, beat, lease / 6
+
+
+HELD: dict[str, tuple[str, str]] = {}  # URI -> (key, token) of the leases this process holds now
+
+
+class LeaseLost(EnvironmentFailure):
+    """This run's lease in the bucket is no longer this run's (or not renewed in time): stop writing."""
 
 
 class RunDirInUse(UserError):
@@ -126,7 +156,28 @@ def _lease_live(info: dict | None) -> bool:
         return False
     if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int) and not pid_alive(info["pid"]):
         return False  # its holder on this machine is gone (killed): no need to wait out the lease
-    return time.time() - float(info["beat"]) < LEASE_S
+    return time.time() - float(info["beat"]) < lease_periods()[0]
+
+
+def check_lease(remote, lease: tuple[str, str]) -> None:
+    """Before a publish: the lease `(key, token)` is still this run's and was renewed within LEASE - GRACE
+    (a taker waits LEASE); `LeaseLost` otherwise. One read of the lease object. In the process holding the
+    lease its own record wins (a RunDir that Tune pickled with an earlier command's search names that one's)."""
+    key, token = HELD.get(remote.uri, lease)
+    fs = remote.filesystem()
+    info = retrying("lease check", remote.child(LOCK_NAME).uri, lambda: _read_lease(fs, key)) or {}
+    expiry, _, grace = lease_periods()
+    if info.get("token") != token:
+        raise LeaseLost(
+            f"{remote.uri}: this command no longer holds the run's lease (now {_words(info) if info else 'nobody'}); "
+            "it stopped writing there"
+        )
+    age = time.time() - float(info.get("beat", 0.0))
+    if age >= expiry - grace:
+        raise LeaseLost(
+            f"{remote.uri}: the run's lease was not renewed for {age:.0f} s (another command may take it over "
+            f"after {expiry:.0f} s); this command stopped writing there"
+        )
 
 
 def _read_lease(fs, key: str) -> dict | None:
@@ -171,21 +222,29 @@ def _hold_remote(mirror: RunDir, command: str | None) -> Iterator[str]:
     if not now or now.get("token") != info["token"]:
         raise RunDirInUse(f"{remote.uri}: in use by {_words(now or {})}; wait for it to end or use another directory")
     stop = threading.Event()
+    every = lease_periods()[1]
 
     def beat() -> None:
-        while not stop.wait(BEAT_S):
+        while not stop.wait(every):
             try:
                 if (_read_lease(fs, key) or {}).get("token") == info["token"]:
                     _write_lease(fs, key, info | {"beat": time.time()})
             except OSError:
-                pass  # a missed beat; the lease has 90 s
+                pass  # a missed beat: a publish refuses once the lease is LEASE - GRACE old
 
     t = threading.Thread(target=beat, name="allatt-lease", daemon=True)
     t.start()
+    claim = None
     try:
+        claim = claim_driver(mirror.root)  # other processes' sweeps leave the mirror alone while this one lives
         mirror.reset()  # the local mirror is this holder's alone from here on
+        mirror.lease = HELD[remote.uri] = (key, info["token"])  # every publish of the run checks it (fencing)
         yield key
     finally:
+        mirror.lease = None
+        HELD.pop(remote.uri, None)
+        if claim is not None:
+            release_driver(mirror.root, claim)
         stop.set()
         t.join(timeout=5)
         try:

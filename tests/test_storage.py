@@ -146,7 +146,9 @@ def test_markers_are_uploaded_after_the_rest_of_their_folder(env, request, monke
         (m.root / name).write_text(name)
     order = []
     real = storage.copy_up
-    monkeypatch.setattr(storage, "copy_up", lambda fs, local, key: (order.append(local.name), real(fs, local, key)))
+    monkeypatch.setattr(
+        storage, "copy_up", lambda fs, local, key, *uri: (order.append(local.name), real(fs, local, key, *uri))
+    )
     m.push()
     assert set(order[-2:]) == {"config.json", "MANIFEST.json"} and len(order) == 5
 

@@ -19,7 +19,9 @@ from allatt_dist.errors import UserError
 
 # Ray picks the node address of a new local instance from this switch, read when `ray` is imported:
 # "0" (Ray's own default on macOS and Windows) makes it 127.0.0.1, and Ray's servers then bind
-# loopback only. The `allatt-dist` CLI sets it before importing Ray; a user may set it to "1".
+# loopback only. `connect` sets it, and since whatever imported `ray` first may have done so before it was
+# set, it also makes the imported Ray read it again (`_apply_local_only`): a local instance is closed whatever
+# the command imported first. A user may set it to "1" to open the local instance.
 LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 
@@ -30,6 +32,17 @@ def _close_local_instance() -> None:
     os.environ.setdefault(LOCAL_ONLY_ENV, "0")
     if not any(os.environ.get(k) for k in AUTH_ENV) and not (Path.home() / ".ray" / "auth_token").exists():
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+
+
+def _apply_local_only() -> None:
+    """Make the imported Ray follow LOCAL_ONLY_ENV as it is now. Ray reads it once, into
+    `ray_constants.ENABLE_RAY_CLUSTER`, when `ray` is first imported; a module imported before `connect`
+    (Ray Tune's, Ray Train's) has it read unset, i.e. open. No public setting replaces it: `ray.init`'s node
+    address is resolved through it again (127.0.0.1 becomes the host's address while it is true), and the
+    processes Ray starts read the (now set) variable themselves."""
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = ray_constants.env_bool(LOCAL_ONLY_ENV, not ray_constants.IS_WINDOWS_OR_OSX)
 
 
 def is_loopback(host: str) -> bool:
@@ -60,14 +73,15 @@ def connect(address: str | None = None, verbose: bool = False, num_cpus: int | N
         if address:
             ray.init(address=address, **kwargs)
         else:
+            _apply_local_only()
             ray.init(include_dashboard=True, dashboard_host="127.0.0.1", num_cpus=num_cpus, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = address or "a local Ray instance"
         raise UserError(f"could not connect to Ray at {where}: {str(e).splitlines()[0]}") from None
     if not address and os.environ.get(LOCAL_ONLY_ENV) == "0" and not is_loopback(ray.util.get_node_ip_address()):
         logging.getLogger(__name__).warning(
-            "the local Ray listens beyond loopback (on %s): `ray` was imported before %s=0 was set; "
-            "set it in the environment to keep a local run closed",
+            "the local Ray listens beyond loopback (on %s) although %s=0; "
+            "set it in the environment before starting Python to keep a local run closed",
             ray.util.get_node_ip_address(),
             LOCAL_ONLY_ENV,
         )

@@ -88,6 +88,23 @@ def resolve_data(cfg: DataConfig, splits: Iterable[str] = SPLITS) -> DataConfig:
     return cfg.model_copy(update=update)
 
 
+def check_segments(cfg: DataConfig, sizes: Iterable[tuple[int, int]]) -> None:
+    """Before any cluster starts: a local corpus (resolved) decodes and its train split gives each of
+    `batch_size` rows one training segment of `seq_len` (+1 target) for every (batch_size, seq_len) in `sizes`
+    (the recipe and the ends of a search's domains). Loading it here also fills the token cache the workers
+    read. Hub corpora are checked by the workers (nothing is downloaded twice)."""
+    folder = _local_folder(cfg)
+    if folder is None:
+        return
+    n = int(load_corpus(cfg, ("train", "valid")).tokens("train").shape[0])
+    for batch, seq_len in sizes:
+        if n // batch < seq_len + 1:
+            raise DataError(
+                f"{_split_file(folder, 'train', cfg.raw)}: the train split has {n} tokens; train.batch_size "
+                f"({batch}) rows of model.seq_len ({seq_len}) + 1 tokens need at least {batch * (seq_len + 1)}"
+            )
+
+
 def clear_cache() -> None:
     _local_cached.cache_clear()
     _load_hub.cache_clear()

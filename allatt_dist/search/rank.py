@@ -6,7 +6,9 @@ The dense model is a reference row. Each scored model is also timed on the devic
 (a segment at the eval batch size, generation tokens/s at batch 1: infer/latency.py). Writes
 leaderboard.{json,csv,md}, pareto.png, pareto_latency.png (perplexity against latency), and
 models/<name>/ for every model on the perplexity/parameter Pareto front. Trials that were stopped
-by the scheduler or failed are listed with their status, never dropped.
+by the scheduler or failed are listed with their status, never dropped. A finished trial whose model is
+missing or damaged is listed as "not scored" (`problem` says why, one warning line each), the others are
+ranked, a model published by an earlier ranking for it stays, and the command exits non-zero.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import csv
 import io
 import json
 import shutil
+import sys
 from pathlib import Path
 
 from allatt_dist import atomic
@@ -52,7 +55,9 @@ COLUMNS: tuple[tuple[str, bool], ...] = (
     ("latency_device", False),  # where both were measured (the device the ranking scores on)
     ("pareto", True),
     ("model_dir", False),
+    ("problem", False),  # why a finished trial is "not scored" (its model missing or damaged)
 )
+NOT_SCORED = "not scored"
 FIELDS = [name for name, _ in COLUMNS]
 MARKDOWN_FIELDS = [name for name, shown in COLUMNS if shown]
 
@@ -98,12 +103,15 @@ def collect(exp_dir: Path) -> list[dict]:
         cfg = read_run_config(trial / "run.yaml")
         status = read_mapping(trial / "status.json")
         result = read_mapping(trial / "prune" / "result.json")
-        finished = status.get("status") == "finished" and (trial / "prune" / "model" / "config.json").is_file()
+        model = trial / "prune" / "model"
+        finished = status.get("status") == "finished" and (model / "config.json").is_file()
+        lost = status.get("status") == "finished" and not finished
         arch = cfg.model.architecture if cfg else None
         rows.append(
             {
                 "name": trial_run_name(trial),  # the trial's TensorBoard run and status.json name
-                "status": "finished" if finished else status.get("status", "incomplete"),
+                "status": NOT_SCORED if lost else "finished" if finished else status.get("status", "incomplete"),
+                "problem": f"{model}: missing (the trial finished, its model is gone)" if lost else None,
                 "dir": trial,
                 "source": trial / "prune" / "model" if finished else None,
                 "gated": True,
@@ -117,7 +125,7 @@ def collect(exp_dir: Path) -> list[dict]:
                 "valid_ppl": result.get("valid_ppl", (status.get("last") or {}).get("valid_ppl")),
             }
         )
-    if not any(r["status"] == "finished" for r in rows):
+    if not any(r["status"] in ("finished", NOT_SCORED) for r in rows):
         raise UserError(f"{exp_dir}: no finished trial to rank ({len(rows)} trial(s) found)")
     return rows
 
@@ -133,6 +141,9 @@ def score(rows: list[dict], exp_dir: Path, data_cfg, progress: bool, store: RunD
     jobs = [Job(r["name"], Path(r["source"]), r["gated"], store) for r in todo]
     results = score_all(jobs, data_cfg, progress)
     for row, res in zip(todo, results, strict=True):
+        if "error" in res:
+            row.update(status=NOT_SCORED, problem=res["error"], source=None)
+            continue
         saved = save_model_dir(res["model"], res["vocab"], work / row["name"], extra={"pruned": row["gated"]})
         row.update(
             test_ppl=res["test_ppl"],
@@ -142,10 +153,9 @@ def score(rows: list[dict], exp_dir: Path, data_cfg, progress: bool, store: RunD
             architecture=saved["architecture"],
             work=work / row["name"],
         )
-    timings = time_on_cluster(
-        {r["name"]: res["model"] for r, res in zip(todo, results, strict=True)}, data_cfg, data_cfg.test_batch_size
-    )
-    for row in todo:
+    scored = [(r, res) for r, res in zip(todo, results, strict=True) if "error" not in res]
+    timings = time_on_cluster({r["name"]: res["model"] for r, res in scored}, data_cfg, data_cfg.test_batch_size)
+    for row, _ in scored:
         row.update(timings[row["name"]])
 
 
@@ -172,6 +182,8 @@ def write_outputs(rows: list[dict], exp_dir: Path, budget: int | None, latency_b
             (models / r["name"]).parent.mkdir(parents=True, exist_ok=True)
             atomic.replace_dir(r["work"], models / r["name"])
             r["model_dir"] = str((models / r["name"]).relative_to(exp_dir))
+        elif r["status"] == NOT_SCORED and (models / r["name"] / "config.json").is_file():
+            r["model_dir"] = str((models / r["name"]).relative_to(exp_dir))  # published before: its source is gone
     rows.sort(key=lambda r: (r.get("test_ppl") is None, r.get("test_ppl") or 0.0, r["name"]))
     table = [{k: r.get(k) for k in FIELDS} for r in rows]
     out = {"models": table}
@@ -270,6 +282,8 @@ def rank(
     store.fetch_records(exp_dir)  # the scoring tasks fetch the models they score
     store.fetch(exp_dir / "models")  # the models the last ranking kept: replaced or removed below
     rows = collect(exp_dir)
+    for r in rows:  # name the trial's model where the user keeps it, not in this process's copy
+        r["problem"] = r.get("problem") and r["problem"].replace(str(exp_dir), store.uri(exp_dir))
     run = read_mapping(exp_dir / "run.yaml")
     data_cfg = data_config(run.get("data") or {}, data_overrides, store.uri(exp_dir / "run.yaml"))
     score(rows, exp_dir, data_cfg, progress, store)
@@ -278,7 +292,22 @@ def rank(
     out = write_outputs(rows, exp_dir, budget, latency_budget)
     store.publish(exp_dir / "models", keep_others=True)  # the new models first, then the leaderboard naming
     store.publish(exp_dir)  # them, then the models it no longer names are removed
+    check_all_scored(rows, store.uri(exp_dir / "leaderboard.json"))
     return out
+
+
+def check_all_scored(rows: list[dict], leaderboard: str) -> None:
+    """One warning line per trial that could not be scored, then one error (exit status 2) naming them all;
+    nothing when every finished trial was scored."""
+    lost = [r for r in rows if r["status"] == NOT_SCORED]
+    for r in lost:
+        print(f"allatt-dist rank: warning: trial {r['name']} not scored: {r['problem']}", file=sys.stderr, flush=True)
+    if lost:
+        names = ", ".join(r["name"] for r in lost)
+        raise UserError(
+            f"{len(lost)} finished trial(s) could not be scored ({names}): listed as {NOT_SCORED!r} in {leaderboard}, "
+            "the others are ranked there; restore or remove their models and run rank again"
+        )
 
 
 def count_non_embedding(rows: list[dict]) -> None:

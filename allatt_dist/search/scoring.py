@@ -13,7 +13,7 @@ from pathlib import Path
 
 from allatt_dist.config import DataConfig
 from allatt_dist.data.corpus import load_corpus
-from allatt_dist.errors import UserError
+from allatt_dist.errors import CheckpointError
 from allatt_dist.evaluate import evaluate
 from allatt_dist.model.pruning import prune_model
 from allatt_dist.modelio import load_model_dir
@@ -29,20 +29,24 @@ class Job:
 
 
 def score_one(job: Job, data_cfg: DataConfig, device: str = "cpu") -> dict:
-    """Prune (when gated) and test-evaluate one model; {"error": line} when its vocabulary is not the corpus's."""
+    """Prune (when gated) and test-evaluate one model; {"error": line} when it cannot be scored (missing,
+    damaged, or its vocabulary is not the corpus's), the line naming the model where the user keeps it."""
     import torch
 
     corpus = load_corpus(data_cfg, splits=("test",))
     store = job.store or RunDir(job.source)
+    where = store.uri(job.source) if job.store is not None else str(job.source)
     mine = store.here("score")
+    source = store.moved(job.source, mine)
     try:
-        source = store.moved(job.source, mine)
         mine.fetch(source)
         model, vocab, _ = load_model_dir(source)
+    except (CheckpointError, FileNotFoundError) as e:
+        return {"error": str(e).replace(str(source), where) if str(e) else f"{where}: missing"}
     finally:
         mine.discard()
     if vocab.fingerprint() != corpus.vocab.fingerprint():
-        return {"error": f"{job.source}: vocabulary differs from the experiment's corpus"}
+        return {"error": f"{where}: vocabulary differs from the experiment's corpus"}
     model = prune_model(model) if job.gated else model
     res = evaluate(model.to(device), corpus.tokens("test"), batch_size=data_cfg.test_batch_size)
     return {"test_ppl": res.ppl, "model": model.to(torch.device("cpu")), "vocab": vocab}
@@ -56,7 +60,8 @@ def _task(job: Job, data_cfg: DataConfig) -> dict:
 
 
 def score_all(jobs: list[Job], data_cfg: DataConfig, progress: bool) -> list[dict]:
-    """Every job's result, in the order given, computed in parallel as Ray tasks."""
+    """Every job's result, in the order given, computed in parallel as Ray tasks; a job that could not be
+    scored gives {"error": line} and the others go on."""
     import ray
     from tqdm import tqdm
 
@@ -77,9 +82,8 @@ def score_all(jobs: list[Job], data_cfg: DataConfig, progress: bool) -> list[dic
                     results[index[ref]] = ray.get(ref)
                 except ray.exceptions.RayTaskError as e:
                     first = (str(e.cause) if e.cause is not None else str(e)).strip().splitlines()
-                    raise UserError(f"{jobs[index[ref]].source}: scoring failed ({first[0] if first else e})") from None
+                    job = jobs[index[ref]]
+                    where = job.store.uri(job.source) if job.store is not None else str(job.source)
+                    results[index[ref]] = {"error": f"{where}: scoring failed ({first[0] if first else e})"}
                 bar.update(1)
-    for r in results:
-        if r and "error" in r:
-            raise UserError(r["error"])
     return results  # type: ignore[return-value]

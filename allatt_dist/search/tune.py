@@ -15,6 +15,7 @@ from typing import Any
 
 from allatt_dist.cluster.capacity import check_fits_with_drivers
 from allatt_dist.config import TuneConfig
+from allatt_dist.crosschecks import search_conflict
 from allatt_dist.errors import UserError
 from allatt_dist.plan import Plan
 from allatt_dist.search.callbacks import RecordTrial, ReleaseTrialResources, TrialProgress
@@ -142,6 +143,8 @@ def tune_search(plan: Plan, dense_dir: Path | None = None) -> list[dict]:
 
     if plan.cfg.tune is None:
         raise UserError("tune: section missing (see docs/search.md)")
+    if msg := search_conflict(plan.cfg):
+        raise UserError(msg)
     exp = Experiment(plan.out, plan.run)
     exp.run.fetch_records(exp.root)  # object storage: the records here
     dense_models = exp.dense_models(plan.cfg)
