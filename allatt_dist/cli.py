@@ -257,6 +257,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     that comes after other options, so the split is done here, before parsing.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["submit", "serve"]:  # `serve` as a Ray Job: serve's options, not a recipe's
+        from allatt_dist.cluster.serve_job import parse
+
+        return parse(argv[2:])
     tail = None
     if "--" in argv:
         i = argv.index("--")
