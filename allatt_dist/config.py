@@ -154,6 +154,7 @@ class DataConfig(_Section):
     test_batch_size: int = Field(8, gt=0)  # rows of the test split's evaluation in `rank` (the authors: 64)
     eval_max_segments: int | None = Field(None, gt=0)
     cache_dir: str | None = None
+    text_field: str | None = Field(None, min_length=1)  # JSONL/Parquet: the field holding the text; None: "text"
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
