@@ -155,6 +155,8 @@ class DataConfig(_Section):
     eval_max_segments: int | None = Field(None, gt=0)
     cache_dir: str | None = None
     text_field: str | None = Field(None, min_length=1)  # JSONL/Parquet: the field holding the text; None: "text"
+    tokenizer: str | None = None  # word (None), bpe, or a tokenizers JSON file (data/tokenizer.py)
+    vocab_size: int | None = Field(None, gt=0)  # bpe: the vocabulary size (None: 8000)
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from allatt_dist.config import DataConfig
-from allatt_dist.data import sources
+from allatt_dist.data import sources, tokenizer
 from allatt_dist.data.cache import DTYPE, TokenCache, cache_root
 from allatt_dist.data.cache import ENV_VAR as CACHE_ENV
 from allatt_dist.data.vocab import Vocab
@@ -71,12 +71,15 @@ def load_corpus(cfg: DataConfig, splits: Iterable[str] = SPLITS) -> Corpus:
     folder = _local_folder(cfg)
     if folder is not None:
         return _load_local(folder, cfg, wanted)
-    return _load_hub(cfg.name, cfg.raw, wanted)
+    return _load_hub(cfg.name, cfg.raw, wanted, cfg.tokenizer, cfg.vocab_size)
 
 
 def resolve_data(cfg: DataConfig, splits: Iterable[str] = SPLITS) -> DataConfig:
     """Check a local folder and its split files now, and pin it as an absolute path (for workers that
     run in another directory or on another node). Hub configs are returned unchanged."""
+    tokenizer.check(cfg.tokenizer, cfg.vocab_size)
+    if tokenizer.kind(cfg.tokenizer) == "file":  # pinned as an absolute path too
+        cfg = cfg.model_copy(update={"tokenizer": str(Path(cfg.tokenizer).expanduser().resolve())})
     folder = _local_folder(cfg)
     if folder is None:
         return cfg
@@ -119,7 +122,8 @@ def _load_local(folder: Path, cfg: DataConfig, wanted: tuple[str, ...]) -> Corpu
         stats = tuple((str(p.resolve()), p.stat().st_mtime_ns, p.stat().st_size) for p in paths)
         files.append((split, stats))
     origin = os.path.abspath(folder) if sources.is_glob(str(folder)) else str(folder.resolve())
-    return _local_cached(tuple(files), wanted, origin, cfg.cache_dir, cfg.text_field)
+    tok = (cfg.tokenizer, cfg.vocab_size)
+    return _local_cached(tuple(files), wanted, origin, cfg.cache_dir, cfg.text_field, tok)
 
 
 @lru_cache(maxsize=8)
@@ -129,14 +133,17 @@ def _local_cached(
     origin: str,
     cache_dir: str | None,
     text_field: str | None = None,
+    tok: tuple[str | None, int | None] = (None, None),
 ) -> Corpus:
     where = {split: tuple(Path(p) for p, _, _ in stats) for split, stats in files}
     # How the text is read is part of the cache key once a file is not plain text (the JSONL/Parquet field).
     plain = all(sources.kind_of(p) == "text" for paths in where.values() for p in paths)
-    salt = "" if plain else f"field={text_field or sources.DEFAULT_FIELD}"
+    salt = ";".join(
+        filter(None, ["" if plain else f"field={text_field or sources.DEFAULT_FIELD}", tokenizer.cache_salt(*tok)])
+    )
     root, chosen = cache_root(cache_dir)
     try:
-        return _from_token_cache(TokenCache(root, where["train"], salt), where, wanted, origin, text_field)
+        return _from_token_cache(TokenCache(root, where["train"], salt), where, wanted, origin, text_field, tok)
     except OSError as e:
         if chosen:
             raise DataError(
@@ -144,7 +151,7 @@ def _local_cached(
                 "to a writable folder"
             ) from None
     lines = {split: _split_lines(paths, text_field) for split, paths in where.items()}  # no usable cache: in memory
-    return _make_corpus(lines, {s: _name(p) for s, p in where.items()}, wanted, origin)
+    return _make_corpus(lines, {s: _name(p) for s, p in where.items()}, wanted, origin, tok)
 
 
 def _split_lines(paths: tuple[Path, ...], text_field: str | None) -> list[str]:
@@ -161,7 +168,12 @@ def _name(paths: tuple[Path, ...]) -> str:
 
 
 def _from_token_cache(
-    cache: TokenCache, where: dict[str, tuple[Path, ...]], wanted: tuple[str, ...], origin: str, field: str | None
+    cache: TokenCache,
+    where: dict[str, tuple[Path, ...]],
+    wanted: tuple[str, ...],
+    origin: str,
+    field: str | None,
+    tok: tuple[str | None, int | None] = (None, None),
 ) -> Corpus:
     """Vocabulary and ids from the disk cache; a file is read and tokenised only when its entry is missing."""
     read: dict[str, list[str]] = {}
@@ -173,7 +185,7 @@ def _from_token_cache(
                 raise DataError(f"{_name(where[split])}: split {split!r} is empty (no tokens)")
         return read[split]
 
-    vocab = cache.vocab(lambda: Vocab.build(lines("train")))
+    vocab = cache.vocab(lambda: tokenizer.build(*tok, lambda: lines("train")))
     arrays = {}
     for split in wanted:
         arrays[split] = cache.ids(split, where[split], lambda s=split: vocab.encode_lines(lines(s), DTYPE))
@@ -181,7 +193,9 @@ def _from_token_cache(
 
 
 @lru_cache(maxsize=4)
-def _load_hub(name: str, raw: bool, wanted: tuple[str, ...]) -> Corpus:
+def _load_hub(
+    name: str, raw: bool, wanted: tuple[str, ...], tok_name: str | None = None, vocab_size: int | None = None
+) -> Corpus:
     config = f"{name}-{'raw-' if raw else ''}v1"
     try:
         import datasets
@@ -195,14 +209,20 @@ def _load_hub(name: str, raw: bool, wanted: tuple[str, ...]) -> Corpus:
             f"could not reach the Hugging Face hub for wikitext/{config} ({reason}); use a local copy: {_FIX}"
         ) from None
     where = {s: f"hub wikitext/{config} split {_HUB_SPLIT[s]}" for s in lines}
-    return _make_corpus(lines, where, wanted, f"hub:wikitext/{config}")
+    return _make_corpus(lines, where, wanted, f"hub:wikitext/{config}", (tok_name, vocab_size))
 
 
-def _make_corpus(lines: dict[str, list[str]], where: dict[str, str], wanted: tuple[str, ...], origin: str) -> Corpus:
+def _make_corpus(
+    lines: dict[str, list[str]],
+    where: dict[str, str],
+    wanted: tuple[str, ...],
+    origin: str,
+    tok: tuple[str | None, int | None] = (None, None),
+) -> Corpus:
     for split, split_lines in lines.items():
         if not any(line.strip() for line in split_lines):
             raise DataError(f"{where[split]}: split {split!r} is empty (no tokens)")
-    vocab = Vocab.build(lines["train"])
+    vocab = tokenizer.build(*tok, lambda: lines["train"])
     arrays = {}
     for split in wanted:
         ids = vocab.encode_lines(lines[split])  # (n,) int64

@@ -76,6 +76,10 @@ def hf_config(model, vocab_size: int) -> dict:
 
 
 def save_tokenizer(vocab, out: Path) -> None:
+    if vocab.tokenizer is not None:
+        from allatt_dist.errors import UserError
+
+        raise UserError("export --format hf: a model with a subword tokenizer (data.tokenizer) is not exportable yet")
     from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
