@@ -100,3 +100,14 @@ def test_bad_tokenizer_settings_are_one_line_before_a_run(tmp_path, wt2_path, mo
     (tmp_path / "BAD").write_text("{not json")
     with pytest.raises(DataError, match=message):
         resolve_data(DataConfig(path=str(wt2_path), **settings))
+
+
+def test_adaptive_cutoffs_as_fractions_of_the_vocabulary():
+    """One recipe for any vocabulary size: fractions become ids when the model is built."""
+    cfg = ModelConfig(num_layers=1, hidden_dim=16, num_heads=2, seq_len=8, mem_len=8, adaptive_cutoffs=[0.05, 0.3])
+    assert build_model(cfg, 600).io.cutoffs == [30, 180, 600]
+    assert build_model(cfg, 8000).io.cutoffs == [400, 2400, 8000]
+    with pytest.raises(ValueError, match="fractions of the vocabulary strictly between 0 and 1"):
+        ModelConfig(adaptive_cutoffs=[0.5, 1.5])
+    with pytest.raises(ValueError, match="give no distinct clusters for a vocabulary of 10"):
+        build_model(cfg.model_copy(update={"adaptive_cutoffs": [0.01, 0.02]}), 10)

@@ -18,10 +18,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from allatt_dist.data.vocab import Vocab
+from allatt_dist.data.vocab import Vocab, load_tokenizer_file
 from allatt_dist.errors import DataError
 
 SPECIALS = [Vocab.EOS, Vocab.UNK]
+load_file = load_tokenizer_file
+vocab_of = Vocab.from_tokenizer
 BYTE_ALPHABET = 256
 MIN_VOCAB = BYTE_ALPHABET + len(SPECIALS)
 DEFAULT_VOCAB = 8000
@@ -84,31 +86,6 @@ def train_bpe(lines: list[str], vocab_size: int):
     )
     tok.train_from_iterator((line for line in lines if line), trainer=trainer, length=len(lines))
     return tok
-
-
-def load_file(path: Path):
-    """A `tokenizers` JSON file; one line when it does not load."""
-    try:
-        from tokenizers import Tokenizer
-    except ImportError:
-        raise DataError("data.tokenizer needs the `tokenizers` library: pip install 'allatt-dist[data]'") from None
-    try:
-        tok = Tokenizer.from_file(str(path))
-    except Exception as e:  # the library raises its own Exception for any unreadable file
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise DataError(f"{path}: not a tokenizers JSON file ({first})") from None
-    return tok
-
-
-def vocab_of(tok) -> Vocab:
-    """The Vocab of a tokenizer: its tokens in id order, `<eos>`/`<unk>` added as special tokens if missing."""
-    missing = [t for t in SPECIALS if tok.token_to_id(t) is None]
-    if missing:
-        tok.add_special_tokens(missing)
-    by_id = {i: t for t, i in tok.get_vocab(with_added_tokens=True).items()}
-    if sorted(by_id) != list(range(len(by_id))):
-        raise DataError("the tokenizer's ids are not 0..N-1 without gaps; it cannot index an embedding")
-    return Vocab([by_id[i] for i in range(len(by_id))], tokenizer=tok)
 
 
 def _file(tokenizer: str) -> Path:

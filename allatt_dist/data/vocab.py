@@ -56,6 +56,17 @@ class Vocab:
         """How text becomes ids: "words", or "tokenizer <its fingerprint>"."""
         return "words" if self.tokenizer is None else f"tokenizer {self.fingerprint()}"
 
+    @classmethod
+    def from_tokenizer(cls, tok) -> Vocab:
+        """A `tokenizers.Tokenizer`'s tokens in id order; `<eos>`/`<unk>` added as special tokens if missing."""
+        missing = [t for t in (cls.EOS, cls.UNK) if tok.token_to_id(t) is None]
+        if missing:
+            tok.add_special_tokens(missing)
+        by_id = {i: t for t, i in tok.get_vocab(with_added_tokens=True).items()}
+        if sorted(by_id) != list(range(len(by_id))):
+            raise DataError("the tokenizer's ids are not 0..N-1 without gaps; they cannot index an embedding")
+        return cls([by_id[i] for i in range(len(by_id))], tokenizer=tok)
+
     def __len__(self) -> int:
         return len(self.itos)
 
@@ -136,9 +147,7 @@ class Vocab:
         if not p.is_file():
             raise DataError(f"{p}: vocabulary file not found")
         if (p.parent / TOKENIZER_FILE).is_file():
-            from allatt_dist.data.tokenizer import load_file, vocab_of
-
-            return vocab_of(load_file(p.parent / TOKENIZER_FILE))
+            return cls.from_tokenizer(load_tokenizer_file(p.parent / TOKENIZER_FILE))
         text = p.read_text(encoding="utf-8")
         itos = text.split("\n")
         if itos and itos[-1] == "":
@@ -147,6 +156,19 @@ class Vocab:
             raise DataError(f"{p}: vocabulary file is empty")
         _check_tokens(p, itos)
         return cls(itos)
+
+
+def load_tokenizer_file(path: Path):
+    """A `tokenizers` JSON file; one line when it does not load."""
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise DataError("data.tokenizer needs the `tokenizers` library: pip install 'allatt-dist[data]'") from None
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # the library raises its own Exception for any unreadable file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise DataError(f"{path}: not a tokenizers JSON file ({first})") from None
 
 
 def _check_tokens(path: Path, itos: list[str]) -> None:
