@@ -178,3 +178,23 @@ def test_the_cli_refuses_a_bad_source_in_one_line_before_ray(tmp_path):
     )  # fmt: skip
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert f"data.path {tmp_path}/*.jsonl: no file matches" in r.stderr and not (tmp_path / "run").exists()
+
+
+def test_a_datasets_folder_saved_to_disk_is_read_offline(tmp_path, wt2_lines, reference):
+    """A `DatasetDict.save_to_disk` folder (train / validation / test, two shards for train), read with pyarrow."""
+    datasets = pytest.importorskip("datasets")
+    datasets.disable_progress_bars()
+    parts = {s: datasets.Dataset.from_list(_records(wt2_lines[s], "body")) for s in SPLITS}
+    folder = tmp_path / "hf"
+    datasets.DatasetDict({"train": parts["train"], "validation": parts["valid"], "test": parts["test"]}).save_to_disk(
+        str(folder), max_shard_size="500KB"
+    )
+    assert len(sources.split_files(folder, ("train",), raw=False)["train"]) > 1  # shards, in the listed order
+    cfg = resolve_data(DataConfig(path=str(folder), text_field="body", cache_dir=str(tmp_path / "c")))
+    clear_cache()
+    _same(load_corpus(cfg), reference)
+    with pytest.raises(DataError, match=r"no column 'text' \(data.text_field\); its columns: id, body"):
+        resolve_data(DataConfig(path=str(folder)))
+    datasets.DatasetDict({"train": parts["train"]}).save_to_disk(str(tmp_path / "hf1"))
+    with pytest.raises(DataError, match="the datasets folder has no split valid or validation; it has: train"):
+        resolve_data(DataConfig(path=str(tmp_path / "hf1"), text_field="body"))

@@ -4,6 +4,8 @@
 
 * a folder holds one file per split, the first of `wiki.{split}.tokens`, `{split}.txt`, `{split}.txt.gz`,
   `{split}.jsonl`, `{split}.jsonl.gz`, `{split}.parquet` found (`wiki.{split}.raw` first when data.raw);
+* a Hugging Face `datasets` folder (`DatasetDict.save_to_disk`, with its dataset_dict.json): the Arrow
+  files of its `train`, `validation` (or `valid`) and `test` splits, read offline with pyarrow;
 * a glob (`corpus/*.jsonl.gz`, `shards/**/*.parquet`) gives files whose names start with `train`,
   `valid` (or `validation`) or `test`; a split may have several files, read in name order.
 
@@ -25,9 +27,9 @@ from allatt_dist.errors import DataError
 
 SPLITS = ("train", "valid", "test")
 DEFAULT_FIELD = "text"
-_TEXT = (".txt", ".tokens", ".raw")
 _KINDS = {".txt": "text", ".tokens": "text", ".raw": "text", ".jsonl": "jsonl", ".parquet": "parquet"}
-_ALLOWED = ".txt, .tokens, .jsonl, .parquet (.txt and .jsonl also gzipped: .gz)"
+_KINDS[".arrow"] = "arrow"  # a `datasets` save_to_disk shard (an Arrow IPC stream)
+_ALLOWED = ".txt, .tokens, .jsonl, .parquet, .arrow (.txt and .jsonl also gzipped: .gz)"
 
 
 def is_glob(path: str) -> bool:
@@ -38,7 +40,7 @@ def kind_of(path: Path) -> str:
     """text | jsonl | parquet, from the file name (a `.gz` suffix is the compression, not the kind)."""
     name = path.name[:-3] if path.name.endswith(".gz") else path.name
     ext = os.path.splitext(name)[1]
-    if ext not in _KINDS or (path.name.endswith(".gz") and _KINDS[ext] == "parquet"):
+    if ext not in _KINDS or (path.name.endswith(".gz") and _KINDS[ext] in ("parquet", "arrow")):
         raise DataError(f"{path}: not a corpus file; allowed: {_ALLOWED}")
     return _KINDS[ext]
 
@@ -55,6 +57,8 @@ def split_files(path: str | Path, splits: tuple[str, ...], raw: bool) -> dict[st
     if is_glob(text):
         return _glob_files(text, splits)
     folder = Path(text)
+    if (folder / "dataset_dict.json").is_file():
+        return {split: _hf_split_files(folder, split) for split in splits}
     out = {}
     for split in splits:
         names = folder_candidates(split, raw)
@@ -63,6 +67,25 @@ def split_files(path: str | Path, splits: tuple[str, ...], raw: bool) -> dict[st
             raise DataError(f"{folder / names[0]}: split file not found (also tried {', '.join(names[1:])})")
         out[split] = (hit,)
     return out
+
+
+def _hf_split_files(folder: Path, split: str) -> tuple[Path, ...]:
+    """The Arrow files of one split of a `save_to_disk` folder, in the order its state.json lists them."""
+    names = [split, "validation"] if split == "valid" else [split]
+    hit = next((folder / n for n in names if (folder / n / "state.json").is_file()), None)
+    if hit is None:
+        try:
+            have = json.loads((folder / "dataset_dict.json").read_text())["splits"]
+        except (OSError, ValueError, KeyError, TypeError):
+            have = []
+        raise DataError(f"{folder}: the datasets folder has no split {' or '.join(names)}; it has: {', '.join(have)}")
+    try:
+        files = [hit / f["filename"] for f in json.loads((hit / "state.json").read_text())["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{hit / 'state.json'}: not a datasets state file ({e})") from None
+    if not files or not all(f.is_file() for f in files):
+        raise DataError(f"{hit}: Arrow files missing (state.json lists {', '.join(f.name for f in files)})")
+    return tuple(files)
 
 
 def _glob_files(pattern: str, splits: tuple[str, ...]) -> dict[str, tuple[Path, ...]]:
@@ -86,8 +109,8 @@ def read_lines(path: Path, text_field: str | None = None) -> list[str]:
     """The text lines of one corpus file (see the module's docstring)."""
     kind = kind_of(path)
     field = text_field or DEFAULT_FIELD
-    if kind == "parquet":
-        return _parquet_lines(path, field)
+    if kind in ("parquet", "arrow"):
+        return _table_lines(path, field, kind)
     try:
         if path.name.endswith(".gz"):
             with gzip.open(path, "rt", encoding="utf-8", newline="") as f:
@@ -133,17 +156,20 @@ def _jsonl_lines(path: Path, text: str, field: str) -> list[str]:
     return out
 
 
-def _parquet_lines(path: Path, field: str) -> list[str]:
+def _table_lines(path: Path, field: str, kind: str) -> list[str]:
+    """A Parquet file's or a `datasets` Arrow file's (an Arrow IPC stream) text column, line by line."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    _table_schema(path, field, kind)
     try:
-        names = pq.read_schema(path).names
-        if field not in names:
-            raise DataError(f"{path}: no column {field!r} (data.text_field); its columns: {', '.join(names)}")
-        column = pq.read_table(path, columns=[field]).column(field)
+        if kind == "parquet":
+            column = pq.read_table(path, columns=[field]).column(field)
+        else:
+            with pa.memory_map(str(path)) as src:
+                column = pa.ipc.open_stream(src).read_all().column(field)
     except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0][:200]})") from None
+        raise DataError(f"{path}: not a readable {kind.title()} file ({str(e).splitlines()[0][:200]})") from None
     if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
         raise DataError(f"{path}: column {field!r} is {column.type}, not text")
     out: list[str] = []
@@ -157,8 +183,8 @@ def probe(path: Path, text_field: str | None) -> None:
     schema has the text field (the whole file is read, and checked, when it is tokenised)."""
     kind = kind_of(path)
     field = text_field or DEFAULT_FIELD
-    if kind == "parquet":
-        _parquet_schema(path, field)
+    if kind in ("parquet", "arrow"):
+        _table_schema(path, field, kind)
         return
     try:
         opener = gzip.open if path.name.endswith(".gz") else open
@@ -174,13 +200,17 @@ def probe(path: Path, text_field: str | None) -> None:
         _jsonl_lines(path, first.decode("utf-8", errors="replace"), field)
 
 
-def _parquet_schema(path: Path, field: str) -> None:
+def _table_schema(path: Path, field: str, kind: str) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        names = pq.read_schema(path).names
+        if kind == "parquet":
+            names = pq.read_schema(path).names
+        else:
+            with pa.memory_map(str(path)) as src:
+                names = pa.ipc.open_stream(src).schema.names
     except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0][:200]})") from None
+        raise DataError(f"{path}: not a readable {kind.title()} file ({str(e).splitlines()[0][:200]})") from None
     if field not in names:
         raise DataError(f"{path}: no column {field!r} (data.text_field); its columns: {', '.join(names)}")
