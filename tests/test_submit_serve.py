@@ -73,7 +73,7 @@ def _jobs_api_of_session_ray() -> str:
     info = ray.init(ignore_reinit_error=True).address_info
     port, token = info["dashboard_agent_listen_port"], os.environ.get("RAY_AUTH_TOKEN")
     holders = [c.pid for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port]
-    if token and not all(pid and _ours(pid, [token]) for pid in holders):
+    if token and not (holders and all(pid and _ours(pid, [token]) for pid in holders)):
         pytest.skip(f"another Ray on this machine holds the dashboard agent port {port} (Ray Jobs need it)")
     return "http://" + info["webui_url"]
 
@@ -87,6 +87,8 @@ def test_submit_serve_answers_until_stopped(local_ray, tmp_path):
     port = _free_port()
     args = ["submit", "serve", str(model_dir), "--port", str(port), "--cpus-per-replica", "0.5"]
     r = run_cli(*args, "--address", jobs_api, cwd=REPO, timeout=400)
+    if "No available agent" in r.stderr:  # the session Ray's agent lost the port race to another Ray (see above)
+        pytest.skip("the session Ray's dashboard agent is not serving (another Ray on this machine took its port)")
     if r.returncode != 0:
         failed = re.search(r"job (raysubmit_\w+)", r.stderr)
         log = run_cli("jobs", "logs", failed.group(1), "--address", jobs_api).stdout if failed else ""
