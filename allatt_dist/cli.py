@@ -109,6 +109,7 @@ def cmd_prune(a: argparse.Namespace) -> dict:
 
 def cmd_evaluate(a: argparse.Namespace) -> dict:
     from allatt_dist.data.corpus import load_corpus
+    from allatt_dist.data.tokenizer import for_model
     from allatt_dist.errors import CheckpointError
     from allatt_dist.evaluate import evaluate
     from allatt_dist.modelio import load_model_dir
@@ -119,11 +120,12 @@ def cmd_evaluate(a: argparse.Namespace) -> dict:
     with _discarding(fetched or RunDir(source)):
         model, vocab, meta = load_model_dir(source, device)
     data = data_config({}, a.overrides, "--set")
-    corpus = load_corpus(data, splits=(a.split,))
+    with for_model(data, vocab) as data:  # a subword model's own tokenizer reads the corpus
+        corpus = load_corpus(data, splits=(a.split,))
     if corpus.vocab.fingerprint() != vocab.fingerprint():
         raise CheckpointError(
-            f"{a.model_dir}: its vocabulary ({len(vocab)} types) is not the one of the corpus "
-            f"{corpus.origin} ({len(corpus.vocab)} types)"
+            f"{a.model_dir}: its vocabulary ({len(vocab)} types, {vocab.kind}) is not the one of the corpus "
+            f"{corpus.origin} ({len(corpus.vocab)} types, {corpus.vocab.kind})"
         )
     res = evaluate(model, corpus.tokens(a.split), a.batch_size, progress=sys.stderr.isatty())
     return {
@@ -262,6 +264,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     that comes after other options, so the split is done here, before parsing.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["submit", "serve"]:  # `serve` as a Ray Job: serve's options, not a recipe's
+        from allatt_dist.cluster.serve_job import parse
+
+        return parse(argv[2:])
     tail = None
     if "--" in argv:
         i = argv.index("--")

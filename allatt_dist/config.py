@@ -49,7 +49,7 @@ class ModelConfig(_Section):
     seq_len: int = Field(64, gt=0)
     mem_len: int = Field(64, ge=0)
     same_length: bool = True
-    adaptive_cutoffs: list[int] = Field(default_factory=list)
+    adaptive_cutoffs: list[int] | list[float] = Field(default_factory=list)  # token ids, or fractions of the vocabulary
     adaptive_div: int = Field(4, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     dropatt: float = Field(0.0, ge=0.0, lt=1.0)
@@ -89,8 +89,12 @@ class ModelConfig(_Section):
                 f"model.hidden_dim ({self.hidden_dim}) must be divisible by model.num_heads ({self.num_heads})"
             )
         cut = self.adaptive_cutoffs
-        if any(c <= 0 for c in cut) or sorted(set(cut)) != cut:
-            raise ValueError(f"model.adaptive_cutoffs must be strictly increasing positive ints, got {cut}")
+        fractions = any(isinstance(c, float) for c in cut)
+        if any(c <= 0 or (fractions and c >= 1) for c in cut) or sorted(set(cut)) != cut:
+            raise ValueError(
+                "model.adaptive_cutoffs must be strictly increasing positive ints (token ids), or fractions of the "
+                f"vocabulary strictly between 0 and 1, got {cut}"
+            )
         return self
 
     @property
@@ -154,6 +158,9 @@ class DataConfig(_Section):
     test_batch_size: int = Field(8, gt=0)  # rows of the test split's evaluation in `rank` (the authors: 64)
     eval_max_segments: int | None = Field(None, gt=0)
     cache_dir: str | None = None
+    text_field: str | None = Field(None, min_length=1)  # JSONL/Parquet: the field holding the text; None: "text"
+    tokenizer: str | None = None  # word (None), bpe, or a tokenizers JSON file (data/tokenizer.py)
+    vocab_size: int | None = Field(None, gt=0)  # bpe: the vocabulary size (None: 8000)
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:

@@ -89,10 +89,12 @@ def register(sub) -> None:
 
     p = sub.add_parser(
         "submit",
-        help="run train/run/tune on a remote Ray cluster as a Ray Job",
-        usage="%(prog)s CONFIG [options] [-- ARGS passed on to the remote command]",
+        help="run train/run/tune (or serve: `submit serve MODEL ...`) on a remote Ray cluster as a Ray Job",
+        usage="%(prog)s CONFIG [options] [-- ARGS passed on to the remote command]\n"
+        "       %(prog)s serve EXP_OR_MODEL [serve options] [options]  (see `submit serve --help`)",
         description="Submit `allatt-dist COMMAND CONFIG ...` as a Ray Job. Arguments after `--` are passed "
-        "on to the remote command unchanged.",
+        "on to the remote command unchanged. `submit serve EXP_OR_MODEL` runs `serve` as a job that keeps "
+        "serving until `allatt-dist jobs stop JOB_ID`.",
     )
     p.add_argument("config", help="recipe YAML, inside the uploaded working_dir (e.g. tune_configs/quickstart.yaml)")
     p.add_argument("--address", default=None, help=_ADDRESS_HELP)

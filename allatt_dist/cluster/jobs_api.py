@@ -32,6 +32,7 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 TOKEN_ENV, TOKEN_PATH_ENV = "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"
 DEFAULT_TOKEN_FILE = Path("~/.ray/auth_token")
 DOCS = "docs/cluster.md"
+AGENT_WAIT_S = 60.0  # how long submit waits for the job agent of a head that has just started
 
 
 # --------------------------------------------------------------------------------------------------
@@ -171,10 +172,18 @@ def submit(
     metadata: dict[str, str] | None = None,
     submission_id: str | None = None,
 ) -> str:
-    with sdk_errors(client, "job submission failed"):
-        return client.submit_job(
-            entrypoint=entrypoint, runtime_env=runtime_env, metadata=metadata, submission_id=submission_id
-        )
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            with sdk_errors(client, "job submission failed"):
+                return client.submit_job(
+                    entrypoint=entrypoint, runtime_env=runtime_env, metadata=metadata, submission_id=submission_id
+                )
+        except UserError as e:
+            # A head that has just started answers this until its job agent is up; nothing was created.
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+        time.sleep(1.0)
 
 
 def job_info(client, job_id: str):

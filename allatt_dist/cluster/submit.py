@@ -138,22 +138,31 @@ def build_job(
     return shlex.join(argv), runtime_env, metadata
 
 
-def _recipe_in_working_dir(config: str, runtime_env: dict[str, Any], runtime_env_path: str | None) -> str:
-    """CONFIG's path inside the job's working_dir (checked: uploaded, not excluded); sets the runtime env's
-    excludes and, for a local folder, its absolute working_dir."""
+def _working_dir(runtime_env: dict[str, Any], runtime_env_path: str | None) -> str | Path:
+    """The job's working_dir: a URI as given, or a local folder made absolute (default: this one); sets the
+    runtime env's excludes and, for a local folder, its absolute working_dir."""
     wd = runtime_env.get("working_dir", ".")
     if not isinstance(wd, str):
         raise UserError(f"{runtime_env_path}: working_dir must be a path or a URI")
     excludes = list(runtime_env.get("excludes") or [])
     runtime_env["excludes"] = excludes + [e for e in DEFAULT_EXCLUDES if e not in excludes]
     if _is_uri(wd):
-        # A package already uploaded (s3://, gs://, https://...zip): CONFIG names a file inside it.
-        if Path(config).is_absolute():
-            raise UserError(f"{config}: with working_dir {wd}, give CONFIG relative to that package's root")
-        return Path(config).as_posix()
+        return wd
     root = Path(wd).expanduser().resolve()
     if not root.is_dir():
         raise UserError(f"working_dir {wd}: not a directory")
+    runtime_env["working_dir"] = str(root)
+    return root
+
+
+def _recipe_in_working_dir(config: str, runtime_env: dict[str, Any], runtime_env_path: str | None) -> str:
+    """CONFIG's path inside the job's working_dir (checked: uploaded, not excluded)."""
+    root = _working_dir(runtime_env, runtime_env_path)
+    if isinstance(root, str):
+        # A package already uploaded (s3://, gs://, https://...zip): CONFIG names a file inside it.
+        if Path(config).is_absolute():
+            raise UserError(f"{config}: with working_dir {root}, give CONFIG relative to that package's root")
+        return Path(config).as_posix()
     cfg = Path(config).expanduser().resolve()
     if not cfg.is_relative_to(root):
         raise UserError(
@@ -164,7 +173,6 @@ def _recipe_in_working_dir(config: str, runtime_env: dict[str, Any], runtime_env
     rule = _excluded(rel, root, runtime_env["excludes"])
     if rule:
         raise UserError(f"{config}: left out of the uploaded working_dir by its {rule}; move it elsewhere")
-    runtime_env["working_dir"] = str(root)
     return rel
 
 

@@ -61,11 +61,23 @@ def file_digest(path: Path) -> str:
     return f"{h.hexdigest()[:32]}-{path.stat().st_size}"
 
 
-class TokenCache:
-    """The cache entry of one train file (its vocabulary) and the splits encoded with it."""
+def files_digest(files: Path | tuple[Path, ...], salt: str = "") -> str:
+    """One file without salt: its `file_digest` (the names of existing entries); several files, or how
+    their text is read (`salt`, e.g. a JSONL text field): a digest of their digests and the salt."""
+    files = (files,) if isinstance(files, Path) else tuple(files)
+    if len(files) == 1 and not salt:
+        return file_digest(files[0])
+    parts = [file_digest(f) for f in files] + [salt]
+    return f"{hashlib.sha256(chr(10).join(parts).encode()).hexdigest()[:32]}-{len(files)}"
 
-    def __init__(self, root: Path, train_file: Path) -> None:
-        self.dir = root / f"{RULES}-{file_digest(train_file)}"
+
+class TokenCache:
+    """The cache entry of one train source (its vocabulary) and the splits encoded with it; a source is a
+    file or several files, with `salt` naming how their text is read (sources.py)."""
+
+    def __init__(self, root: Path, train_file: Path | tuple[Path, ...], salt: str = "") -> None:
+        self.dir = root / f"{RULES}-{files_digest(train_file, salt)}"
+        self.salt = salt
 
     def vocab(self, build: Callable[[], Vocab]) -> Vocab:
         path = self.dir / "vocab.txt"
@@ -78,10 +90,10 @@ class TokenCache:
                     self._record(path)
         return Vocab.load(path)
 
-    def ids(self, split: str, split_file: Path, encode: Callable[[], np.ndarray]) -> np.ndarray:
+    def ids(self, split: str, split_file: Path | tuple[Path, ...], encode: Callable[[], np.ndarray]) -> np.ndarray:
         """The split's ids, memory-mapped read-only; `encode` (uint32 ids) runs only when they are missing
         or damaged."""
-        path = self.dir / f"{split}-{file_digest(split_file)}.npy"
+        path = self.dir / f"{split}-{files_digest(split_file, self.salt)}.npy"
         loaded = _load(path) if self._intact(path) else None
         if loaded is not None:
             return loaded

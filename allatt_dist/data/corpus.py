@@ -1,9 +1,10 @@
-"""Load a WikiText corpus (word level) as int64 token ids, from a local folder or the Hugging Face hub.
+"""Load a corpus (word level) as int64 token ids, from a local folder or glob, or WikiText from the hub.
 
 Resolution order: `data.path`, else the `ALLATT_DATA` environment variable (unless data.source is
-`hub`), else the hub (`datasets.load_dataset("wikitext", ...)`). A local folder holds either
-`wiki.{train,valid,test}.tokens` or `{train,valid,test}.txt`. The vocabulary always comes from the
-train split. A local corpus is tokenised once and kept on disk as memory-mapped uint32 ids (`cache.py`),
+`hub`), else the hub (`datasets.load_dataset("wikitext", ...)`). A local corpus is a folder of
+`wiki.{split}.tokens` or `{split}.{txt,jsonl,parquet}` (txt/jsonl also gzipped), or a glob of such files
+named by split (`sources.py`, with `data.text_field` for JSONL/Parquet). The vocabulary always comes
+from the train split. A local corpus is tokenised once and kept on disk as memory-mapped uint32 ids (`cache.py`),
 shared by every process on the node; loads are also cached in-process, so repeated calls are free.
 """
 
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from allatt_dist.config import DataConfig
+from allatt_dist.data import sources, tokenizer
 from allatt_dist.data.cache import DTYPE, TokenCache, cache_root
 from allatt_dist.data.cache import ENV_VAR as CACHE_ENV
 from allatt_dist.data.vocab import Vocab
@@ -26,7 +28,10 @@ from allatt_dist.errors import DataError
 SPLITS = ("train", "valid", "test")
 ENV_VAR = "ALLATT_DATA"
 _HUB_SPLIT = {"train": "train", "valid": "validation", "test": "test"}
-_FIX = "--set data.path=DIR (or ALLATT_DATA=DIR), a folder with {train,valid,test}.txt or wiki.*.tokens"
+_FIX = (
+    "--set data.path=DIR (or ALLATT_DATA=DIR), a folder with {train,valid,test}.{txt,jsonl,parquet} or wiki.*.tokens, "
+    "or a glob of files named train*, valid*, test*"
+)
 
 
 @dataclass
@@ -65,24 +70,29 @@ def load_corpus(cfg: DataConfig, splits: Iterable[str] = SPLITS) -> Corpus:
             raise DataError(f"unknown split {s!r}; known: {', '.join(SPLITS)}")
     folder = _local_folder(cfg)
     if folder is not None:
-        return _load_local(folder, cfg.raw, wanted, cfg.cache_dir)
-    return _load_hub(cfg.name, cfg.raw, wanted)
+        return _load_local(folder, cfg, wanted)
+    return _load_hub(cfg.name, cfg.raw, wanted, cfg.tokenizer, cfg.vocab_size)
 
 
 def resolve_data(cfg: DataConfig, splits: Iterable[str] = SPLITS) -> DataConfig:
     """Check a local folder and its split files now, and pin it as an absolute path (for workers that
     run in another directory or on another node). Hub configs are returned unchanged."""
+    tokenizer.check(cfg.tokenizer, cfg.vocab_size)
+    if tokenizer.kind(cfg.tokenizer) == "file":  # pinned as an absolute path too
+        cfg = cfg.model_copy(update={"tokenizer": str(Path(cfg.tokenizer).expanduser().resolve())})
     folder = _local_folder(cfg)
     if folder is None:
         return cfg
-    if not folder.is_dir():
+    if not sources.is_glob(str(folder)) and not folder.is_dir():
         raise DataError(f"{folder}: data folder not found; {_FIX}")
-    for split in dict.fromkeys(("train", *splits)):
-        f = _split_file(folder, split, cfg.raw)
-        with f.open("rb") as fh:
-            if not fh.read(1 << 16).strip():
-                raise DataError(f"{f}: the {split} split is empty")
-    update = {"path": str(folder.resolve()), "source": "local"}
+    for split, files in sources.split_files(folder, tuple(dict.fromkeys(("train", *splits))), cfg.raw).items():
+        for f in files:
+            try:
+                sources.probe(f, cfg.text_field)
+            except DataError as e:
+                raise DataError(str(e).replace("empty (no text)", f"the {split} split is empty")) from None
+    pinned = os.path.abspath(folder) if sources.is_glob(str(folder)) else str(folder.resolve())
+    update = {"path": pinned, "source": "local"}
     if cfg.cache_dir:
         update["cache_dir"] = str(Path(cfg.cache_dir).expanduser().resolve())
     return cfg.model_copy(update=update)
@@ -99,8 +109,9 @@ def check_segments(cfg: DataConfig, sizes: Iterable[tuple[int, int]]) -> None:
     n = int(load_corpus(cfg, ("train", "valid")).tokens("train").shape[0])
     for batch, seq_len in sizes:
         if n // batch < seq_len + 1:
+            train_files = sources.split_files(folder, ("train",), cfg.raw)["train"]
             raise DataError(
-                f"{_split_file(folder, 'train', cfg.raw)}: the train split has {n} tokens; train.batch_size "
+                f"{_name(train_files)}: the train split has {n} tokens; train.batch_size "
                 f"({batch}) rows of model.seq_len ({seq_len}) + 1 tokens need at least {batch * (seq_len + 1)}"
             )
 
@@ -121,66 +132,88 @@ def _local_folder(cfg: DataConfig) -> Path | None:
     return None
 
 
-def _split_file(folder: Path, split: str, raw: bool) -> Path:
-    names = [f"wiki.{split}.tokens", f"{split}.txt"]
-    if raw:
-        names.insert(0, f"wiki.{split}.raw")
-    for name in names:
-        if (folder / name).is_file():
-            return folder / name
-    others = " or ".join(names[1:])
-    raise DataError(f"{folder / names[0]}: split file not found (also tried {others})")
-
-
-def _load_local(folder: Path, raw: bool, wanted: tuple[str, ...], cache_dir: str | None) -> Corpus:
-    if not folder.is_dir():
+def _load_local(folder: Path, cfg: DataConfig, wanted: tuple[str, ...]) -> Corpus:
+    if not sources.is_glob(str(folder)) and not folder.is_dir():
         raise DataError(f"{folder}: data folder not found; {_FIX}")
     files = []
-    for split in dict.fromkeys(("train", *wanted)):
-        path = _split_file(folder, split, raw).resolve()
-        st = path.stat()
-        files.append((split, str(path), st.st_mtime_ns, st.st_size))
-    return _local_cached(tuple(files), wanted, str(folder.resolve()), cache_dir)
+    for split, paths in sources.split_files(folder, tuple(dict.fromkeys(("train", *wanted))), cfg.raw).items():
+        stats = tuple((str(p.resolve()), p.stat().st_mtime_ns, p.stat().st_size) for p in paths)
+        files.append((split, stats))
+    origin = os.path.abspath(folder) if sources.is_glob(str(folder)) else str(folder.resolve())
+    tok = (cfg.tokenizer, cfg.vocab_size)
+    return _local_cached(tuple(files), wanted, origin, cfg.cache_dir, cfg.text_field, tok)
 
 
 @lru_cache(maxsize=8)
 def _local_cached(
-    files: tuple[tuple[str, str, int, int], ...], wanted: tuple[str, ...], origin: str, cache_dir: str | None
+    files: tuple[tuple[str, tuple[tuple[str, int, int], ...]], ...],
+    wanted: tuple[str, ...],
+    origin: str,
+    cache_dir: str | None,
+    text_field: str | None = None,
+    tok: tuple[str | None, int | None] = (None, None),
 ) -> Corpus:
-    where = {split: path for split, path, _, _ in files}
+    where = {split: tuple(Path(p) for p, _, _ in stats) for split, stats in files}
+    # How the text is read is part of the cache key once a file is not plain text (the JSONL/Parquet field).
+    plain = all(sources.kind_of(p) == "text" for paths in where.values() for p in paths)
+    salt = ";".join(
+        filter(None, ["" if plain else f"field={text_field or sources.DEFAULT_FIELD}", tokenizer.cache_salt(*tok)])
+    )
     root, chosen = cache_root(cache_dir)
     try:
-        return _from_token_cache(TokenCache(root, Path(where["train"])), where, wanted, origin)
+        return _from_token_cache(TokenCache(root, where["train"], salt), where, wanted, origin, text_field, tok)
     except OSError as e:
         if chosen:
             raise DataError(
                 f"{root}: token cache not usable ({e.strerror or e}); set data.cache_dir (or {CACHE_ENV}) "
                 "to a writable folder"
             ) from None
-    lines = {split: read_lines(path) for split, path in where.items()}  # no usable default cache: in memory
-    return _make_corpus(lines, where, wanted, origin)
+    lines = {split: _split_lines(paths, text_field) for split, paths in where.items()}  # no usable cache: in memory
+    return _make_corpus(lines, {s: _name(p) for s, p in where.items()}, wanted, origin, tok)
 
 
-def _from_token_cache(cache: TokenCache, where: dict[str, str], wanted: tuple[str, ...], origin: str) -> Corpus:
+def _split_lines(paths: tuple[Path, ...], text_field: str | None) -> list[str]:
+    """The lines of a split's files, in order (plain text through `read_lines`, the rest through sources)."""
+    out: list[str] = []
+    for p in paths:
+        plain = sources.kind_of(p) == "text" and not p.name.endswith(".gz")
+        out += read_lines(p) if plain else sources.read_lines(p, text_field)
+    return out
+
+
+def _name(paths: tuple[Path, ...]) -> str:
+    return str(paths[0]) if len(paths) == 1 else f"{paths[0]} (+{len(paths) - 1} more files)"
+
+
+def _from_token_cache(
+    cache: TokenCache,
+    where: dict[str, tuple[Path, ...]],
+    wanted: tuple[str, ...],
+    origin: str,
+    field: str | None,
+    tok: tuple[str | None, int | None] = (None, None),
+) -> Corpus:
     """Vocabulary and ids from the disk cache; a file is read and tokenised only when its entry is missing."""
     read: dict[str, list[str]] = {}
 
     def lines(split: str) -> list[str]:
         if split not in read:
-            read[split] = read_lines(where[split])
+            read[split] = _split_lines(where[split], field)
             if not any(line.strip() for line in read[split]):
-                raise DataError(f"{where[split]}: split {split!r} is empty (no tokens)")
+                raise DataError(f"{_name(where[split])}: split {split!r} is empty (no tokens)")
         return read[split]
 
-    vocab = cache.vocab(lambda: Vocab.build(lines("train")))
+    vocab = cache.vocab(lambda: tokenizer.build(*tok, lambda: lines("train")))
     arrays = {}
     for split in wanted:
-        arrays[split] = cache.ids(split, Path(where[split]), lambda s=split: vocab.encode_lines(lines(s), DTYPE))
+        arrays[split] = cache.ids(split, where[split], lambda s=split: vocab.encode_lines(lines(s), DTYPE))
     return Corpus(vocab=vocab, splits=arrays, origin=origin)
 
 
 @lru_cache(maxsize=4)
-def _load_hub(name: str, raw: bool, wanted: tuple[str, ...]) -> Corpus:
+def _load_hub(
+    name: str, raw: bool, wanted: tuple[str, ...], tok_name: str | None = None, vocab_size: int | None = None
+) -> Corpus:
     config = f"{name}-{'raw-' if raw else ''}v1"
     try:
         import datasets
@@ -194,14 +227,20 @@ def _load_hub(name: str, raw: bool, wanted: tuple[str, ...]) -> Corpus:
             f"could not reach the Hugging Face hub for wikitext/{config} ({reason}); use a local copy: {_FIX}"
         ) from None
     where = {s: f"hub wikitext/{config} split {_HUB_SPLIT[s]}" for s in lines}
-    return _make_corpus(lines, where, wanted, f"hub:wikitext/{config}")
+    return _make_corpus(lines, where, wanted, f"hub:wikitext/{config}", (tok_name, vocab_size))
 
 
-def _make_corpus(lines: dict[str, list[str]], where: dict[str, str], wanted: tuple[str, ...], origin: str) -> Corpus:
+def _make_corpus(
+    lines: dict[str, list[str]],
+    where: dict[str, str],
+    wanted: tuple[str, ...],
+    origin: str,
+    tok: tuple[str | None, int | None] = (None, None),
+) -> Corpus:
     for split, split_lines in lines.items():
         if not any(line.strip() for line in split_lines):
             raise DataError(f"{where[split]}: split {split!r} is empty (no tokens)")
-    vocab = Vocab.build(lines["train"])
+    vocab = tokenizer.build(*tok, lambda: lines["train"])
     arrays = {}
     for split in wanted:
         ids = vocab.encode_lines(lines[split])  # (n,) int64

@@ -9,16 +9,19 @@ from allatt_dist.cliargs import non_negative_float, positive_int
 from allatt_dist.errors import UserError
 
 
-def add_pick_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--budget", type=positive_int, default=None, help="experiment: best model with at most PARAMS")
-    p.add_argument("--name", default=None, help="experiment: the leaderboard row of this name")
-    p.add_argument(
-        "--latency-budget",
-        type=non_negative_float,
-        default=None,
-        metavar="MS",
-        help="experiment: best model whose measured segment latency (rank's latency_ms) is at most MS",
-    )
+def add_pick_args(p: argparse.ArgumentParser) -> list[argparse.Action]:
+    """--budget, --name, --latency-budget; returns the actions (`submit serve` passes them on)."""
+    return [
+        p.add_argument("--budget", type=positive_int, default=None, help="experiment: best model with at most PARAMS"),
+        p.add_argument("--name", default=None, help="experiment: the leaderboard row of this name"),
+        p.add_argument(
+            "--latency-budget",
+            type=non_negative_float,
+            default=None,
+            metavar="MS",
+            help="experiment: best model whose measured segment latency (rank's latency_ms) is at most MS",
+        ),
+    ]
 
 
 def pick_of(a: argparse.Namespace):

@@ -39,6 +39,7 @@ def check_out(out: str, force: bool) -> None:
 
 def hf_config(model, vocab_size: int) -> dict:
     """config.json: the stack's switches under the names configuration_allatt.AllAttConfig declares."""
+    from allatt_dist.model.output import resolve_cutoffs
     from allatt_dist.model.stack import stack_layout
 
     cfg = model.cfg
@@ -62,7 +63,7 @@ def hf_config(model, vocab_size: int) -> dict:
         "seq_len": cfg.seq_len,
         "mem_len": cfg.mem_len,
         "same_length": cfg.same_length,
-        "adaptive_cutoffs": list(cfg.adaptive_cutoffs) or None,
+        "adaptive_cutoffs": resolve_cutoffs(cfg.adaptive_cutoffs, vocab_size) or None,
         "adaptive_div": cfg.adaptive_div,
         "adaptive_proj": bool(cfg.adaptive_proj),
         "final_norm": cfg.final_norm,
@@ -76,6 +77,8 @@ def hf_config(model, vocab_size: int) -> dict:
 
 
 def save_tokenizer(vocab, out: Path) -> None:
+    if vocab.tokenizer is not None:
+        raise UserError("export --format hf: a model with a subword tokenizer (data.tokenizer) is not exportable yet")
     from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast

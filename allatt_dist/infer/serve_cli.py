@@ -33,25 +33,36 @@ class Target:
 
 def register_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve models over HTTP JSON on Ray Serve (generate, score, health)")
-    p.add_argument("model", help="model directory or ranked experiment (local or s3://); no pick: the Pareto front")
-    add_pick_args(p)
-    p.add_argument("--host", default="127.0.0.1", help="HTTP address (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=positive_int, default=8000)
-    p.add_argument("--replicas", type=positive_int, default=1, help="replicas per model")
-    p.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs per replica (the model runs on cuda)")
-    p.add_argument(
-        "--cpus-per-replica",
-        type=float,
-        default=None,
-        help="CPUs per replica (default 1; on the local Ray at most an even share of its CPUs, so every replica fits)",
-    )
-    p.add_argument("--max-batch-size", type=positive_int, default=8, help="requests computed together")
-    p.add_argument("--batch-wait-ms", type=float, default=10.0, help="longest wait to fill a batch")
-    p.add_argument("--max-new-tokens", type=positive_int, default=256, help="limit per /generate request")
-    p.add_argument("--max-tokens", type=positive_int, default=2048, help="limit on a prompt or scored text")
+    add_serve_options(p)
     p.add_argument("--address", default=None, help="Ray cluster (default: RAY_ADDRESS or the embedded local Ray)")
     p.add_argument("--verbose", action="store_true", help="show Ray's and Serve's own logs")
     p.set_defaults(fn=cmd_serve)
+
+
+def add_serve_options(p: argparse.ArgumentParser) -> list[argparse.Action]:
+    """What is served and how (all but --address and --verbose); returns the options' actions, which
+    `submit serve` passes on to the job (cluster/submit.py)."""
+    p.add_argument("model", help="model directory or ranked experiment (local or s3://); no pick: the Pareto front")
+    acts = add_pick_args(p)
+    add = p.add_argument
+    acts += [
+        add("--host", default="127.0.0.1", help="HTTP address (default 127.0.0.1: this machine only)"),
+        add("--port", type=positive_int, default=8000),
+        add("--replicas", type=positive_int, default=1, help="replicas per model"),
+        add("--gpus-per-replica", type=float, default=0.0, help="GPUs per replica (the model runs on cuda)"),
+        add(
+            "--cpus-per-replica",
+            type=float,
+            default=None,
+            help="CPUs per replica (default 1; on the local Ray at most an even share of its CPUs, so every "
+            "replica fits)",
+        ),
+        add("--max-batch-size", type=positive_int, default=8, help="requests computed together"),
+        add("--batch-wait-ms", type=float, default=10.0, help="longest wait to fill a batch"),
+        add("--max-new-tokens", type=positive_int, default=256, help="limit per /generate request"),
+        add("--max-tokens", type=positive_int, default=2048, help="limit on a prompt or scored text"),
+    ]
+    return acts
 
 
 def targets(text: str, pick) -> list[Target]:
@@ -95,11 +106,22 @@ def cmd_serve(a: argparse.Namespace) -> dict | None:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        from ray import serve
-
-        serve.shutdown()
+        stop_serving(todo, on_cluster=bool(a.address))
         print("allatt-dist serve: stopped", file=sys.stderr)
     return None
+
+
+def stop_serving(todo: list[Target], on_cluster: bool) -> None:
+    """Ctrl-C, or SIGTERM (`allatt-dist jobs stop` of a submitted serve): this command's applications go.
+    On a cluster the applications others deploy stay, and Serve with them; it goes with the last one."""
+    from ray import serve
+
+    if on_cluster:
+        for t in todo:
+            serve.delete(_app_name(t.name))
+        if serve.status().applications:
+            return
+    serve.shutdown()
 
 
 def start(todo: list[Target], a: argparse.Namespace, limits) -> None:

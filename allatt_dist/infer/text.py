@@ -1,4 +1,4 @@
-"""Text in and out through a model's own word-level vocabulary.
+"""Text in and out through a model's own vocabulary (words, or its subword tokenizer).
 
 A text is read as the corpus is: each line's space-separated words, `<eos>` after each line, words the
 vocabulary lacks as `<unk>`. A prompt starts after an `<eos>` (a line start, as every corpus line does)
@@ -17,7 +17,7 @@ def prompt_ids(vocab: Vocab, text: str) -> list[int]:
     for i, line in enumerate(text.splitlines()):
         if i:
             ids.append(vocab.eos_id)
-        ids += [vocab.stoi.get(w, vocab.unk_id) for w in line.split()]
+        ids += vocab.line_ids(line)
     return ids
 
 
@@ -27,15 +27,8 @@ def text_ids(vocab: Vocab, text: str) -> list[int]:
 
 
 def words(vocab: Vocab, ids: list[int]) -> str:
-    """Tokens as text: words joined by spaces, `<eos>` as a line break."""
-    lines, cur = [], []
-    for tok in vocab.decode(ids):
-        if tok == Vocab.EOS:
-            lines.append(" ".join(cur))
-            cur = []
-        else:
-            cur.append(tok)
-    return "\n".join([*lines, " ".join(cur)])
+    """Tokens as text: `<eos>` as a line break; words joined by spaces (subwords decoded by their tokenizer)."""
+    return vocab.text(ids)
 
 
 def has_words(text: str) -> bool:

@@ -105,12 +105,23 @@ class TiedSoftmax(nn.Module):
         return F.cross_entropy(logits.float(), target, reduction="none")
 
 
+def resolve_cutoffs(cutoffs: list[int] | list[float], vocab_size: int) -> list[int]:
+    """Cutoffs as token ids: fractions of the vocabulary (0.05, 0.3) rounded to ids, so one recipe fits any
+    vocabulary size (a subword tokenizer's, data.vocab_size); ids as given."""
+    if not any(isinstance(c, float) for c in cutoffs):
+        return list(cutoffs)
+    ids = [max(1, round(c * vocab_size)) for c in cutoffs]
+    if sorted(set(ids)) != ids or ids[-1] >= vocab_size:
+        raise ValueError(f"model.adaptive_cutoffs {cutoffs} give no distinct clusters for a vocabulary of {vocab_size}")
+    return ids
+
+
 class AdaptiveIO(nn.Module):
     """Adaptive input + adaptive softmax sharing their matrices (the WikiText-103 setup)."""
 
     def __init__(self, vocab_size: int, dim: int, cutoffs: list[int], div: int, proj: bool = False):
         super().__init__()
-        cut = [c for c in cutoffs if c < vocab_size]
+        cut = [c for c in resolve_cutoffs(cutoffs, vocab_size) if c < vocab_size]
         if not cut:
             raise ValueError(f"model.adaptive_cutoffs {cutoffs} leave no tail for a vocabulary of {vocab_size}")
         self.asm = nn.AdaptiveLogSoftmaxWithLoss(dim, vocab_size, cut, div_value=float(div), head_bias=True)

@@ -26,7 +26,9 @@ from allatt_dist.model.transformer import LanguageModel
 
 def non_embedding_params(model: ModelConfig) -> int:
     """Parameters of the dense model outside the word embeddings and softmax (built on the meta device)."""
-    vocab = (max(model.adaptive_cutoffs) + 1) if model.adaptive_cutoffs else 2
+    cut = model.adaptive_cutoffs
+    fractions = any(isinstance(c, float) for c in cut)
+    vocab = 10**6 if fractions else (max(cut) + 1 if cut else 2)  # outside the count: any size the cutoffs fit
     with torch.device("meta"):
         lm = LanguageModel(model, vocab)
     io = {id(p) for p in lm.io.parameters()}

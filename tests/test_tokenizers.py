@@ -1,0 +1,118 @@
+"""Subword tokenizers (data.tokenizer): byte-level BPE trained on the train split, a tokenizers JSON file; the
+tokenizer saved with a model directory and used to read text and corpora again; a model refused on data
+tokenised differently. No Ray."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from allatt_dist.cli import main
+from allatt_dist.config import DataConfig, ModelConfig
+from allatt_dist.data.corpus import clear_cache, load_corpus, read_lines, resolve_data
+from allatt_dist.errors import DataError
+from allatt_dist.infer.text import prompt_ids, words
+from allatt_dist.model.registry import build_model
+from allatt_dist.modelio import load_model_dir, save_model_dir
+
+pytest.importorskip("tokenizers")
+
+
+@pytest.fixture(scope="module")
+def bpe(wt2_path: Path, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("c")
+    clear_cache()
+    cfg = DataConfig(path=str(wt2_path), tokenizer="bpe", vocab_size=600, cache_dir=str(cache))
+    return load_corpus(cfg, ("train", "valid")), cfg
+
+
+def test_bpe_is_byte_level_at_the_size_asked_and_reads_text_back(bpe):
+    corpus, _ = bpe
+    vocab = corpus.vocab
+    assert len(vocab) == 600 and vocab.tokenizer is not None
+    text = "The naïve café (2026) — 東京 \tx"  # nothing unknown: bytes it never saw in training too
+    ids = prompt_ids(vocab, text)
+    assert vocab.unk_id not in ids and words(vocab, ids[1:]) == text
+    valid = np.asarray(corpus.tokens("valid"))
+    assert valid.max() < 600 and (valid == vocab.eos_id).sum() > 100
+
+
+def test_the_cached_tokenizer_and_ids_are_reused_and_equal(bpe, monkeypatch):
+    corpus, cfg = bpe
+    from allatt_dist.data import tokenizer
+
+    monkeypatch.setattr(tokenizer, "train_bpe", lambda *a: pytest.fail("trained again"))
+    clear_cache()
+    again = load_corpus(cfg, ("train", "valid"))
+    assert again.vocab.fingerprint() == corpus.vocab.fingerprint()
+    assert np.array_equal(np.asarray(again.tokens("valid")), np.asarray(corpus.tokens("valid")))
+
+
+def test_a_model_directory_carries_its_tokenizer_and_evaluate_uses_it(bpe, tmp_path, wt2_path, capsys):
+    corpus, cfg = bpe
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(num_layers=1, hidden_dim=16, num_heads=2, seq_len=8, mem_len=8), 600).eval()
+    save_model_dir(model, corpus.vocab, tmp_path / "m")
+    assert (tmp_path / "m" / "tokenizer.json").is_file()
+    _, vocab, _ = load_model_dir(tmp_path / "m")
+    assert vocab.tokenizer is not None and vocab.fingerprint() == corpus.vocab.fingerprint()
+    small = tmp_path / "small"  # a short valid split: the evaluation is not the point
+    small.mkdir()
+    lines = read_lines(wt2_path / "valid.txt")[:300]
+    (small / "valid.txt").write_text("".join(line + "\n" for line in lines))
+    (small / "train.txt").write_text("x\n")
+    clear_cache()
+    argv = ["evaluate", str(tmp_path / "m"), "--split", "valid", "--set", f"data.path={small}"]
+    assert main([*argv, "--set", f"data.cache_dir={tmp_path / 'c'}"]) == 0  # no data.tokenizer: the model's own
+    assert json.loads(capsys.readouterr().out)["tokens"] == len(corpus.vocab.encode_lines(lines)) - 1
+    clear_cache()
+    assert main([*argv, "--set", "data.tokenizer=word"]) == 2  # the same text, tokenised otherwise: refused
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "(600 types, tokenizer tok-" in err and "types, words)" in err, err
+    pytest.importorskip("transformers")
+    assert main(["export", str(tmp_path / "m"), str(tmp_path / "hf"), "--format", "hf"]) == 2  # not yet: one line
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "subword tokenizer" in err and not (tmp_path / "hf").exists(), err
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".hf.new-")]  # nothing half-written left
+
+
+def test_a_tokenizer_file(bpe, tmp_path, wt2_path):
+    corpus, _ = bpe
+    path = tmp_path / "tok.json"
+    path.write_text(corpus.vocab.tokenizer.to_str())
+    cfg = resolve_data(DataConfig(path=str(wt2_path), tokenizer=str(path), cache_dir=str(tmp_path / "c")))
+    clear_cache()
+    other = load_corpus(cfg, ("valid",))
+    assert other.vocab.fingerprint() == corpus.vocab.fingerprint()
+    assert np.array_equal(np.asarray(other.tokens("valid")), np.asarray(corpus.tokens("valid")))
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"tokenizer": "bpe", "vocab_size": 100}, "data.vocab_size 100: too small for byte-level BPE"),
+        ({"tokenizer": "nope.json"}, "data.tokenizer nope.json: no such file; give word, bpe or a tokenizers JSON"),
+        ({"tokenizer": "BAD"}, "not a tokenizers JSON file"),
+        ({"vocab_size": 1000}, "data.vocab_size: only for data.tokenizer bpe"),
+    ],
+)
+def test_bad_tokenizer_settings_are_one_line_before_a_run(tmp_path, wt2_path, monkeypatch, settings, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "BAD").write_text("{not json")
+    with pytest.raises(DataError, match=message):
+        resolve_data(DataConfig(path=str(wt2_path), **settings))
+
+
+def test_adaptive_cutoffs_as_fractions_of_the_vocabulary():
+    """One recipe for any vocabulary size: fractions become ids when the model is built."""
+    cfg = ModelConfig(num_layers=1, hidden_dim=16, num_heads=2, seq_len=8, mem_len=8, adaptive_cutoffs=[0.05, 0.3])
+    assert build_model(cfg, 600).io.cutoffs == [30, 180, 600]
+    assert build_model(cfg, 8000).io.cutoffs == [400, 2400, 8000]
+    with pytest.raises(ValueError, match="fractions of the vocabulary strictly between 0 and 1"):
+        ModelConfig(adaptive_cutoffs=[0.5, 1.5])
+    with pytest.raises(ValueError, match="give no distinct clusters for a vocabulary of 10"):
+        build_model(cfg.model_copy(update={"adaptive_cutoffs": [0.01, 0.02]}), 10)
