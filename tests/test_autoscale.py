@@ -220,9 +220,9 @@ def _train(fake_cluster, out: Path, data: Path, *sets: str) -> subprocess.Comple
 
 
 @pytest.mark.autoscale
-def test_a_request_above_max_workers_is_refused_fast(fake_cluster, wt2_path, tmp_path):
+def test_a_request_above_max_workers_is_refused_fast(fake_cluster, wt2_slice, tmp_path):
     t0 = time.monotonic()
-    r = _train(fake_cluster, tmp_path / "run", wt2_path, "scaling.num_workers=4")
+    r = _train(fake_cluster, tmp_path / "run", wt2_slice, "scaling.num_workers=4")
     took = time.monotonic() - t0
     assert r.returncode == 2, r.stderr[-3000:]
     line = r.stderr.strip().splitlines()[-1]
@@ -232,8 +232,8 @@ def test_a_request_above_max_workers_is_refused_fast(fake_cluster, wt2_path, tmp
 
 
 @pytest.mark.autoscale
-def test_two_workers_on_a_head_with_room_for_one_train_after_a_node_is_added(fake_cluster, wt2_path, tmp_path):
-    r = _train(fake_cluster, tmp_path / "run", wt2_path, "scaling.num_workers=2")
+def test_two_workers_on_a_head_with_room_for_one_train_after_a_node_is_added(fake_cluster, wt2_slice, tmp_path):
+    r = _train(fake_cluster, tmp_path / "run", wt2_slice, "scaling.num_workers=2")
     assert r.returncode == 0, r.stderr[-4000:]
     assert "autoscaler: waiting for scaling.num_workers=2" in r.stderr
     assert "autoscaler: ready after" in r.stderr
@@ -243,9 +243,9 @@ def test_two_workers_on_a_head_with_room_for_one_train_after_a_node_is_added(fak
 
 
 @pytest.mark.autoscale
-def test_a_wait_that_times_out_says_what_was_asked_and_what_arrived(fake_cluster, wt2_path, tmp_path):
+def test_a_wait_that_times_out_says_what_was_asked_and_what_arrived(fake_cluster, wt2_slice, tmp_path):
     # Three 1-CPU workers fit only with both workers added; one second is not enough to add a node.
-    r = _train(fake_cluster, tmp_path / "run", wt2_path, "scaling.num_workers=3", "train.batch_size=3",
+    r = _train(fake_cluster, tmp_path / "run", wt2_slice, "scaling.num_workers=3", "train.batch_size=3",
                "scaling.wait_for_nodes_s=1")  # fmt: skip
     assert r.returncode == 2, r.stderr[-3000:]
     line = r.stderr.strip().splitlines()[-1]

@@ -486,12 +486,12 @@ def _sets(items: list[str]) -> list[str]:
 
 
 @pytest.mark.cluster
-def test_a_search_in_a_bucket_on_two_nodes_that_share_no_directory(cluster, s3, wt2_path):
+def test_a_search_in_a_bucket_on_two_nodes_that_share_no_directory(cluster, s3, wt2_slice):
     """`submit --command run --out s3://...`: dense on both nodes, two trials, ranking as Ray tasks on both
     nodes; every process works on a local copy of its own, and `rank` finds every finished trial's model.
     Also the job's side: the documented pass-through after `--`, `jobs status` and `jobs logs`."""
     space = '{"gates.sparsity_target": {"grid": [0.25, 0.75]}}'
-    sets = [*TINY, f"data.path={wt2_path}", "prune.max_steps=10", f"tune.space={space}"]
+    sets = [*TINY, f"data.path={wt2_slice}", "prune.max_steps=10", f"tune.space={space}"]
     args = [
         "submit", RECIPE, "--address", cluster.address, "--runtime-env", RUNTIME_ENV,
         "--command", "run", "--out", "s3://runs/two", "--follow", *_sets(sets), "--", "--budget", "10000000",

@@ -2,8 +2,9 @@
 
 Each recipe runs with its model shrunk (dimensions and step counts only: layers, widths, heads, lengths,
 the adaptive cutoffs and the position table to fit them, the parameter budget scaled with the model,
-batch, evaluation rows, steps) on real text (the first lines of WikiText-2 mini's splits: a phase ends
-by scoring its whole validation split, ~14 s of the test per recipe on the full one): its prune phase, one Ray Train
+batch, evaluation rows, steps) on real text (conftest.py `wt2_slice`, the first lines of WikiText-2 mini's
+splits: a phase ends by scoring its whole validation split, ~14 s of the test per recipe on the full one): its
+prune phase, one Ray Train
 `TorchTrainer` whose worker builds the DeepSpeed engine with the recipe's own optimizer, scheduler, ZeRO
 stage, gate settings, data stream and evaluation, then exports, prunes and scores the model. The dense
 model it starts from is built here, in-process (a fresh initialisation, as the dense phase's first step
@@ -67,20 +68,10 @@ def shrunk(cfg: RunConfig, data_path: Path) -> RunConfig:
     return build_config(d, "shrunk recipe")
 
 
-@pytest.fixture(scope="module")
-def text(wt2_path: Path, tmp_path_factory) -> Path:
-    """The first lines of each WikiText-2 mini split (real text; the vocabulary is the train slice's)."""
-    out = tmp_path_factory.mktemp("wt2-slice")
-    for split, lines in (("train", 800), ("valid", 300), ("test", 300)):
-        with open(wt2_path / f"{split}.txt", encoding="utf-8") as f:
-            (out / f"{split}.txt").write_text("".join(f.readlines()[:lines]), encoding="utf-8")
-    return out
-
-
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
-def test_recipe_starts_and_trains(recipe, local_ray, text, tmp_path):
+def test_recipe_starts_and_trains(recipe, local_ray, wt2_slice, tmp_path):
     full = load_config(recipe)
-    cfg = shrunk(full, text)
+    cfg = shrunk(full, wt2_slice)
     kept = ("optimizer", "warmup_steps", "hold_steps", "cosine_end", "row_shift")
     assert [getattr(cfg.train, k) for k in kept] == [getattr(full.train, k) for k in kept]
     assert cfg.deepspeed.zero_stage == full.deepspeed.zero_stage and cfg.gates.mode == full.gates.mode

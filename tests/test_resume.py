@@ -75,9 +75,9 @@ def _whole_checkpoints(root: Path) -> list[str]:
     return names
 
 
-def test_killed_write_is_never_resumed_and_a_truncated_newest_is_skipped(tmp_path, wt2_path):
+def test_killed_write_is_never_resumed_and_a_truncated_newest_is_skipped(tmp_path, wt2_slice):
     cfg = tiny_config(
-        wt2_path,
+        wt2_slice,
         train={"max_steps": 40, "eval_every": 40, "checkpoint_every": 10, "keep_checkpoints": 2},
         scaling={"max_failures": 1},
     )

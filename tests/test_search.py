@@ -42,20 +42,20 @@ TINY = {
 }
 
 
-def tiny_cfg(wt2_path, **tune):
+def tiny_cfg(wt2_slice, **tune):
     data = json.loads(json.dumps(TINY))
-    data["data"]["path"] = str(wt2_path)
+    data["data"]["path"] = str(wt2_slice)
     data["tune"].update(tune)
     return build_config(data)
 
 
 @pytest.fixture(scope="module")
-def experiment(local_ray, tmp_path_factory, wt2_path):
+def experiment(local_ray, tmp_path_factory, wt2_slice):
     """The search (dense, 4 trials, rank) on the session's local Ray."""
     from allatt_dist.search.pipeline import run_pipeline
 
     exp = tmp_path_factory.mktemp("search") / "exp"
-    summary = run_pipeline(make_plan(tiny_cfg(wt2_path), exp, progress=False), budget=10**9)
+    summary = run_pipeline(make_plan(tiny_cfg(wt2_slice), exp, progress=False), budget=10**9)
     return exp, summary
 
 
@@ -124,14 +124,14 @@ def test_leaderboard_files_and_independent_pareto_and_params(experiment):
 
 
 @pytest.mark.ray
-def test_one_models_test_ppl_recomputed_independently(experiment, wt2_cfg):
+def test_one_models_test_ppl_recomputed_independently(experiment, wt2_slice_cfg):
     from allatt_dist.data.corpus import load_corpus
     from allatt_dist.modelio import load_model_dir
 
     exp, _ = experiment
     entry = next(m for m in json.loads((exp / "leaderboard.json").read_text())["models"] if m["pareto"])
     model, _, _ = load_model_dir(exp / entry["model_dir"])
-    tokens = load_corpus(wt2_cfg, splits=("train", "test")).tokens("test")
+    tokens = load_corpus(wt2_slice_cfg, splits=("train", "test")).tokens("test")
     rows, seq = 8, model.cfg.seq_len
     per_row = -(-(len(tokens) - 1) // rows)
     inp = np.zeros((rows, per_row), dtype=np.int64)
@@ -224,7 +224,7 @@ def test_a_trial_stopped_at_its_last_report_gets_all_its_records(experiment, tmp
 
 
 @pytest.mark.ray
-def test_tune_again_resumes_instead_of_starting_over(experiment, wt2_path):
+def test_tune_again_resumes_instead_of_starting_over(experiment, wt2_slice):
     import ray
 
     from allatt_dist.cluster.session import connect
@@ -233,14 +233,14 @@ def test_tune_again_resumes_instead_of_starting_over(experiment, wt2_path):
     exp, _ = experiment
     before = sorted(p.name for p in (exp / "trials").iterdir())
     connect()
-    rows = tune_search(make_plan(tiny_cfg(wt2_path), exp))
+    rows = tune_search(make_plan(tiny_cfg(wt2_slice), exp))
     assert sorted(r["trial_id"] for r in rows) == before
     assert sorted(p.name for p in (exp / "trials").iterdir()) == before
     assert ray.is_initialized()
 
 
 @pytest.mark.ray
-def test_tune_again_with_another_config_or_dense_model_is_refused(experiment, wt2_path):
+def test_tune_again_with_another_config_or_dense_model_is_refused(experiment, wt2_slice):
     from allatt_dist.cluster.session import connect
     from allatt_dist.errors import CheckpointError
     from allatt_dist.search.tune import tune_search
@@ -248,10 +248,10 @@ def test_tune_again_with_another_config_or_dense_model_is_refused(experiment, wt
     exp, _ = experiment
     recorded = (exp / "search.yaml").read_text()
     connect()
-    other_space = tiny_cfg(wt2_path, space={"gates.sparsity_target": {"grid": [0.3]}})
+    other_space = tiny_cfg(wt2_slice, space={"gates.sparsity_target": {"grid": [0.3]}})
     with pytest.raises(UserError, match=r"holds a search of another config \(differs in tune.space\)"):
         tune_search(make_plan(other_space, exp))  # Tune alone would resume the old grid and report its trials
-    cfg = tiny_cfg(wt2_path)
+    cfg = tiny_cfg(wt2_slice)
     deeper = cfg.model_copy(update={"model": cfg.model.model_copy(update={"num_layers": cfg.model.num_layers + 1})})
     with pytest.raises(CheckpointError, match="does not match the recipe"):
         tune_search(make_plan(deeper, exp))  # every trial would fail on the dense weights
@@ -297,9 +297,9 @@ def test_the_scheduler_never_stops_a_trial_at_its_last_report(tmp_path, max_step
         ({"space": {"gates.temperature": {"grid": [0.5]}}, "schedular": {}}, "tune.schedular: unknown key"),
     ],
 )
-def test_bad_search_spaces_fail_with_one_line(wt2_path, tune, needle):
+def test_bad_search_spaces_fail_with_one_line(wt2_slice, tune, needle):
     data = json.loads(json.dumps(TINY))
-    data["data"]["path"] = str(wt2_path)
+    data["data"]["path"] = str(wt2_slice)
     data["tune"] = tune
     with pytest.raises(ConfigError) as e:
         build_config(data, "recipe.yaml")
@@ -307,7 +307,7 @@ def test_bad_search_spaces_fail_with_one_line(wt2_path, tune, needle):
     assert needle in msg and "\n" not in msg and msg.startswith("recipe.yaml: ")
 
 
-def test_cli_run_with_bad_space_writes_nothing(tmp_path, wt2_path):
+def test_cli_run_with_bad_space_writes_nothing(tmp_path, wt2_slice):
 
     recipe = tmp_path / "bad.yaml"
     recipe.write_text("tune:\n  space:\n    gates.nope: {grid: [1, 2]}\n")
@@ -337,14 +337,14 @@ def test_quickstart_recipe_searches_at_least_four_trials():
     assert cfg.scaling.num_workers == 2
 
 
-def test_random_search_is_reproducible_from_tune_seed(wt2_path, tmp_path):
+def test_random_search_is_reproducible_from_tune_seed(wt2_slice, tmp_path):
     from allatt_dist.search.tune import param_space, search_algorithm
 
     space = {"gates.temperature": {"uniform": [0.1, 1.0]}, "gates.sparsity_target": {"grid": [0.25, 0.5]}}
 
     def sampled(seed: int, concurrent: int = 6) -> list[dict]:
         tune = {"search": "random", "seed": seed, "space": space, "num_samples": 3}
-        tc = tiny_cfg(wt2_path, **tune, max_concurrent_trials=concurrent).tune
+        tc = tiny_cfg(wt2_slice, **tune, max_concurrent_trials=concurrent).tune
         alg, limit = search_algorithm(tc)
         assert limit is None  # the generator itself holds the concurrency limit
         spec = {"run": lambda c: None, "config": param_space(tc), "num_samples": tc.num_samples}
@@ -419,10 +419,12 @@ def _board(exp) -> list[tuple]:
 
 
 @pytest.mark.ray
-def test_a_run_killed_mid_search_and_rerun_ends_like_an_uninterrupted_one(experiment, wt2_path, tmp_path):
+def test_a_run_killed_mid_search_and_rerun_ends_like_an_uninterrupted_one(experiment, wt2_slice, tmp_path):
     """SIGKILL of the whole `allatt-dist run` process group (driver, its local Ray, the workers) once the
     scheduler has judged two trials; the same command again must give the uninterrupted search's
-    leaderboard: the same trials stopped, the same models, the same numbers."""
+    leaderboard: the same trials stopped, the same models, the same numbers. The experiment starts with the
+    uninterrupted one's dense phase in place (what a first attempt killed during the search leaves; `run`
+    skips a finished phase): the kill and the rerun are what is tested, not a second dense training."""
     import os
     import signal
 
@@ -430,8 +432,12 @@ def test_a_run_killed_mid_search_and_rerun_ends_like_an_uninterrupted_one(experi
 
     reference, _ = experiment
     recipe = tmp_path / "tiny.yaml"
-    recipe.write_text(yaml.safe_dump(tiny_cfg(wt2_path).to_dict()))
+    recipe.write_text(yaml.safe_dump(tiny_cfg(wt2_slice).to_dict()))
     out = tmp_path / "exp"
+    for part in ("run.yaml", "dense", "tb/dense"):
+        copy = shutil.copytree if (reference / part).is_dir() else shutil.copy2
+        (out / part).parent.mkdir(parents=True, exist_ok=True)
+        copy(reference / part, out / part)
     cmd = cli_cmd("run", recipe, "--out", out, "--budget", str(10**9), "--no-progress")
     first = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 1200

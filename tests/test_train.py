@@ -35,7 +35,7 @@ import torch
 import yaml
 from clirun import cli_cmd, run_cli
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tiny import CKPT_EVERY, DENSE_STEPS, PRUNE_STEPS, tiny_config, with_changes
+from tiny import CKPT_EVERY, DENSE_STEPS, PRUNE_STEPS, scored_tokens, tiny_config, with_changes
 
 from allatt_dist.config import RunConfig
 from allatt_dist.errors import UserError
@@ -122,8 +122,8 @@ def ray_address(local_ray) -> str:
 
 
 @pytest.fixture(scope="module")
-def base_cfg(wt2_path: Path) -> RunConfig:
-    return tiny_config(wt2_path)
+def base_cfg(wt2_slice: Path) -> RunConfig:
+    return tiny_config(wt2_slice)
 
 
 def _train(cfg: RunConfig, run_dir: Path, phases: list[str]) -> dict:
@@ -296,7 +296,8 @@ def test_dense_then_prune_with_two_workers(run, request):
         saved = json.loads((run_dir / phase / "result.json").read_text())
         assert saved["step"] == results[phase]["step"]
         assert math.isfinite(saved["valid_ppl"]) and saved["valid_ppl"] > 1
-        assert saved["valid_tokens"] == 118_885  # the last eval of a phase scores the whole valid split
+        # the last eval of a phase scores the whole valid split
+        assert saved["valid_tokens"] == scored_tokens(Path(cfg.data.path) / "valid.txt")
     assert yaml.safe_load((run_dir / "run.yaml").read_text())["deepspeed"]["zero_stage"] == cfg.deepspeed.zero_stage
 
     dense_model, vocab, dense_meta = load_model_dir(run_dir / "dense/model")
@@ -453,7 +454,8 @@ def test_adaptive_softmax_trains(adaptive):
 
     cfg, run_dir, results = adaptive
     loss = curve(run_dir / "tb/dense")
-    assert len(loss) == 20 and np.isfinite(loss).all() and loss[-5:].mean() < loss[:5].mean() - 1.0
+    # it trained: 20 steps from ln(vocab) ~ 8.8 nats (the slice's 6.4k words) take the loss down by half a nat
+    assert len(loss) == 20 and np.isfinite(loss).all() and loss[-5:].mean() < loss[:5].mean() - 0.5
     model, _, meta = load_model_dir(run_dir / "dense/model")
     assert isinstance(model.io, AdaptiveIO) and meta["params"] == results["dense"]["params"]
     valid = load_corpus(cfg.data, splits=("train", "valid")).tokens("valid")

@@ -53,3 +53,10 @@ def tiny_config(data_path: Path, **sections) -> RunConfig:
 
 def with_changes(cfg: RunConfig, **sections) -> RunConfig:
     return build_config(merged(cfg.to_dict(), sections))
+
+
+def scored_tokens(split_file: Path) -> int:
+    """Targets an evaluation of a whole split scores: its tokens (words plus one <eos> per line,
+    data/vocab.py) but the first, which is only ever an input."""
+    with open(split_file, encoding="utf-8") as f:
+        return sum(len(line.split()) + 1 for line in f) - 1
