@@ -13,11 +13,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from allatt_dist.config import GateConfig, RunConfig
+from allatt_dist.config import DistillConfig, GateConfig, RunConfig
 from allatt_dist.errors import ConfigError
 from allatt_dist.model.gates import SparsityObjective
 from allatt_dist.model.targets import heads_to_remove, training_gates
 from allatt_dist.model.transformer import LanguageModel
+from allatt_dist.train.teacher import distilled_loss
 
 Phase = Literal["dense", "prune", "finetune"]
 PHASES: tuple[Phase, ...] = ("dense", "prune", "finetune")
@@ -26,17 +27,32 @@ PHASES: tuple[Phase, ...] = ("dense", "prune", "finetune")
 class TrainModule(nn.Module):
     """The module DeepSpeed wraps: the LM plus, in the prune phase, its sparsity objective."""
 
-    def __init__(self, lm: LanguageModel, objective: SparsityObjective | None):
+    def __init__(self, lm: LanguageModel, objective: SparsityObjective | None, distill: DistillConfig | None = None):
         super().__init__()
-        self.lm, self.objective = lm, objective
+        self.lm, self.objective, self.distill = lm, objective, distill
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, mems: list[torch.Tensor] | None, step: int):
-        """x, y: (b,T) -> (total loss, LM loss, new mems, gate stats)."""
-        lm_loss, mems = self.lm.loss(x, y, mems)
+    def forward(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        mems: list[torch.Tensor] | None,
+        step: int,
+        teacher_logp: torch.Tensor | None = None,
+    ):
+        """x, y: (b,T) -> (total loss, LM loss, new mems, stats: the gates', and `kl` when distilling).
+        `teacher_logp` (b,T,V): the teacher's next-token log-probabilities (train/teacher.py), given when
+        the phase distils; the loss then adds distill.kl_weight x the KL term."""
+        stats: dict = {}
+        if teacher_logp is None:
+            lm_loss, mems = self.lm.loss(x, y, mems)
+            loss = lm_loss
+        else:
+            lm_loss, kl, mems = distilled_loss(self.lm, x, y, mems, teacher_logp, self.distill.temperature)
+            loss, stats["kl"] = lm_loss + self.distill.kl_weight * kl, float(kl.detach())
         if self.objective is None:
-            return lm_loss, lm_loss.detach(), mems, {}
-        reg, stats = self.objective(self.lm.gates, step)
-        return lm_loss + reg, lm_loss.detach(), mems, stats
+            return loss, lm_loss.detach(), mems, stats
+        reg, gate_stats = self.objective(self.lm.gates, step)
+        return loss + reg, lm_loss.detach(), mems, gate_stats | stats
 
     def gate_parameters(self) -> dict[str, nn.Parameter]:
         """Gate logits and Lagrange multipliers, by their names in this module."""
