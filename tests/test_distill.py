@@ -150,3 +150,21 @@ def test_teacher_with_another_vocabulary_is_refused(tmp_path):
         check_teacher(TeacherSource(given=str(tmp_path / "other")), tmp_path / "dense", run)
     with pytest.raises(UserError, match=r"^distill.teacher .*nowhere: .*not found"):
         check_teacher(TeacherSource(given=str(tmp_path / "nowhere")), tmp_path / "dense", run)
+
+
+def test_distill_keys_are_search_axes_compared_within_a_target():
+    from allatt_dist.search.scheduler import group_of
+
+    space = {
+        "gates.sparsity_target": {"grid": [0.25, 0.5]},
+        "distill.kl_weight": {"grid": [0.0, 1.0]},
+        "distill.temperature": {"grid": [1.0, 2.0]},
+    }
+    cfg = RunConfig.model_validate({"tune": {"space": space}})
+    assert cfg.tune.expected_trials() == 8
+    assert cfg.with_values({"distill.kl_weight": 1.0}).distill.applies("prune")
+    a = {"gates.sparsity_target": 0.5, "distill.kl_weight": 0.0, "distill.temperature": 1.0}
+    b = {"gates.sparsity_target": 0.5, "distill.kl_weight": 1.0, "distill.temperature": 2.0}
+    assert group_of(a) == group_of(b) != group_of(a | {"gates.sparsity_target": 0.25})
+    with pytest.raises(ValueError, match=r"tune.space.*distill.kl_weight"):
+        RunConfig.model_validate({"tune": {"space": {"distill.kl_weight": {"grid": [1.0, -1.0]}}}})
