@@ -209,6 +209,8 @@ class DistillConfig(_Section):
     teacher: str | None = None  # a model directory (local or s3://); None: the run's dense model RUN/dense/model
     kl_weight: float = Field(0.0, ge=0.0)  # 0: off (the paper's training, unchanged)
     temperature: float = Field(1.0, gt=0.0)
+    hidden_weight: float = Field(0.0, ge=0.0)  # hidden states matched (MSE; a learned map where widths differ)
+    hidden_layers: list[int] = Field(default_factory=list)  # the layers (0-based) whose outputs are matched
     phases: list[Literal["prune", "finetune"]] = Field(default_factory=lambda: ["prune", "finetune"])
 
     @field_validator("teacher")
@@ -220,7 +222,7 @@ class DistillConfig(_Section):
 
     def applies(self, phase: str) -> bool:
         """Whether `phase` trains with the teacher."""
-        return self.kl_weight > 0 and phase in self.phases
+        return (self.kl_weight > 0 or self.hidden_weight > 0) and phase in self.phases
 
 
 DOMAINS = ("grid", "choice", "uniform", "loguniform", "randint")

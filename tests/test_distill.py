@@ -99,9 +99,9 @@ def test_teacher_never_receives_a_gradient():
     module = TrainModule(student, None, cfg.distill)
     assert not any(p is q for p in module.parameters() for q in teacher.model.parameters())
     x, y = _ids(2)
-    t_logp = teacher.log_probs(x, 0)
-    assert not t_logp.requires_grad and teacher.mems[0] is not None  # its memory moves on like the student's
-    loss, lm_loss, mems, stats = module(x, y, None, 0, t_logp)
+    taught = teacher.outputs(x, 0)
+    assert not taught[0].requires_grad and teacher.mems[0] is not None  # its memory moves on like the student's
+    loss, lm_loss, mems, stats = module(x, y, None, 0, taught)
     loss.backward()
     assert stats["kl"] > 0
     assert loss.item() > lm_loss.item()  # the KL term is in the loss
@@ -168,3 +168,44 @@ def test_distill_keys_are_search_axes_compared_within_a_target():
     assert group_of(a) == group_of(b) != group_of(a | {"gates.sparsity_target": 0.25})
     with pytest.raises(ValueError, match=r"tune.space.*distill.kl_weight"):
         RunConfig.model_validate({"tune": {"space": {"distill.kl_weight": {"grid": [1.0, -1.0]}}}})
+
+
+def test_hidden_states_matched_through_a_map_where_widths_differ():
+    torch.manual_seed(0)
+    cfg = RunConfig(model=MODEL, distill=DistillConfig(hidden_weight=1.0, hidden_layers=[0, 1]))
+    x, y = _ids(4)
+    same = build_model(MODEL, VOCAB)
+    teacher = Teacher(copy.deepcopy(same), cfg, torch.device("cpu"))
+    module = TrainModule(same, None, cfg.distill, teacher.width)
+    assert module.hidden_map is None  # same width: the outputs are compared as they are
+    _, _, _, stats = module(x, y, None, 0, teacher.outputs(x, 0))
+    assert stats["hidden"] == 0.0 and stats["kl"] == 0.0  # the student is the teacher
+
+    wide = Teacher(build_model(MODEL.model_copy(update={"hidden_dim": 48}), VOCAB), cfg, torch.device("cpu"))
+    module = TrainModule(build_model(MODEL, VOCAB), None, cfg.distill, wide.width)
+    assert [tuple(m.weight.shape) for m in module.hidden_map] == [(48, 32), (48, 32)]
+    loss, lm_loss, _, stats = module(x, y, None, 0, wide.outputs(x, 0))
+    loss.backward()
+    assert stats["hidden"] > 0 and loss.item() > lm_loss.item()
+    assert all(m.weight.grad is not None for m in module.hidden_map)  # the map is learned with the student
+    assert all(p.grad is None for p in wide.model.parameters())
+
+
+@pytest.mark.parametrize(
+    "distill, message",
+    [
+        ({"hidden_weight": 1.0}, "distill.hidden_weight needs distill.hidden_layers"),
+        ({"hidden_weight": 1.0, "hidden_layers": [2]}, r"distill.hidden_layers: layer 2 does not exist \(model"),
+    ],
+)
+def test_hidden_layers_must_exist(distill, message):
+    with pytest.raises(ValueError, match=message):
+        RunConfig.model_validate({"model": MODEL.model_dump(), "distill": distill})
+
+
+def test_teacher_without_a_matched_layer_is_refused(tmp_path):
+    vocab = Vocab(["<eos>", "<unk>", *[f"w{i}" for i in range(VOCAB - 2)]])
+    save_model_dir(build_model(MODEL, VOCAB), vocab, tmp_path / "student")
+    save_model_dir(build_model(MODEL.model_copy(update={"num_layers": 1}), VOCAB), vocab, tmp_path / "small")
+    with pytest.raises(UserError, match=r"^distill.hidden_layers: layer 1 does not exist in the teacher .*small"):
+        check_teacher(TeacherSource(given=str(tmp_path / "small")), tmp_path / "student", RunDir(tmp_path), [0, 1])

@@ -18,7 +18,7 @@ import numpy as np
 import ray
 
 TB_DIR = "tb"
-TRAIN_STATS = ("kl",)  # step statistics logged under train/ (the rest are the gates')
+TRAIN_STATS = ("kl", "hidden")  # step statistics logged under train/ (the rest are the gates')
 
 
 def tb_dir(run_dir: Path, phase: str) -> Path:

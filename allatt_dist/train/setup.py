@@ -27,9 +27,19 @@ PHASES: tuple[Phase, ...] = ("dense", "prune", "finetune")
 class TrainModule(nn.Module):
     """The module DeepSpeed wraps: the LM plus, in the prune phase, its sparsity objective."""
 
-    def __init__(self, lm: LanguageModel, objective: SparsityObjective | None, distill: DistillConfig | None = None):
+    def __init__(
+        self,
+        lm: LanguageModel,
+        objective: SparsityObjective | None,
+        distill: DistillConfig | None = None,
+        teacher_width: int | None = None,
+    ):
         super().__init__()
         self.lm, self.objective, self.distill = lm, objective, distill
+        self.hidden_map = None  # distill: a learned linear map per matched layer where the widths differ
+        width = lm.cfg.hidden_dim
+        if distill is not None and distill.hidden_weight > 0 and teacher_width not in (None, width):
+            self.hidden_map = nn.ModuleList(nn.Linear(width, teacher_width, bias=False) for _ in distill.hidden_layers)
 
     def forward(
         self,
@@ -37,18 +47,20 @@ class TrainModule(nn.Module):
         y: torch.Tensor,
         mems: list[torch.Tensor] | None,
         step: int,
-        teacher_logp: torch.Tensor | None = None,
+        teacher: tuple | None = None,
     ):
-        """x, y: (b,T) -> (total loss, LM loss, new mems, stats: the gates', and `kl` when distilling).
-        `teacher_logp` (b,T,V): the teacher's next-token log-probabilities (train/teacher.py), given when
-        the phase distils; the loss then adds distill.kl_weight x the KL term."""
+        """x, y: (b,T) -> (total loss, LM loss, new mems, stats: the gates', and `kl`/`hidden` when distilling).
+        `teacher`: (log-probabilities (b,T,V), matched layers' outputs) of the teacher (train/teacher.py),
+        given when the phase distils; the loss then adds the weighted distillation terms."""
         stats: dict = {}
-        if teacher_logp is None:
+        if teacher is None:
             lm_loss, mems = self.lm.loss(x, y, mems)
             loss = lm_loss
         else:
-            lm_loss, kl, mems = distilled_loss(self.lm, x, y, mems, teacher_logp, self.distill.temperature)
-            loss, stats["kl"] = lm_loss + self.distill.kl_weight * kl, float(kl.detach())
+            lm_loss, terms, mems = distilled_loss(self.lm, x, y, mems, teacher, self.distill, self.hidden_map)
+            weights = {"kl": self.distill.kl_weight, "hidden": self.distill.hidden_weight}
+            loss = lm_loss + sum(weights[k] * v for k, v in terms.items())
+            stats = {k: float(v.detach()) for k, v in terms.items()}
         if self.objective is None:
             return loss, lm_loss.detach(), mems, stats
         reg, gate_stats = self.objective(self.lm.gates, step)

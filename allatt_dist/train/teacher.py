@@ -5,7 +5,8 @@ KL term between their next-token distributions.
                        before any worker starts (it exists, it has the student's vocabulary)
     Teacher            worker: the teacher model, eval mode, no gradient, the training precision, with its
                        own Transformer-XL memory per gradient-accumulation chunk (saved in the checkpoint)
-    distilled_loss     the student's LM loss and KL(teacher || student) at temperature T (scaled by T^2)
+    distilled_loss     the student's LM loss, KL(teacher || student) at temperature T (scaled by T^2) and the
+                       hidden-state term (MSE of chosen layers' outputs, through a learned map where widths differ)
 
 The teacher is never registered with the module DeepSpeed wraps: its weights are in no optimizer, no
 checkpoint and no ZeRO partition.
@@ -13,6 +14,7 @@ checkpoint and no ZeRO partition.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,10 +48,10 @@ def teacher_source(cfg: RunConfig, phase: str, run_dir: Path, init_dir: Path | N
     return TeacherSource(in_run=init_dir if phase == "prune" and init_dir is not None else run_dir / "dense" / "model")
 
 
-def check_teacher(src: TeacherSource, student_dir: Path, run) -> None:
+def check_teacher(src: TeacherSource, student_dir: Path, run, hidden_layers: list[int] = ()) -> None:
     """One line (UserError) when the teacher cannot teach the student that starts from `student_dir`:
-    missing, not a model directory, or another vocabulary. Reads config.json files only (a bucket's teacher:
-    downloaded to a folder of its own, discarded after)."""
+    missing, not a model directory, another vocabulary, or without a layer of `hidden_layers`. Reads
+    config.json files only (a bucket's teacher: downloaded to a folder of its own, discarded after)."""
     run.fetch(student_dir / "config.json")
     student = read_meta(student_dir)
     with _local_teacher(src, run) as (where, folder):
@@ -62,6 +64,10 @@ def check_teacher(src: TeacherSource, student_dir: Path, run) -> None:
             f"distill.teacher {where}: its vocabulary ({teacher.get('vocab_size')} words) is not the student's "
             f"({student.get('vocab_size')} words, {student_dir}); a teacher must share the tokenizer and vocabulary"
         )
+    n = (teacher.get("model") or {}).get("num_layers", 0)
+    missing = [i for i in hidden_layers if i >= n]
+    if missing:
+        raise UserError(f"distill.hidden_layers: layer {missing[0]} does not exist in the teacher {where} ({n} layers)")
 
 
 class _local_teacher:
@@ -96,6 +102,8 @@ class Teacher:
             p.requires_grad_(False)
         self.temperature = cfg.distill.temperature
         self.mems: list = [None] * cfg.deepspeed.grad_accum_steps  # per chunk, like the student's
+        self.layers = list(cfg.distill.hidden_layers) if cfg.distill.hidden_weight > 0 else []
+        self.width = model.cfg.hidden_dim
 
     @classmethod
     def load(cls, src: TeacherSource, run, cfg: RunConfig, device: torch.device) -> Teacher:
@@ -105,11 +113,13 @@ class Teacher:
         return cls(model, cfg, device)
 
     @torch.no_grad()
-    def log_probs(self, x: torch.Tensor, chunk: int) -> torch.Tensor:
-        """(B,T,V) the teacher's next-token log-probabilities for chunk `chunk`'s ids; its memory moves on."""
-        out = self.model(x, self.mems[chunk])
+    def outputs(self, x: torch.Tensor, chunk: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """((B,T,V) next-token log-probabilities, [(B,T,D)] outputs of the matched layers) of the teacher
+        for chunk `chunk`'s ids; its memory moves on."""
+        with layer_outputs(self.model, self.layers) as hidden:
+            out = self.model(x, self.mems[chunk])
         self.mems[chunk] = out.mems
-        return out.log_probs
+        return out.log_probs, hidden
 
     def reset(self) -> None:
         self.mems = [None] * len(self.mems)
@@ -126,11 +136,40 @@ def kl_divergence(teacher_logp: torch.Tensor, student_logp: torch.Tensor, temper
     return (per_tok * keep).sum() / keep.sum().clamp(min=1) * temperature**2
 
 
-def distilled_loss(lm, x, y, mems, teacher_logp: torch.Tensor, temperature: float):
-    """(LM loss, KL term, new memory) of the student on (x, y) against the teacher's log-probabilities.
-    The LM loss is the NLL of the same log-probabilities the KL term reads (one output pass)."""
-    out = lm(x, mems)  # log_probs (B,T,V)
+@contextmanager
+def layer_outputs(model, layers: list[int]):
+    """Collects the outputs (B,T,D) of `model.layers[i]` for i in `layers` during the block (forward hooks)."""
+    got: dict[int, torch.Tensor] = {}
+    hooks = [model.layers[i].register_forward_hook(lambda m, a, out, i=i: got.__setitem__(i, out)) for i in layers]
+    hidden: list[torch.Tensor] = []
+    try:
+        yield hidden
+    finally:
+        for h in hooks:
+            h.remove()
+        hidden.extend(got[i] for i in layers if i in got)
+
+
+def hidden_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], maps) -> torch.Tensor:
+    """Mean over the matched layers of the MSE between the (mapped) student and the teacher outputs."""
+    terms = [
+        F.mse_loss((s if maps is None else maps[k](s)).float(), t.float())
+        for k, (s, t) in enumerate(zip(student, teacher, strict=True))
+    ]
+    return torch.stack(terms).mean()
+
+
+def distilled_loss(lm, x, y, mems, teacher, distill, maps=None):
+    """(LM loss, {"kl": .., "hidden": ..} terms, new memory) of the student on (x, y) against the teacher's
+    outputs `teacher` = (log-probabilities, matched layers' outputs). The LM loss is the NLL of the same
+    log-probabilities the KL term reads (one output pass)."""
+    t_logp, t_hidden = teacher
+    with layer_outputs(lm, distill.hidden_layers if t_hidden else []) as hidden:
+        out = lm(x, mems)  # log_probs (B,T,V)
     keep = (y != -100).to(out.log_probs.dtype)  # (B,T)
     nll = -out.log_probs.float().gather(-1, y.clamp(min=0)[..., None])[..., 0]  # (B,T)
     lm_loss = (nll * keep).sum() / keep.sum().clamp(min=1)
-    return lm_loss, kl_divergence(teacher_logp, out.log_probs, temperature, keep), out.mems
+    terms = {"kl": kl_divergence(t_logp, out.log_probs, distill.temperature, keep)}
+    if t_hidden:
+        terms["hidden"] = hidden_loss(hidden, t_hidden, maps)
+    return lm_loss, terms, out.mems

@@ -44,7 +44,7 @@ from allatt_dist.train.engine import (
     save_mems,
     valid_ppl,
 )
-from allatt_dist.train.monitor import Monitor
+from allatt_dist.train.monitor import TRAIN_STATS, Monitor
 from allatt_dist.train.setup import (
     Phase,
     PhaseSpec,
@@ -182,11 +182,11 @@ def _start(job: WorkerJob, run: RunDir, init_dir: Path | None) -> _Worker:
     corpus = load_corpus(cfg.data, splits=("train", "valid"))
     lm = build_model(cfg, spec, len(corpus.vocab), init_dir)
     n_params = count_params(lm)  # before ZeRO-3 partitions the tensors
-    engine, scheduler = _engine(lm, cfg, spec, job.ds_config)
+    teacher = _load_teacher(job, run, device)
+    engine, scheduler = _engine(lm, cfg, spec, job.ds_config, teacher.width if teacher is not None else None)
     stream = LMStream(corpus.tokens("train"), cfg.train.batch_size, cfg.model.seq_len, rank, world, row_shift_seed(cfg))
     phase_dir, tb_dir = job.run.moved(job.phase_dir, run), job.run.moved(job.tb_dir, run)
     ckpts = open_checkpoints(run, phase_dir / "checkpoints")
-    teacher = _load_teacher(job, run, device)
     step, mems = _resume(engine, stream, ckpts, rank, world, cfg.deepspeed.grad_accum_steps, device, teacher)
     node_ids = [None] * world
     dist.all_gather_object(node_ids, ray.get_runtime_context().get_node_id())
@@ -217,12 +217,13 @@ def _load_teacher(job: WorkerJob, run: RunDir, device: torch.device) -> Teacher 
     return Teacher.load(src, run, job.cfg, device)
 
 
-def _engine(lm: LanguageModel, cfg: RunConfig, spec: PhaseSpec, ds_config: dict[str, Any]):
-    """(DeepSpeed engine, LR schedule) training `lm` (with its sparsity objective in the prune phase)."""
+def _engine(lm: LanguageModel, cfg: RunConfig, spec: PhaseSpec, ds_config: dict[str, Any], teacher_width=None):
+    """(DeepSpeed engine, LR schedule) training `lm` (with its sparsity objective in the prune phase, and
+    the distillation terms' map to a teacher of another width)."""
     import deepspeed
 
     objective = SparsityObjective(spec.gates) if spec.gates is not None else None
-    module = TrainModule(lm, objective, cfg.distill if cfg.distill.applies(spec.phase) else None)
+    module = TrainModule(lm, objective, cfg.distill if cfg.distill.applies(spec.phase) else None, teacher_width)
     groups = param_groups(module, cfg, spec)
     engine, _, _, scheduler = deepspeed.initialize(
         model=module,
@@ -273,8 +274,8 @@ def _step(w: _Worker) -> tuple[list[float], dict, float]:
         for gate in w.lm.gates:
             gate.noise = noise
         xc, yc = xc.to(w.device), yc.to(w.device)
-        t_logp = w.teacher.log_probs(xc, c) if w.teacher is not None else None  # no_grad, eval mode
-        loss, lm_loss, w.mems[c], stats = w.engine(xc, yc, w.mems[c], w.step, t_logp)
+        taught = w.teacher.outputs(xc, c) if w.teacher is not None else None  # no_grad, eval mode
+        loss, lm_loss, w.mems[c], stats = w.engine(xc, yc, w.mems[c], w.step, taught)
         w.engine.backward(loss)
         w.engine.step()
         lm_losses.append(float(lm_loss))
@@ -285,8 +286,9 @@ def _step(w: _Worker) -> tuple[list[float], dict, float]:
 def _log(w: _Worker, lm_losses: list[float], stats: dict, lr: float, final: bool) -> None:
     """Every `log_every` steps: the mean loss over all ranks, the rate, the gradient norm to TensorBoard."""
     if w.step % w.cfg.train.log_every == 0 or final:
-        (mean_loss, *kl) = all_mean([float(np.mean(lm_losses))] + ([stats["kl"]] if "kl" in stats else []))
-        stats = stats | {"kl": kl[0]} if kl else stats  # distill: the KL term, mean over ranks
+        terms = [k for k in TRAIN_STATS if k in stats]  # distill: its terms, mean over ranks
+        mean_loss, *means = all_mean([float(np.mean(lm_losses))] + [stats[k] for k in terms])
+        stats = stats | dict(zip(terms, means, strict=True))
         logged = w.monitor.train_step(w.step, mean_loss, stats, lr, w.engine.get_global_grad_norm())
         w.tokens_per_s = logged["perf/tokens_per_s"]
 
