@@ -252,6 +252,7 @@ class TuneConfig(_Section):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     metric: Literal["valid_ppl"] = "valid_ppl"
     trial_driver_cpus: float = Field(0.01, gt=0.0)
+    recover_finetune: bool = False  # `run`: fine-tune each target's best trial before rank (search/recover.py)
     seed: int = 0
 
     @field_validator("space")
