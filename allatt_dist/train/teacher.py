@@ -60,9 +60,11 @@ def check_teacher(src: TeacherSource, student_dir: Path, run, hidden_layers: lis
         except UserError as e:
             raise UserError(f"distill.teacher {where}: {str(e).splitlines()[0]}") from None
     if teacher.get("vocab_fingerprint") != student.get("vocab_fingerprint"):
+        sizes = (teacher.get("vocab_size"), student.get("vocab_size"))
+        how = f"{sizes[0]} words" if sizes[0] != sizes[1] else f"{sizes[0]} words, other words or order"
         raise UserError(
-            f"distill.teacher {where}: its vocabulary ({teacher.get('vocab_size')} words) is not the student's "
-            f"({student.get('vocab_size')} words, {student_dir}); a teacher must share the tokenizer and vocabulary"
+            f"distill.teacher {where}: its vocabulary ({how}) is not the student's ({sizes[1]} words, "
+            f"{student_dir}); a teacher must share the tokenizer and vocabulary"
         )
     n = (teacher.get("model") or {}).get("num_layers", 0)
     missing = [i for i in hidden_layers if i >= n]
