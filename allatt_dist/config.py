@@ -210,6 +210,28 @@ class DeepSpeedConfig(_Section):
     grad_accum_steps: int = Field(1, gt=0)
 
 
+class DistillConfig(_Section):
+    """Distillation from a teacher (default: the run's dense model) in the prune and finetune phases."""
+
+    teacher: str | None = None  # a model directory (local or s3://); None: the run's dense model RUN/dense/model
+    kl_weight: float = Field(0.0, ge=0.0)  # 0: off (the paper's training, unchanged)
+    temperature: float = Field(1.0, gt=0.0)
+    hidden_weight: float = Field(0.0, ge=0.0)  # hidden states matched (MSE; a learned map where widths differ)
+    hidden_layers: list[int] = Field(default_factory=list)  # the layers (0-based) whose outputs are matched
+    phases: list[Literal["prune", "finetune"]] = Field(default_factory=lambda: ["prune", "finetune"])
+
+    @field_validator("teacher")
+    @classmethod
+    def _teacher(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("distill.teacher: give a model directory (local or s3://), or leave it out")
+        return v
+
+    def applies(self, phase: str) -> bool:
+        """Whether `phase` trains with the teacher."""
+        return (self.kl_weight > 0 or self.hidden_weight > 0) and phase in self.phases
+
+
 DOMAINS = ("grid", "choice", "uniform", "loguniform", "randint")
 
 
@@ -237,6 +259,7 @@ class TuneConfig(_Section):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     metric: Literal["valid_ppl"] = "valid_ppl"
     trial_driver_cpus: float = Field(0.01, gt=0.0)
+    recover_finetune: bool = False  # `run`: fine-tune each target's best trial before rank (search/recover.py)
     seed: int = 0
 
     @field_validator("space")
@@ -322,6 +345,7 @@ class RunConfig(_Section):
     finetune: PhaseConfig = Field(default_factory=lambda: PhaseConfig(max_steps=100))
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     tune: TuneConfig | None = None
 
     @model_validator(mode="after")

@@ -24,7 +24,20 @@ def conflict(cfg: Any) -> str | None:
     start = train.warmup_steps + train.hold_steps
     if train.cosine_end is not None and train.cosine_end <= start:
         return f"train.cosine_end ({train.cosine_end}) must be after train.warmup_steps + train.hold_steps ({start})"
-    return engine_conflict(train.optimizer, cfg.deepspeed.zero_stage, cfg.model.shared_rel_bias)
+    return engine_conflict(train.optimizer, cfg.deepspeed.zero_stage, cfg.model.shared_rel_bias) or distill_conflict(
+        cfg
+    )
+
+
+def distill_conflict(cfg: Any) -> str | None:
+    """Hidden-state distillation needs layers, and layers the student has (the teacher's: train/teacher.py)."""
+    d, n = cfg.distill, cfg.model.num_layers
+    if d.hidden_weight > 0 and not d.hidden_layers:
+        return "distill.hidden_weight needs distill.hidden_layers (the layers whose outputs are matched)"
+    bad = [i for i in d.hidden_layers if not 0 <= i < n]
+    if bad:
+        return f"distill.hidden_layers: layer {bad[0]} does not exist (model.num_layers is {n}: layers 0 to {n - 1})"
+    return None
 
 
 def engine_conflict(optimizer: str, zero_stage: int, shared_rel_bias: bool) -> str | None:

@@ -32,6 +32,7 @@ from allatt_dist.recipe import data_config, read_mapping, read_run_config
 from allatt_dist.rundir import RunDir
 from allatt_dist.search.plot import pareto_plot
 from allatt_dist.search.records import record_test_ppl, trial_run_name
+from allatt_dist.search.recover import finetuned_with
 from allatt_dist.search.scoring import Job, score_all
 
 # The leaderboard's columns, declared once: (name, shown in leaderboard.md). JSON and CSV hold them all.
@@ -44,6 +45,7 @@ COLUMNS: tuple[tuple[str, bool], ...] = (
     ("param_budget", True),
     ("l0_coefficient", False),
     ("seed", True),
+    ("finetuned", True),  # recovery fine-tuning (tune.recover_finetune): steps, distillation; empty: not fine-tuned
     ("heads_per_layer", True),
     ("sparsity", True),
     ("params", True),
@@ -105,6 +107,8 @@ def collect(exp_dir: Path) -> list[dict]:
         result = read_mapping(trial / "prune" / "result.json")
         model = trial / "prune" / "model"
         finished = status.get("status") == "finished" and (model / "config.json").is_file()
+        tuned = read_mapping(trial / "finetune" / "result.json")  # recovery fine-tuning (search/recover.py)
+        tuned = tuned if finished and (trial / "finetune" / "model" / "config.json").is_file() else {}
         lost = status.get("status") == "finished" and not finished
         arch = cfg.model.architecture if cfg else None
         rows.append(
@@ -113,8 +117,9 @@ def collect(exp_dir: Path) -> list[dict]:
                 "status": NOT_SCORED if lost else "finished" if finished else status.get("status", "incomplete"),
                 "problem": f"{model}: missing (the trial finished, its model is gone)" if lost else None,
                 "dir": trial,
-                "source": trial / "prune" / "model" if finished else None,
-                "gated": True,
+                "source": (trial / "finetune" / "model" if tuned else model) if finished else None,
+                "gated": True,  # a trial (its model gated, or pruned and fine-tuned: `finetuned`)
+                "finetuned": finetuned_with(read_mapping(trial / "run.yaml"), tuned) if tuned else None,
                 "architecture": arch,
                 "temperature": cfg.gates.temperature if cfg else None,
                 "sparsity_target": cfg.gates.sparsity_target if cfg else None,
@@ -122,7 +127,9 @@ def collect(exp_dir: Path) -> list[dict]:
                 "param_budget": cfg.gates.param_budget if cfg else None,
                 "seed": cfg.train.seed if cfg else None,
                 "model": cfg.model.model_dump(mode="json") if cfg else None,
-                "valid_ppl": result.get("valid_ppl", (status.get("last") or {}).get("valid_ppl")),
+                "valid_ppl": tuned.get(
+                    "valid_ppl", result.get("valid_ppl", (status.get("last") or {}).get("valid_ppl"))
+                ),
             }
         )
     if not any(r["status"] in ("finished", NOT_SCORED) for r in rows):
@@ -138,7 +145,7 @@ def score(rows: list[dict], exp_dir: Path, data_cfg, progress: bool, store: RunD
     shutil.rmtree(work, ignore_errors=True)
     todo = [r for r in rows if r["source"] is not None]
     connect()  # no-op when already connected (`run`, `rank --address`)
-    jobs = [Job(r["name"], Path(r["source"]), r["gated"], store) for r in todo]
+    jobs = [Job(r["name"], Path(r["source"]), r["gated"] and not r.get("finetuned"), store) for r in todo]
     results = score_all(jobs, data_cfg, progress)
     for row, res in zip(todo, results, strict=True):
         if "error" in res:

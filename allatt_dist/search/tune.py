@@ -24,6 +24,7 @@ from allatt_dist.search.records import record_dense, run_name, write_experiment
 from allatt_dist.search.scheduler import TargetHalving
 from allatt_dist.search.trial import run_trial
 from allatt_dist.train.monitor import TB_DIR
+from allatt_dist.train.teacher import check_teacher, teacher_source
 from allatt_dist.train.trainer import check_starting_model
 
 
@@ -134,6 +135,11 @@ def check_dense_models(plan: Plan, dense_models: dict[str, Path]) -> None:
         if not (d / "config.json").is_file():
             raise UserError(f"{d}: no dense {arch} model to start the trials from (run `allatt-dist run` first)")
         check_starting_model(d, plan.cfg.model.model_copy(update={"architecture": arch}), searched)
+        for sample in plan.cfg.tune.samples():  # distill: the teacher of both ends of every searched domain
+            cfg = plan.cfg.with_values(sample)
+            src = teacher_source(cfg, "prune", plan.out, d)
+            if src is not None:
+                check_teacher(src, d, plan.run, cfg.distill.hidden_layers)
 
 
 def tune_search(plan: Plan, dense_dir: Path | None = None) -> list[dict]:

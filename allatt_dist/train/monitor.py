@@ -18,6 +18,7 @@ import numpy as np
 import ray
 
 TB_DIR = "tb"
+TRAIN_STATS = ("kl", "hidden")  # step statistics logged under train/ (the rest are the gates')
 
 
 def tb_dir(run_dir: Path, phase: str) -> Path:
@@ -147,7 +148,7 @@ class Monitor:
             "perf/tokens_per_s": tps,
             "perf/step_time_s": dt,
         }
-        values.update({f"gates/{k}": v for k, v in stats.items()})
+        values.update({f"train/{k}" if k in TRAIN_STATS else f"gates/{k}": v for k, v in stats.items()})
         self.scalars(step, values)
         self.progress(step, loss=loss, sparsity=stats.get("expected_sparsity"), tokens_per_s=tps)
         return values

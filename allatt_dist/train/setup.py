@@ -13,11 +13,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from allatt_dist.config import GateConfig, RunConfig
+from allatt_dist.config import DistillConfig, GateConfig, RunConfig
 from allatt_dist.errors import ConfigError
 from allatt_dist.model.gates import SparsityObjective
 from allatt_dist.model.targets import heads_to_remove, training_gates
 from allatt_dist.model.transformer import LanguageModel
+from allatt_dist.train.teacher import distilled_loss
 
 Phase = Literal["dense", "prune", "finetune"]
 PHASES: tuple[Phase, ...] = ("dense", "prune", "finetune")
@@ -26,17 +27,44 @@ PHASES: tuple[Phase, ...] = ("dense", "prune", "finetune")
 class TrainModule(nn.Module):
     """The module DeepSpeed wraps: the LM plus, in the prune phase, its sparsity objective."""
 
-    def __init__(self, lm: LanguageModel, objective: SparsityObjective | None):
+    def __init__(
+        self,
+        lm: LanguageModel,
+        objective: SparsityObjective | None,
+        distill: DistillConfig | None = None,
+        teacher_width: int | None = None,
+    ):
         super().__init__()
-        self.lm, self.objective = lm, objective
+        self.lm, self.objective, self.distill = lm, objective, distill
+        self.hidden_map = None  # distill: a learned linear map per matched layer where the widths differ
+        width = lm.cfg.hidden_dim
+        if distill is not None and distill.hidden_weight > 0 and teacher_width not in (None, width):
+            self.hidden_map = nn.ModuleList(nn.Linear(width, teacher_width, bias=False) for _ in distill.hidden_layers)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, mems: list[torch.Tensor] | None, step: int):
-        """x, y: (b,T) -> (total loss, LM loss, new mems, gate stats)."""
-        lm_loss, mems = self.lm.loss(x, y, mems)
+    def forward(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        mems: list[torch.Tensor] | None,
+        step: int,
+        teacher: tuple | None = None,
+    ):
+        """x, y: (b,T) -> (total loss, LM loss, new mems, stats: the gates', and `kl`/`hidden` when distilling).
+        `teacher`: (log-probabilities (b,T,V), matched layers' outputs) of the teacher (train/teacher.py),
+        given when the phase distils; the loss then adds the weighted distillation terms."""
+        stats: dict = {}
+        if teacher is None:
+            lm_loss, mems = self.lm.loss(x, y, mems)
+            loss = lm_loss
+        else:
+            lm_loss, terms, mems = distilled_loss(self.lm, x, y, mems, teacher, self.distill, self.hidden_map)
+            weights = {"kl": self.distill.kl_weight, "hidden": self.distill.hidden_weight}
+            loss = lm_loss + sum(weights[k] * v for k, v in terms.items())
+            stats = {k: float(v.detach()) for k, v in terms.items()}
         if self.objective is None:
-            return lm_loss, lm_loss.detach(), mems, {}
-        reg, stats = self.objective(self.lm.gates, step)
-        return lm_loss + reg, lm_loss.detach(), mems, stats
+            return loss, lm_loss.detach(), mems, stats
+        reg, gate_stats = self.objective(self.lm.gates, step)
+        return loss + reg, lm_loss.detach(), mems, gate_stats | stats
 
     def gate_parameters(self) -> dict[str, nn.Parameter]:
         """Gate logits and Lagrange multipliers, by their names in this module."""

@@ -38,6 +38,7 @@ from allatt_dist.recipe import saved_config_diff
 from allatt_dist.train.checkpoints import open_checkpoints
 from allatt_dist.train.monitor import TB_DIR, RemoteProgressBoard, follow_progress
 from allatt_dist.train.setup import PHASES, Phase, phase_spec
+from allatt_dist.train.teacher import check_teacher, teacher_source
 from allatt_dist.train.worker import WorkerJob, train_loop_per_worker
 
 INIT_FROM: dict[str, tuple[str, str] | None] = {
@@ -114,6 +115,13 @@ def init_dir_for(run_dir: Path, phase: Phase, cfg: RunConfig) -> Path | None:
     return d
 
 
+def check_distill(plan: Plan, phase: Phase, init_dir: Path | None) -> None:
+    """One line before any worker starts when the phase's teacher cannot teach it (train/teacher.py)."""
+    src = teacher_source(plan.cfg, phase, plan.out, init_dir)
+    if src is not None and init_dir is not None:
+        check_teacher(src, init_dir, plan.run, plan.cfg.distill.hidden_layers)
+
+
 def phase_done(run_dir: Path, phase: Phase, cfg: RunConfig) -> bool:
     res = run_dir / phase / "result.json"
     if not res.is_file():
@@ -132,7 +140,8 @@ def _trainer(plan: Plan, phase: Phase, init_dir: Path | None, board, callbacks, 
         resources["GPU"] = sc.gpus_per_worker
     env = {"DS_ACCELERATOR": "cuda" if sc.use_gpu else "cpu", "ALLATT_VERBOSE": "1" if plan.verbose else "0"}
     tb = tb_dir or plan.out / TB_DIR / phase  # a trial's run is named by what it is (search/records.py)
-    job = WorkerJob(cfg, plan.ds_config, phase, plan.out / phase, init_dir, board, tb, plan.run)
+    teacher = teacher_source(cfg, phase, plan.out, init_dir)
+    job = WorkerJob(cfg, plan.ds_config, phase, plan.out / phase, init_dir, board, tb, plan.run, teacher)
     storage = {"storage_path": str(plan.out / phase)}  # Ray Train's own run state, beside our checkpoints
     if plan.run.is_remote:
         remote = plan.run.remote.child(plan.run.rel(plan.out / phase))
@@ -215,6 +224,7 @@ def run_phase(
     """
     run_dir = plan.out
     init_dir = init_dir or init_dir_for(run_dir, phase, plan.cfg)
+    check_distill(plan, phase, init_dir)
     board = RemoteProgressBoard.remote()
     trainer = _trainer(plan, phase, init_dir, board, callbacks, tb_dir)
     fit_with_progress(trainer, board, f"{run_dir.name}/{phase}", plan.progress)
@@ -252,7 +262,7 @@ def train(plan: Plan, phases: list[Phase] | None = None) -> dict[str, dict]:
     run_dir, cfg = plan.out, plan.cfg
     sync_in(plan)
     if not phase_done(run_dir, phases[0], cfg):
-        init_dir_for(run_dir, phases[0], cfg)
+        check_distill(plan, phases[0], init_dir_for(run_dir, phases[0], cfg))
     prepare_run_dir(plan)  # only after every check: bad input writes nothing
     results = {}
     for phase in phases:

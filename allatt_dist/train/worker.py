@@ -44,7 +44,7 @@ from allatt_dist.train.engine import (
     save_mems,
     valid_ppl,
 )
-from allatt_dist.train.monitor import Monitor
+from allatt_dist.train.monitor import TRAIN_STATS, Monitor
 from allatt_dist.train.setup import (
     Phase,
     PhaseSpec,
@@ -58,6 +58,7 @@ from allatt_dist.train.setup import (
     seed_step,
     tb_step_offset,
 )
+from allatt_dist.train.teacher import Teacher, TeacherSource
 
 CKPT_TAG = "ds"
 
@@ -74,6 +75,7 @@ class WorkerJob:
     board: Any  # the driver's progress actor handle
     tb_dir: Path  # where rank 0 writes TensorBoard events: RUN/tb/<phase>, or a trial's named run
     run: RunDir  # the run directory these paths lie in (each worker mirrors it itself when it is in a bucket)
+    teacher: TeacherSource | None = None  # distill: the teacher's model directory (train/teacher.py)
 
 
 def build_model(cfg: RunConfig, spec: PhaseSpec, vocab_size: int, init_dir: Path | None) -> LanguageModel:
@@ -116,6 +118,7 @@ class _Worker:
     pg: Any  # this worker's placement group
     step: int  # steps done
     mems: list  # per gradient-accumulation chunk: the Transformer-XL memory
+    teacher: Teacher | None = None  # distill: the teacher and its memory
     last_eval: dict = field(default_factory=dict)
     tokens_per_s: float = 0.0
 
@@ -179,11 +182,12 @@ def _start(job: WorkerJob, run: RunDir, init_dir: Path | None) -> _Worker:
     corpus = load_corpus(cfg.data, splits=("train", "valid"))
     lm = build_model(cfg, spec, len(corpus.vocab), init_dir)
     n_params = count_params(lm)  # before ZeRO-3 partitions the tensors
-    engine, scheduler = _engine(lm, cfg, spec, job.ds_config)
+    teacher = _load_teacher(job, run, device)
+    engine, scheduler = _engine(lm, cfg, spec, job.ds_config, teacher.width if teacher is not None else None)
     stream = LMStream(corpus.tokens("train"), cfg.train.batch_size, cfg.model.seq_len, rank, world, row_shift_seed(cfg))
     phase_dir, tb_dir = job.run.moved(job.phase_dir, run), job.run.moved(job.tb_dir, run)
     ckpts = open_checkpoints(run, phase_dir / "checkpoints")
-    step, mems = _resume(engine, stream, ckpts, rank, world, cfg.deepspeed.grad_accum_steps, device)
+    step, mems = _resume(engine, stream, ckpts, rank, world, cfg.deepspeed.grad_accum_steps, device, teacher)
     node_ids = [None] * world
     dist.all_gather_object(node_ids, ray.get_runtime_context().get_node_id())
     pg = get_current_placement_group()  # reported: a Tune callback frees it when a scheduler stops the trial
@@ -199,15 +203,27 @@ def _start(job: WorkerJob, run: RunDir, init_dir: Path | None) -> _Worker:
     places = {"run": run, "phase_dir": phase_dir, "tb_dir": tb_dir, "ckpts": ckpts}
     parts = {"lm": lm, "engine": engine, "scheduler": scheduler, "stream": stream, "monitor": monitor}
     data = {"valid": corpus.tokens("valid"), "vocab": corpus.vocab}
+    parts["teacher"] = teacher
     return _Worker(cfg, spec, rank, world, device, step=step, mems=mems, **parts, **data, **places, **meta)
 
 
-def _engine(lm: LanguageModel, cfg: RunConfig, spec: PhaseSpec, ds_config: dict[str, Any]):
-    """(DeepSpeed engine, LR schedule) training `lm` (with its sparsity objective in the prune phase)."""
+def _load_teacher(job: WorkerJob, run: RunDir, device: torch.device) -> Teacher | None:
+    """distill: the teacher on this worker (a path in the run directory: this worker's mirror of it)."""
+    src = job.teacher
+    if src is None:
+        return None
+    if src.in_run is not None:
+        src = TeacherSource(in_run=job.run.moved(src.in_run, run))
+    return Teacher.load(src, run, job.cfg, device)
+
+
+def _engine(lm: LanguageModel, cfg: RunConfig, spec: PhaseSpec, ds_config: dict[str, Any], teacher_width=None):
+    """(DeepSpeed engine, LR schedule) training `lm` (with its sparsity objective in the prune phase, and
+    the distillation terms' map to a teacher of another width)."""
     import deepspeed
 
     objective = SparsityObjective(spec.gates) if spec.gates is not None else None
-    module = TrainModule(lm, objective)
+    module = TrainModule(lm, objective, cfg.distill if cfg.distill.applies(spec.phase) else None, teacher_width)
     groups = param_groups(module, cfg, spec)
     engine, _, _, scheduler = deepspeed.initialize(
         model=module,
@@ -222,18 +238,22 @@ def _engine(lm: LanguageModel, cfg: RunConfig, spec: PhaseSpec, ds_config: dict[
     return engine, scheduler
 
 
-def _resume(engine, stream: LMStream, ckpts: Checkpoints, rank: int, world: int, accum: int, device):
-    """(step, memory) of the newest checkpoint every rank can load, its stream position restored
-    ((0, no memory): none, start afresh)."""
+def _resume(engine, stream: LMStream, ckpts: Checkpoints, rank: int, world: int, accum: int, device, teacher=None):
+    """(step, memory) of the newest checkpoint every rank can load, its stream position (and the teacher's
+    memory) restored ((0, no memory): none, start afresh)."""
 
     def load(ckpt: Path) -> tuple[dict, list]:
         _, client = engine.load_checkpoint(str(ckpt), tag=CKPT_TAG, load_module_strict=True)
         if client is None:
             raise FileNotFoundError(f"no DeepSpeed state under {ckpt / CKPT_TAG}")
+        if teacher is not None:
+            teacher.mems = load_mems(ckpt / f"mems_teacher_rank{rank}.safetensors", accum, device)
         return client, load_mems(ckpt / f"mems_rank{rank}.safetensors", accum, device)
 
     restored = ckpts.restore(load, rank, world)
     if restored is None:
+        if teacher is not None:
+            teacher.reset()
         return 0, [None] * accum
     client, mems = restored
     stream.load_state_dict(client["stream"])
@@ -245,13 +265,17 @@ def _step(w: _Worker) -> tuple[list[float], dict, float]:
     x, y, reset = w.stream.next_batch()  # (b,T) this rank's rows
     if reset:
         w.mems = [None] * w.accum
+        if w.teacher is not None:
+            w.teacher.reset()
     lm_losses, stats = [], {}
     lr = w.scheduler.get_last_lr()[0]  # the rate this step's update uses (the scheduler steps after it)
     for c, (xc, yc) in enumerate(zip(x.chunk(w.accum), y.chunk(w.accum), strict=True)):
         noise = seed_step(w.cfg.train.seed, w.rank, w.step * w.accum + c, w.device, w.cfg.gates.per_rank_samples)
         for gate in w.lm.gates:
             gate.noise = noise
-        loss, lm_loss, w.mems[c], stats = w.engine(xc.to(w.device), yc.to(w.device), w.mems[c], w.step)
+        xc, yc = xc.to(w.device), yc.to(w.device)
+        taught = w.teacher.outputs(xc, c) if w.teacher is not None else None  # no_grad, eval mode
+        loss, lm_loss, w.mems[c], stats = w.engine(xc, yc, w.mems[c], w.step, taught)
         w.engine.backward(loss)
         w.engine.step()
         lm_losses.append(float(lm_loss))
@@ -262,7 +286,9 @@ def _step(w: _Worker) -> tuple[list[float], dict, float]:
 def _log(w: _Worker, lm_losses: list[float], stats: dict, lr: float, final: bool) -> None:
     """Every `log_every` steps: the mean loss over all ranks, the rate, the gradient norm to TensorBoard."""
     if w.step % w.cfg.train.log_every == 0 or final:
-        (mean_loss,) = all_mean([float(np.mean(lm_losses))])
+        terms = [k for k in TRAIN_STATS if k in stats]  # distill: its terms, mean over ranks
+        mean_loss, *means = all_mean([float(np.mean(lm_losses))] + [stats[k] for k in terms])
+        stats = stats | dict(zip(terms, means, strict=True))
         logged = w.monitor.train_step(w.step, mean_loss, stats, lr, w.engine.get_global_grad_norm())
         w.tokens_per_s = logged["perf/tokens_per_s"]
 
@@ -316,6 +342,8 @@ def _save_and_report(w: _Worker, metrics: dict) -> None:
         state = {"step": w.step, "stream": w.stream.state_dict()}
         w.engine.save_checkpoint(str(staging), tag=CKPT_TAG, client_state=state)
         save_mems(staging / f"mems_rank{w.rank}.safetensors", w.mems)
+        if w.teacher is not None:
+            save_mems(staging / f"mems_teacher_rank{w.rank}.safetensors", w.teacher.mems)
 
     w.ckpts.save(w.step, write, metrics, w.cfg.train.keep_checkpoints, w.rank, w.world)  # collective
     ray.train.report(metrics)
