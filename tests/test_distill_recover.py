@@ -1,9 +1,8 @@
 """`run` with recovery fine-tuning (`tune.recover_finetune`, issue 24): after the search, the best trial of
 the target is fine-tuned (distilled from the experiment's dense model, the default teacher) and the
 leaderboard scores and names that fine-tuned model; the other trial stays as pruned. One tiny search on the
-session's local Ray: dense 20 steps, two trials of one target, 10 prune and 5 finetune steps, one worker.
-(The lead may fold this into tests/test_search.py's experiment fixture: `tune.recover_finetune: true`
-there costs one finetune phase per target.)"""
+session's local Ray, on the real-text slice (conftest.py `wt2_slice`): dense 20 steps, two trials of one
+target, 10 prune and 5 finetune steps, one worker."""
 
 from __future__ import annotations
 
@@ -19,11 +18,11 @@ from allatt_dist.plan import make_plan
 pytestmark = pytest.mark.ray
 
 
-def test_run_fine_tunes_each_targets_best_trial_before_rank(local_ray, wt2_path, tmp_path):
+def test_run_fine_tunes_each_targets_best_trial_before_rank(local_ray, wt2_slice, tmp_path):
     from allatt_dist.search.pipeline import run_pipeline
 
     cfg = tiny_config(
-        wt2_path,
+        wt2_slice,
         train={"max_steps": 20, "eval_every": 5, "checkpoint_every": 5},
         prune={"max_steps": 10},
         finetune={"max_steps": 5},

@@ -56,9 +56,9 @@ def _scalars(tb: Path, tag: str) -> dict[int, float]:
     return out
 
 
-def test_distilled_prune_logs_kl_and_resumes_to_the_uninterrupted_result(local_ray, wt2_path, tmp_path):
+def test_distilled_prune_logs_kl_and_resumes_to_the_uninterrupted_result(local_ray, wt2_slice, tmp_path):
     cfg = tiny_config(
-        wt2_path,
+        wt2_slice,
         prune={"max_steps": 20, "constant_lr": True},
         train={"eval_every": 10, "checkpoint_every": 10},
         distill={"kl_weight": 1.0, "temperature": 2.0},

@@ -419,7 +419,7 @@ def _board(exp) -> list[tuple]:
 
 
 @pytest.mark.ray
-def test_a_run_killed_mid_search_and_rerun_ends_like_an_uninterrupted_one(experiment, wt2_slice, tmp_path):
+def test_a_run_killed_mid_search_and_rerun_ends_like_an_uninterrupted_one(experiment, wt2_slice, tmp_path, local_ray):
     """SIGKILL of the whole `allatt-dist run` process group (driver, its local Ray, the workers) once the
     scheduler has judged two trials; the same command again must give the uninterrupted search's
     leaderboard: the same trials stopped, the same models, the same numbers. The experiment starts with the
@@ -449,6 +449,8 @@ def test_a_run_killed_mid_search_and_rerun_ends_like_an_uninterrupted_one(experi
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     assert not (out / "leaderboard.json").exists()
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
+    # The same command again, joining the session's Ray (the killed run's own Ray died with it): everything
+    # the rerun resumes from is on disk, nothing in a Ray instance.
+    again = subprocess.run([*cmd, "--address", local_ray], capture_output=True, text=True, timeout=1500)
     assert again.returncode == 0, again.stderr[-3000:]
     assert _board(out) == _board(reference)
