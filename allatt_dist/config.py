@@ -161,6 +161,8 @@ class DataConfig(_Section):
     text_field: str | None = Field(None, min_length=1)  # JSONL/Parquet: the field holding the text; None: "text"
     tokenizer: str | None = None  # word (None), bpe, or a tokenizers JSON file (data/tokenizer.py)
     vocab_size: int | None = Field(None, gt=0)  # bpe: the vocabulary size (None: 8000)
+    build_workers: int | None = Field(None, gt=0)  # processes tokenising a split into the cache (None: all cores)
+    build_chunk_mb: float = Field(16.0, gt=0.0)  # text per chunk (and shard) of the cache build, in MB
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:

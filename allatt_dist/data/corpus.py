@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from allatt_dist.config import DataConfig
-from allatt_dist.data import sources, tokenizer
-from allatt_dist.data.cache import DTYPE, TokenCache, cache_root
+from allatt_dist.data import build, sources, tokenizer
 from allatt_dist.data.cache import ENV_VAR as CACHE_ENV
+from allatt_dist.data.cache import TokenCache, cache_root
 from allatt_dist.data.vocab import Vocab
 from allatt_dist.errors import DataError
 
@@ -141,7 +141,8 @@ def _load_local(folder: Path, cfg: DataConfig, wanted: tuple[str, ...]) -> Corpu
         files.append((split, stats))
     origin = os.path.abspath(folder) if sources.is_glob(str(folder)) else str(folder.resolve())
     tok = (cfg.tokenizer, cfg.vocab_size)
-    return _local_cached(tuple(files), wanted, origin, cfg.cache_dir, cfg.text_field, tok)
+    opts = (cfg.build_workers, cfg.build_chunk_mb)
+    return _local_cached(tuple(files), wanted, origin, cfg.cache_dir, cfg.text_field, tok, opts)
 
 
 @lru_cache(maxsize=8)
@@ -152,6 +153,7 @@ def _local_cached(
     cache_dir: str | None,
     text_field: str | None = None,
     tok: tuple[str | None, int | None] = (None, None),
+    opts: tuple[int | None, float | None] = (None, None),
 ) -> Corpus:
     where = {split: tuple(Path(p) for p, _, _ in stats) for split, stats in files}
     # How the text is read is part of the cache key once a file is not plain text (the JSONL/Parquet field).
@@ -161,7 +163,8 @@ def _local_cached(
     )
     root, chosen = cache_root(cache_dir)
     try:
-        return _from_token_cache(TokenCache(root, where["train"], salt), where, wanted, origin, text_field, tok)
+        plans = {s: build.Plan(p, text_field, opts[1], opts[0]) for s, p in where.items()}
+        return _from_token_cache(TokenCache(root, where["train"], salt), plans, wanted, origin, tok)
     except OSError as e:
         if chosen:
             raise DataError(
@@ -187,26 +190,27 @@ def _name(paths: tuple[Path, ...]) -> str:
 
 def _from_token_cache(
     cache: TokenCache,
-    where: dict[str, tuple[Path, ...]],
+    plans: dict[str, build.Plan],
     wanted: tuple[str, ...],
     origin: str,
-    field: str | None,
     tok: tuple[str | None, int | None] = (None, None),
 ) -> Corpus:
-    """Vocabulary and ids from the disk cache; a file is read and tokenised only when its entry is missing."""
-    read: dict[str, list[str]] = {}
+    """Vocabulary and ids from the disk cache; a split is read (streamed, in chunks: build.py) and tokenised
+    only when its entry is missing."""
 
-    def lines(split: str) -> list[str]:
-        if split not in read:
-            read[split] = _split_lines(where[split], field)
-            if not any(line.strip() for line in read[split]):
-                raise DataError(f"{_name(where[split])}: split {split!r} is empty (no tokens)")
-        return read[split]
+    def make_vocab():
+        if tokenizer.kind(tok[0]) == "word":
+            return build.count_words(plans["train"])
+        if tokenizer.kind(tok[0]) == "bpe":
+            build.require_text(plans["train"], "train")
+        return tokenizer.build(*tok, lambda: build.lines(plans["train"]))
 
-    vocab = cache.vocab(lambda: tokenizer.build(*tok, lambda: lines("train")))
+    vocab = cache.vocab(make_vocab)
     arrays = {}
     for split in wanted:
-        arrays[split] = cache.ids(split, where[split], lambda s=split: vocab.encode_lines(lines(s), DTYPE))
+        plan = plans[split]
+        write = lambda out, s=split, p=plan: build.write_ids(p, s, vocab, cache.dir / "vocab.txt", out)  # noqa: E731
+        arrays[split] = cache.ids(split, plan.files, write)
     return Corpus(vocab=vocab, splits=arrays, origin=origin)
 
 
