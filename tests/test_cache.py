@@ -39,14 +39,14 @@ class _Reads:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.files: list[str] = []
-        real = build_mod.file_lines
+        real = build_mod.file_units
 
         def counting(path, field):
             if Path(path).name not in self.files:
                 self.files.append(Path(path).name)
             return real(path, field)
 
-        monkeypatch.setattr(build_mod, "file_lines", counting)
+        monkeypatch.setattr(build_mod, "file_units", counting)
 
 
 def _load(cfg: DataConfig, splits=("train", "valid", "test")):

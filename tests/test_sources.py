@@ -96,8 +96,8 @@ def test_the_cache_is_keyed_by_the_text_field_and_reused(tmp_path, monkeypatch):
     cache = tmp_path / "c"
     first = load_corpus(DataConfig(path=str(folder), cache_dir=str(cache)))
     reads: list[str] = []
-    real = build.file_lines  # the streamed reader of the cache build
-    monkeypatch.setattr(build, "file_lines", lambda p, f=None: reads.append(p.name) or real(p, f))
+    real = build.file_units  # the streamed reader of the cache build
+    monkeypatch.setattr(build, "file_units", lambda p, f=None: reads.append(p.name) or real(p, f))
     clear_cache()
     again = load_corpus(DataConfig(path=str(folder), cache_dir=str(cache)))
     assert reads == [] and again.vocab.itos == first.vocab.itos  # from the cache, no file read

@@ -47,9 +47,17 @@ def default_workers() -> int:
 class Plan:
     """How one split is read and encoded: its files, the text field, chunk size (bytes) and processes."""
 
-    def __init__(self, files: tuple[Path, ...], field: str | None, chunk_mb: float | None, workers: int | None):
+    def __init__(
+        self,
+        files: tuple[Path, ...],
+        field: str | None,
+        chunk_mb: float | None,
+        workers: int | None,
+        carve: Carve | None = None,
+    ):
         self.files = files
         self.field = field
+        self.carve = carve
         self.chunk_bytes = max(1, int((chunk_mb or DEFAULT_CHUNK_MB) * (1 << 20)))
         self.workers = workers or default_workers()
 
@@ -62,14 +70,45 @@ class Plan:
         return str(f[0]) if len(f) == 1 else f"{f[0]} (+{len(f) - 1} more files)"
 
 
+class Carve:
+    """Splits carved from one source (`data.split_fractions`, `data.split_seed`): unit k of the source (a
+    text line, or a JSONL record's / Parquet row's lines; numbered across its files in order) goes to valid
+    when u(k) < valid, else to test when u(k) < valid + test, else to train, u(k) in [0, 1) a hash of the
+    seed and k (splitmix64). So a split's share is its fraction up to sampling noise, and the carving
+    depends only on the seed and the order of the units: the same whatever the chunking or workers."""
+
+    def __init__(self, split: str, fractions: tuple[float, float], seed: int) -> None:
+        self.split, (self.valid, self.test), self.seed = split, fractions, seed
+
+    def keeps(self, k: int) -> bool:
+        u = _splitmix64((self.seed * 0x9E3779B97F4A7C15 + k) & _MASK) / 2.0**64
+        got = "valid" if u < self.valid else "test" if u < self.valid + self.test else "train"
+        return got == self.split
+
+
+_MASK = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return x ^ (x >> 31)
+
+
 def chunks(plan: Plan) -> Iterator[list[str]]:
-    """The split's lines, in order, in lists of about `plan.chunk_bytes` characters."""
+    """The split's lines, in order, in lists of about `plan.chunk_bytes` characters (only the units its
+    carving keeps, when carved)."""
     out: list[str] = []
     size = 0
+    k = -1
     for path in plan.files:
-        for line in file_lines(path, plan.field):
-            out.append(line)
-            size += len(line) + 1
+        for unit in file_units(path, plan.field):
+            k += 1
+            if plan.carve is not None and not plan.carve.keeps(k):
+                continue
+            out += unit
+            size += sum(len(line) + 1 for line in unit)
             if size >= plan.chunk_bytes:
                 yield out
                 out, size = [], 0
@@ -79,19 +118,25 @@ def chunks(plan: Plan) -> Iterator[list[str]]:
 
 def file_lines(path: Path, field: str | None) -> Iterator[str]:
     """One corpus file's text lines, streamed (the rules of sources.read_lines, one line a time)."""
+    for unit in file_units(path, field):
+        yield from unit
+
+
+def file_units(path: Path, field: str | None) -> Iterator[list[str]]:
+    """One corpus file's units, streamed: a text line ([line]), a JSONL record's or a table row's lines."""
     kind = sources.kind_of(path)
     field = field or sources.DEFAULT_FIELD
     if kind in ("parquet", "arrow"):
-        yield from _table_lines(path, field, kind)
+        yield from _table_rows(path, field, kind)
         return
     try:
         with _open_text(path) as f:
             for n, line in enumerate(f, start=1):
                 line = line.removesuffix("\n")
                 if kind == "text":
-                    yield line
+                    yield [line]
                 elif line.strip():
-                    yield from _jsonl_one(path, line, field, n)
+                    yield _jsonl_one(path, line, field, n)
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (byte {e.start} of a block)") from None
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
@@ -114,7 +159,7 @@ def _jsonl_one(path: Path, line: str, field: str, n: int) -> list[str]:
         raise DataError(str(e).replace(f"{path}: line 1:", f"{path}: line {n}:", 1)) from None
 
 
-def _table_lines(path: Path, field: str, kind: str) -> Iterator[str]:
+def _table_rows(path: Path, field: str, kind: str) -> Iterator[list[str]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -129,7 +174,7 @@ def _table_lines(path: Path, field: str, kind: str) -> Iterator[str]:
             if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
                 raise DataError(f"{path}: column {field!r} is {column.type}, not text")
             for value in column.to_pylist():
-                yield from sources._text_lines(value) if value else ()
+                yield sources._text_lines(value) if value else []
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{path}: not a readable {kind.title()} file ({str(e).splitlines()[0][:200]})") from None
 

@@ -85,7 +85,7 @@ def resolve_data(cfg: DataConfig, splits: Iterable[str] = SPLITS) -> DataConfig:
         return cfg
     if not sources.is_glob(str(folder)) and not folder.is_dir():
         raise DataError(f"{folder}: data folder not found; {_FIX}")
-    for split, files in sources.split_files(folder, tuple(dict.fromkeys(("train", *splits))), cfg.raw).items():
+    for split, files in _split_files(folder, tuple(dict.fromkeys(("train", *splits))), cfg).items():
         for f in files:
             try:
                 sources.probe(f, cfg.text_field)
@@ -140,13 +140,26 @@ def _load_local(folder: Path, cfg: DataConfig, wanted: tuple[str, ...]) -> Corpu
     if not sources.is_glob(str(folder)) and not folder.is_dir():
         raise DataError(f"{folder}: data folder not found; {_FIX}")
     files = []
-    for split, paths in sources.split_files(folder, tuple(dict.fromkeys(("train", *wanted))), cfg.raw).items():
+    for split, paths in _split_files(folder, tuple(dict.fromkeys(("train", *wanted))), cfg).items():
         stats = tuple((str(p.resolve()), p.stat().st_mtime_ns, p.stat().st_size) for p in paths)
         files.append((split, stats))
     origin = os.path.abspath(folder) if sources.is_glob(str(folder)) else str(folder.resolve())
     tok = (cfg.tokenizer, cfg.vocab_size)
     opts = (cfg.build_workers, cfg.build_chunk_mb)
-    return _local_cached(tuple(files), wanted, origin, cfg.cache_dir, cfg.text_field, tok, opts)
+    carve = (cfg.split_fractions, cfg.split_seed) if cfg.split_fractions else None
+    return _local_cached(tuple(files), wanted, origin, cfg.cache_dir, cfg.text_field, tok, opts, carve)
+
+
+def _split_files(folder: Path, splits: tuple[str, ...], cfg: DataConfig) -> dict[str, tuple[Path, ...]]:
+    """Each split's files; carved splits (data.split_fractions) all read the one source: the train file of
+    a folder, or every file a glob matches."""
+    if cfg.split_fractions is None:
+        return sources.split_files(folder, splits, cfg.raw)
+    if sources.is_glob(str(folder)):
+        files = sources.glob_all(str(folder))
+    else:
+        files = sources.split_files(folder, ("train",), cfg.raw)["train"]
+    return {s: files for s in splits}
 
 
 @lru_cache(maxsize=8)
@@ -158,6 +171,7 @@ def _local_cached(
     text_field: str | None = None,
     tok: tuple[str | None, int | None] = (None, None),
     opts: tuple[int | None, float | None] = (None, None),
+    carve: tuple[tuple[float, float], int] | None = None,
 ) -> Corpus:
     where = {split: tuple(Path(p) for p, _, _ in stats) for split, stats in files}
     # How the text is read is part of the cache key once a file is not plain text (the JSONL/Parquet field).
@@ -165,9 +179,12 @@ def _local_cached(
     salt = ";".join(
         filter(None, ["" if plain else f"field={text_field or sources.DEFAULT_FIELD}", tokenizer.cache_salt(*tok)])
     )
+    if carve:
+        salt += f";carve={carve[0][0]!r},{carve[0][1]!r},seed={carve[1]}"
+    cut = {s: build.Carve(s, *carve) if carve else None for s in where}
+    plans = {s: build.Plan(p, text_field, opts[1], opts[0], cut[s]) for s, p in where.items()}
     root, chosen = cache_root(cache_dir)
     try:
-        plans = {s: build.Plan(p, text_field, opts[1], opts[0]) for s, p in where.items()}
         return _from_token_cache(TokenCache(root, where["train"], salt), plans, wanted, origin, tok)
     except OSError as e:
         if chosen:
@@ -175,17 +192,8 @@ def _local_cached(
                 f"{root}: token cache not usable ({e.strerror or e}); set data.cache_dir (or {CACHE_ENV}) "
                 "to a writable folder"
             ) from None
-    lines = {split: _split_lines(paths, text_field) for split, paths in where.items()}  # no usable cache: in memory
+    lines = {split: list(build.lines(plan)) for split, plan in plans.items()}  # no usable cache: in memory
     return _make_corpus(lines, {s: _name(p) for s, p in where.items()}, wanted, origin, tok)
-
-
-def _split_lines(paths: tuple[Path, ...], text_field: str | None) -> list[str]:
-    """The lines of a split's files, in order (plain text through `read_lines`, the rest through sources)."""
-    out: list[str] = []
-    for p in paths:
-        plain = sources.kind_of(p) == "text" and not p.name.endswith(".gz")
-        out += read_lines(p) if plain else sources.read_lines(p, text_field)
-    return out
 
 
 def _name(paths: tuple[Path, ...]) -> str:
