@@ -111,7 +111,7 @@ def check_segments(cfg: DataConfig, sizes: Iterable[tuple[int, int]]) -> None:
     n = int(load_corpus(cfg, ("train", "valid")).tokens("train").shape[0])
     for batch, seq_len in sizes:
         if n // batch < seq_len + 1:
-            train_files = sources.split_files(folder, ("train",), cfg.raw)["train"]
+            train_files = _split_files(folder, ("train",), cfg)["train"]
             raise DataError(
                 f"{_name(train_files)}: the train split has {n} tokens; train.batch_size "
                 f"({batch}) rows of model.seq_len ({seq_len}) + 1 tokens need at least {batch * (seq_len + 1)}"
