@@ -161,11 +161,23 @@ class DataConfig(_Section):
     text_field: str | None = Field(None, min_length=1)  # JSONL/Parquet: the field holding the text; None: "text"
     tokenizer: str | None = None  # word (None), bpe, or a tokenizers JSON file (data/tokenizer.py)
     vocab_size: int | None = Field(None, gt=0)  # bpe: the vocabulary size (None: 8000)
+    build_workers: int | None = Field(None, gt=0)  # processes tokenising a split into the cache (None: all cores)
+    build_chunk_mb: float = Field(16.0, gt=0.0)  # text per chunk (and shard) of the cache build, in MB
+    split_fractions: tuple[float, float] | None = None  # (valid, test) carved from the train source (build.py)
+    split_seed: int = 0  # the seed of that carving
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
         if self.source == "hub" and self.path:
             raise ValueError("source is hub but path is set; drop data.path, or use source auto/local for a folder")
+        if self.split_fractions is not None:
+            valid, test = self.split_fractions
+            if not (0 < valid < 1 and 0 < test < 1 and valid + test < 1):
+                raise ValueError(
+                    f"split_fractions {list(self.split_fractions)}: [valid, test] must each be in (0, 1), sum < 1"
+                )
+            if self.source == "hub":
+                raise ValueError("split_fractions: only for a local or bucket data.path (the hub has its splits)")
         return self
 
 

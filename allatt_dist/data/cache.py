@@ -9,7 +9,8 @@ Layout, under the cache folder (`data.cache_dir`, else $ALLATT_CACHE_DIR, else ~
 A digest is the sha256 of a file's bytes and its size, and `<rules>` names the vocabulary rules
 (`RULES`), so a cache built from other files, or by other rules, has another name and is never read:
 changing a corpus file makes the next load build anew. Every file is written under a temporary name and
-renamed into place, so a reader sees a whole file or none; builders on one node (Ray workers, trials,
+renamed into place, so a reader sees a whole file or none (ids are written streamed, shard by shard:
+build.py); builders on one node (Ray workers, trials,
 `rank`) take an advisory lock, so one builds and the others wait and then read what it wrote. Where locks
 do not work (some network filesystems) two builders both build and the last rename wins, with equal bytes.
 
@@ -30,6 +31,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -90,9 +92,9 @@ class TokenCache:
                     self._record(path)
         return Vocab.load(path)
 
-    def ids(self, split: str, split_file: Path | tuple[Path, ...], encode: Callable[[], np.ndarray]) -> np.ndarray:
-        """The split's ids, memory-mapped read-only; `encode` (uint32 ids) runs only when they are missing
-        or damaged."""
+    def ids(self, split: str, split_file: Path | tuple[Path, ...], encode: Callable[[IO[bytes]], None]) -> np.ndarray:
+        """The split's ids, memory-mapped read-only; `encode` (writes a uint32 .npy to the file it is given,
+        streamed: build.py) runs only when they are missing or damaged, and the file is published whole."""
         path = self.dir / f"{split}-{files_digest(split_file, self.salt)}.npy"
         loaded = _load(path) if self._intact(path) else None
         if loaded is not None:
@@ -101,7 +103,8 @@ class TokenCache:
             loaded = _load(path) if self._intact(path) else None  # another builder may have written it meanwhile
             if loaded is None:
                 self._warn_if_damaged(path)
-                _save_atomic(path, encode())
+                with writing(path, "wb", perms=0o644) as f:  # the cache is meant to be shared
+                    encode(f)
                 self._record(path)
                 loaded = _load(path)
         if loaded is None:
@@ -158,8 +161,3 @@ def _load(path: Path) -> np.ndarray | None:
     except (OSError, ValueError):
         return None  # damaged (not whole): built anew
     return ids if ids.dtype == DTYPE and ids.ndim == 1 else None
-
-
-def _save_atomic(path: Path, ids: np.ndarray) -> None:
-    with writing(path, "wb", perms=0o644) as f:  # the cache is meant to be shared
-        np.save(f, np.ascontiguousarray(ids, dtype=DTYPE), allow_pickle=False)

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from allatt_dist.config import DataConfig
-from allatt_dist.data import sources, tokenizer
-from allatt_dist.data.cache import DTYPE, TokenCache, cache_root
+from allatt_dist.data import build, remote_source, sources, tokenizer
 from allatt_dist.data.cache import ENV_VAR as CACHE_ENV
+from allatt_dist.data.cache import TokenCache, cache_root
 from allatt_dist.data.vocab import Vocab
 from allatt_dist.errors import DataError
 
@@ -85,13 +85,15 @@ def resolve_data(cfg: DataConfig, splits: Iterable[str] = SPLITS) -> DataConfig:
         return cfg
     if not sources.is_glob(str(folder)) and not folder.is_dir():
         raise DataError(f"{folder}: data folder not found; {_FIX}")
-    for split, files in sources.split_files(folder, tuple(dict.fromkeys(("train", *splits))), cfg.raw).items():
+    for split, files in _split_files(folder, tuple(dict.fromkeys(("train", *splits))), cfg).items():
         for f in files:
             try:
                 sources.probe(f, cfg.text_field)
             except DataError as e:
                 raise DataError(str(e).replace("empty (no text)", f"the {split} split is empty")) from None
     pinned = os.path.abspath(folder) if sources.is_glob(str(folder)) else str(folder.resolve())
+    if remote_source.is_remote(cfg.path):
+        pinned = str(cfg.path)  # every node reads the bucket into its own cache
     update = {"path": pinned, "source": "local"}
     if cfg.cache_dir:
         update["cache_dir"] = str(Path(cfg.cache_dir).expanduser().resolve())
@@ -109,7 +111,7 @@ def check_segments(cfg: DataConfig, sizes: Iterable[tuple[int, int]]) -> None:
     n = int(load_corpus(cfg, ("train", "valid")).tokens("train").shape[0])
     for batch, seq_len in sizes:
         if n // batch < seq_len + 1:
-            train_files = sources.split_files(folder, ("train",), cfg.raw)["train"]
+            train_files = _split_files(folder, ("train",), cfg)["train"]
             raise DataError(
                 f"{_name(train_files)}: the train split has {n} tokens; train.batch_size "
                 f"({batch}) rows of model.seq_len ({seq_len}) + 1 tokens need at least {batch * (seq_len + 1)}"
@@ -122,6 +124,8 @@ def clear_cache() -> None:
 
 
 def _local_folder(cfg: DataConfig) -> Path | None:
+    if remote_source.is_remote(cfg.path):  # s3:// or gs://: its local copy (remote_source.py)
+        return remote_source.local_copy(str(cfg.path), cfg.cache_dir)
     if cfg.path:
         return Path(cfg.path).expanduser()
     env = os.environ.get(ENV_VAR)
@@ -136,12 +140,26 @@ def _load_local(folder: Path, cfg: DataConfig, wanted: tuple[str, ...]) -> Corpu
     if not sources.is_glob(str(folder)) and not folder.is_dir():
         raise DataError(f"{folder}: data folder not found; {_FIX}")
     files = []
-    for split, paths in sources.split_files(folder, tuple(dict.fromkeys(("train", *wanted))), cfg.raw).items():
+    for split, paths in _split_files(folder, tuple(dict.fromkeys(("train", *wanted))), cfg).items():
         stats = tuple((str(p.resolve()), p.stat().st_mtime_ns, p.stat().st_size) for p in paths)
         files.append((split, stats))
     origin = os.path.abspath(folder) if sources.is_glob(str(folder)) else str(folder.resolve())
     tok = (cfg.tokenizer, cfg.vocab_size)
-    return _local_cached(tuple(files), wanted, origin, cfg.cache_dir, cfg.text_field, tok)
+    opts = (cfg.build_workers, cfg.build_chunk_mb)
+    carve = (cfg.split_fractions, cfg.split_seed) if cfg.split_fractions else None
+    return _local_cached(tuple(files), wanted, origin, cfg.cache_dir, cfg.text_field, tok, opts, carve)
+
+
+def _split_files(folder: Path, splits: tuple[str, ...], cfg: DataConfig) -> dict[str, tuple[Path, ...]]:
+    """Each split's files; carved splits (data.split_fractions) all read the one source: the train file of
+    a folder, or every file a glob matches."""
+    if cfg.split_fractions is None:
+        return sources.split_files(folder, splits, cfg.raw)
+    if sources.is_glob(str(folder)):
+        files = sources.glob_all(str(folder))
+    else:
+        files = sources.split_files(folder, ("train",), cfg.raw)["train"]
+    return {s: files for s in splits}
 
 
 @lru_cache(maxsize=8)
@@ -152,6 +170,8 @@ def _local_cached(
     cache_dir: str | None,
     text_field: str | None = None,
     tok: tuple[str | None, int | None] = (None, None),
+    opts: tuple[int | None, float | None] = (None, None),
+    carve: tuple[tuple[float, float], int] | None = None,
 ) -> Corpus:
     where = {split: tuple(Path(p) for p, _, _ in stats) for split, stats in files}
     # How the text is read is part of the cache key once a file is not plain text (the JSONL/Parquet field).
@@ -159,26 +179,21 @@ def _local_cached(
     salt = ";".join(
         filter(None, ["" if plain else f"field={text_field or sources.DEFAULT_FIELD}", tokenizer.cache_salt(*tok)])
     )
+    if carve:
+        salt += f";carve={carve[0][0]!r},{carve[0][1]!r},seed={carve[1]}"
+    cut = {s: build.Carve(s, *carve) if carve else None for s in where}
+    plans = {s: build.Plan(p, text_field, opts[1], opts[0], cut[s]) for s, p in where.items()}
     root, chosen = cache_root(cache_dir)
     try:
-        return _from_token_cache(TokenCache(root, where["train"], salt), where, wanted, origin, text_field, tok)
+        return _from_token_cache(TokenCache(root, where["train"], salt), plans, wanted, origin, tok)
     except OSError as e:
         if chosen:
             raise DataError(
                 f"{root}: token cache not usable ({e.strerror or e}); set data.cache_dir (or {CACHE_ENV}) "
                 "to a writable folder"
             ) from None
-    lines = {split: _split_lines(paths, text_field) for split, paths in where.items()}  # no usable cache: in memory
+    lines = {split: list(build.lines(plan)) for split, plan in plans.items()}  # no usable cache: in memory
     return _make_corpus(lines, {s: _name(p) for s, p in where.items()}, wanted, origin, tok)
-
-
-def _split_lines(paths: tuple[Path, ...], text_field: str | None) -> list[str]:
-    """The lines of a split's files, in order (plain text through `read_lines`, the rest through sources)."""
-    out: list[str] = []
-    for p in paths:
-        plain = sources.kind_of(p) == "text" and not p.name.endswith(".gz")
-        out += read_lines(p) if plain else sources.read_lines(p, text_field)
-    return out
 
 
 def _name(paths: tuple[Path, ...]) -> str:
@@ -187,26 +202,27 @@ def _name(paths: tuple[Path, ...]) -> str:
 
 def _from_token_cache(
     cache: TokenCache,
-    where: dict[str, tuple[Path, ...]],
+    plans: dict[str, build.Plan],
     wanted: tuple[str, ...],
     origin: str,
-    field: str | None,
     tok: tuple[str | None, int | None] = (None, None),
 ) -> Corpus:
-    """Vocabulary and ids from the disk cache; a file is read and tokenised only when its entry is missing."""
-    read: dict[str, list[str]] = {}
+    """Vocabulary and ids from the disk cache; a split is read (streamed, in chunks: build.py) and tokenised
+    only when its entry is missing."""
 
-    def lines(split: str) -> list[str]:
-        if split not in read:
-            read[split] = _split_lines(where[split], field)
-            if not any(line.strip() for line in read[split]):
-                raise DataError(f"{_name(where[split])}: split {split!r} is empty (no tokens)")
-        return read[split]
+    def make_vocab():
+        if tokenizer.kind(tok[0]) == "word":
+            return build.count_words(plans["train"])
+        if tokenizer.kind(tok[0]) == "bpe":
+            build.require_text(plans["train"], "train")
+        return tokenizer.build(*tok, lambda: build.lines(plans["train"]))
 
-    vocab = cache.vocab(lambda: tokenizer.build(*tok, lambda: lines("train")))
+    vocab = cache.vocab(make_vocab)
     arrays = {}
     for split in wanted:
-        arrays[split] = cache.ids(split, where[split], lambda s=split: vocab.encode_lines(lines(s), DTYPE))
+        plan = plans[split]
+        write = lambda out, s=split, p=plan: build.write_ids(p, s, vocab, cache.dir / "vocab.txt", out)  # noqa: E731
+        arrays[split] = cache.ids(split, plan.files, write)
     return Corpus(vocab=vocab, splits=arrays, origin=origin)
 
 

@@ -88,6 +88,16 @@ def _hf_split_files(folder: Path, split: str) -> tuple[Path, ...]:
     return tuple(files)
 
 
+def glob_all(pattern: str) -> tuple[Path, ...]:
+    """Every file a glob matches, in name order, whatever its name (one source carved into splits)."""
+    matched = sorted(Path(p) for p in glob.glob(os.path.expanduser(pattern), recursive=True) if Path(p).is_file())
+    if not matched:
+        raise DataError(f"data.path {pattern}: no file matches")
+    for p in matched:
+        kind_of(p)
+    return tuple(matched)
+
+
 def _glob_files(pattern: str, splits: tuple[str, ...]) -> dict[str, tuple[Path, ...]]:
     matched = sorted(Path(p) for p in glob.glob(os.path.expanduser(pattern), recursive=True) if Path(p).is_file())
     if not matched:

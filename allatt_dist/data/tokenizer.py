@@ -14,7 +14,7 @@ directory (tokenizer.json) and read back by evaluate, rank, generate and serve.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -62,7 +62,7 @@ def check(tokenizer: str | None, vocab_size: int | None) -> None:
         raise DataError("data.vocab_size: only for data.tokenizer bpe (the word vocabulary is every train word)")
 
 
-def build(tokenizer: str | None, vocab_size: int | None, train_lines: Callable[[], list[str]]) -> Vocab:
+def build(tokenizer: str | None, vocab_size: int | None, train_lines: Callable[[], Iterable[str]]) -> Vocab:
     """The vocabulary of a corpus: words, BPE trained on `train_lines()`, or a tokenizer file's."""
     k = kind(tokenizer)
     if k == "word":
@@ -72,7 +72,7 @@ def build(tokenizer: str | None, vocab_size: int | None, train_lines: Callable[[
     return vocab_of(train_bpe(train_lines(), vocab_size or DEFAULT_VOCAB))
 
 
-def train_bpe(lines: list[str], vocab_size: int):
+def train_bpe(lines: Iterable[str], vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -84,7 +84,8 @@ def train_bpe(lines: list[str], vocab_size: int):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator((line for line in lines if line), trainer=trainer, length=len(lines))
+    length = len(lines) if isinstance(lines, list) else None
+    tok.train_from_iterator((line for line in lines if line), trainer=trainer, length=length)
     return tok
 
 
