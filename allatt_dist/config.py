@@ -7,38 +7,31 @@ tests/test_config_doc.py checks that the doc and these classes name the same key
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
+from allatt_dist.config_sections import (
+    DataConfig,
+    DeepSpeedConfig,
+    DistillConfig,
+    PhaseConfig,
+    ScalingConfig,
+    Section,
+    TrainConfig,
+)
 from allatt_dist.crosschecks import conflict
 from allatt_dist.errors import first_problem
 from allatt_dist.variants import GATE_PRESETS, MODEL_PRESETS, apply_preset, check_variant
 
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_bool_for_numbers(cls, v: Any, info) -> Any:
-        """YAML's true/false are not 1/0 here: `max_steps: true` is a mistake, not one step."""
-        ann = cls.model_fields[info.field_name].annotation
-        if isinstance(v, bool) and ann is not bool and bool not in get_args(ann):
-            raise ValueError(f"expected {_kind(ann)}, got {v!r}")
-        return v
+__all__ = [  # the sections defined in config_sections.py are imported from here, as every section is
+    "DataConfig", "DeepSpeedConfig", "DistillConfig", "GateConfig", "ModelConfig", "PhaseConfig",
+    "RunConfig", "ScalingConfig", "SchedulerConfig", "Section", "TrainConfig", "TuneConfig", "merged", "nested",
+    "Whole",
+]  # fmt: skip
 
 
-def _kind(ann: Any) -> str:
-    args = get_args(ann)
-    if ann is int or int in args:
-        return "a whole number"
-    if ann is float or float in args:
-        return "a number"
-    return "a value of the documented kind"
-
-
-class ModelConfig(_Section):
+class ModelConfig(Section):
     architecture: str = "all_attention"  # a registered family: checked by model/checks.py (recipe.build_config)
     variant: Literal["ours", "authors", "transformer_xl"] | None = None
     num_layers: int = Field(4, gt=0)
@@ -107,7 +100,7 @@ class ModelConfig(_Section):
         return self.position_len or self.seq_len + self.mem_len
 
 
-class GateConfig(_Section):
+class GateConfig(Section):
     temperature: float = Field(1.0 / 3.0, gt=0.0)
     proper_init: bool = True
     init: float = Field(2.0, gt=0.0)
@@ -149,111 +142,16 @@ class GateConfig(_Section):
         return "l0" if self.l0_coefficient else "none"
 
 
-class DataConfig(_Section):
-    source: Literal["auto", "local", "hub"] = "auto"
-    path: str | None = None
-    name: Literal["wikitext-2", "wikitext-103"] = "wikitext-2"
-    raw: bool = False
-    eval_batch_size: int = Field(8, gt=0)
-    test_batch_size: int = Field(8, gt=0)  # rows of the test split's evaluation in `rank` (the authors: 64)
-    eval_max_segments: int | None = Field(None, gt=0)
-    cache_dir: str | None = None
-    text_field: str | None = Field(None, min_length=1)  # JSONL/Parquet: the field holding the text; None: "text"
-    tokenizer: str | None = None  # word (None), bpe, or a tokenizers JSON file (data/tokenizer.py)
-    vocab_size: int | None = Field(None, gt=0)  # bpe: the vocabulary size (None: 8000)
-    build_workers: int | None = Field(None, gt=0)  # processes tokenising a split into the cache (None: all cores)
-    build_chunk_mb: float = Field(16.0, gt=0.0)  # text per chunk (and shard) of the cache build, in MB
-    split_fractions: tuple[float, float] | None = None  # (valid, test) carved from the train source (build.py)
-    split_seed: int = 0  # the seed of that carving
-
-    @model_validator(mode="after")
-    def _one_source(self) -> DataConfig:
-        if self.source == "hub" and self.path:
-            raise ValueError("source is hub but path is set; drop data.path, or use source auto/local for a folder")
-        if self.split_fractions is not None:
-            valid, test = self.split_fractions
-            if not (0 < valid < 1 and 0 < test < 1 and valid + test < 1):
-                raise ValueError(
-                    f"split_fractions {list(self.split_fractions)}: [valid, test] must each be in (0, 1), sum < 1"
-                )
-            if self.source == "hub":
-                raise ValueError("split_fractions: only for a local or bucket data.path (the hub has its splits)")
-        return self
-
-
-class PhaseConfig(_Section):
-    max_steps: int = Field(200, gt=0)
-    lr: float | None = Field(None, gt=0.0)
-    constant_lr: bool = False
-
-
-class TrainConfig(_Section):
-    max_steps: int = Field(300, gt=0)
-    batch_size: int = Field(16, gt=0)
-    lr: float = Field(1e-3, gt=0.0)
-    optimizer: Literal["adam", "adamw", "lamb"] = "adam"
-    weight_decay: float = Field(0.0, ge=0.0)
-    warmup_steps: int = Field(20, ge=0)
-    hold_steps: int = Field(0, ge=0)  # after the warm-up, steps at the full rate before the cosine
-    cosine_end: int | None = Field(None, gt=0)  # step where the cosine reaches min_lr_ratio; None: max_steps
-    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
-    grad_clip: float = Field(0.25, ge=0.0)
-    eval_every: int = Field(100, gt=0)
-    checkpoint_every: int = Field(100, gt=0)
-    keep_checkpoints: int = Field(2, gt=0)
-    log_every: int = Field(10, gt=0)
-    seed: int = 0
-    row_shift: bool = False  # each epoch, every row of the stream starts at its own random offset
-
-
-class ScalingConfig(_Section):
-    num_workers: int = Field(1, gt=0)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0.0)
-    gpus_per_worker: float = Field(1.0, ge=0.0)
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    max_failures: int = Field(0, ge=-1)
-    wait_for_nodes_s: float = Field(600.0, ge=0.0)
-
-
-class DeepSpeedConfig(_Section):
-    zero_stage: int = Field(0, ge=0, le=3)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    grad_accum_steps: int = Field(1, gt=0)
-
-
-class DistillConfig(_Section):
-    """Distillation from a teacher (default: the run's dense model) in the prune and finetune phases."""
-
-    teacher: str | None = None  # a model directory (local or s3://); None: the run's dense model RUN/dense/model
-    kl_weight: float = Field(0.0, ge=0.0)  # 0: off (the paper's training, unchanged)
-    temperature: float = Field(1.0, gt=0.0)
-    hidden_weight: float = Field(0.0, ge=0.0)  # hidden states matched (MSE; a learned map where widths differ)
-    hidden_layers: list[int] = Field(default_factory=list)  # the layers (0-based) whose outputs are matched
-    phases: list[Literal["prune", "finetune"]] = Field(default_factory=lambda: ["prune", "finetune"])
-
-    @field_validator("teacher")
-    @classmethod
-    def _teacher(cls, v: str | None) -> str | None:
-        if v is not None and not v.strip():
-            raise ValueError("distill.teacher: give a model directory (local or s3://), or leave it out")
-        return v
-
-    def applies(self, phase: str) -> bool:
-        """Whether `phase` trains with the teacher."""
-        return (self.kl_weight > 0 or self.hidden_weight > 0) and phase in self.phases
-
-
 DOMAINS = ("grid", "choice", "uniform", "loguniform", "randint")
 
 
-class SchedulerConfig(_Section):
+class SchedulerConfig(Section):
     type: Literal["fifo", "asha"] = "asha"
     grace_period: int = Field(1, gt=0)  # in training steps of the prune phase
     reduction_factor: float = Field(2.0, gt=1.0)
 
 
-class TuneConfig(_Section):
+class TuneConfig(Section):
     """The search: which config keys (dotted) to sample from which domain, how, and how many at once.
 
     tune:
@@ -346,7 +244,7 @@ def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-class RunConfig(_Section):
+class RunConfig(Section):
     """The whole recipe."""
 
     model: ModelConfig = Field(default_factory=ModelConfig)

@@ -130,25 +130,31 @@ def file_units(path: Path, field: str | None) -> Iterator[list[str]]:
         yield from _table_rows(path, field, kind)
         return
     try:
-        with _open_text(path) as f:
-            for n, line in enumerate(f, start=1):
-                line = line.removesuffix("\n")
+        with _open_bytes(path) as f:
+            offset = 0  # of this line in the (decompressed) file: a decoding error names its byte
+            for n, raw in enumerate(f, start=1):
+                line = _decoded(path, raw, offset).removesuffix("\n")
+                offset += len(raw)
                 if kind == "text":
                     yield [line]
                 elif line.strip():
                     yield _jsonl_one(path, line, field, n)
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte {e.start} of a block)") from None
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         raise DataError(f"{path}: corrupt or truncated gzip file ({str(e) or type(e).__name__})") from None
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
-def _open_text(path: Path) -> IO[str]:
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", newline="\n")
-    return open(path, encoding="utf-8", newline="\n")
+def _open_bytes(path: Path) -> IO[bytes]:
+    """Lines split at b"\\n" only, as text mode with newline="\\n" splits them."""
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")  # noqa: SIM115
+
+
+def _decoded(path: Path, raw: bytes, offset: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {offset + e.start})") from None
 
 
 def _jsonl_one(path: Path, line: str, field: str, n: int) -> list[str]:
