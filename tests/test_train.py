@@ -383,6 +383,36 @@ def test_a_budget_targeted_prune_lands_at_or_under_its_budget_within_one_head(ze
     assert result["dense_params"] - result["params"] == 3 * head
 
 
+def test_a_phase_resumed_after_its_last_report_reports_it_again(zero2, tmp_path):
+    """Killed between the last checkpoint's report and the phase's end (in a search: before Tune recorded the
+    trial as done), the rerun exports the model and reports that checkpoint's metrics again, so whoever waits
+    for the last report gets it: Tune ends the trial with its metric instead of refusing an empty result."""
+    import shutil
+
+    from ray.train import UserCallback
+
+    from allatt_dist.train.trainer import run_phase
+
+    cfg, run_dir, results = zero2
+    shutil.copytree(run_dir, tmp_path / "run")
+    for done in ("prune/result.json", "prune/pruned", "prune/model"):  # what the end of the phase writes
+        path = tmp_path / "run" / done
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    seen = tmp_path / "reports.jsonl"
+
+    class Record(UserCallback):  # runs in Ray Train's controller: records to a file
+        def after_report(self, run_context, metrics, checkpoint):
+            with open(seen, "a") as f:
+                f.write(json.dumps(metrics[0]) + "\n")
+
+    result = run_phase(make_plan(cfg, tmp_path / "run", progress=False), "prune", callbacks=[Record()])
+    reports = [json.loads(line) for line in seen.read_text().splitlines()]
+    assert len(reports) == 1, reports  # no step was trained again: only the report of the last checkpoint
+    assert reports[0]["step"] == PRUNE_STEPS and reports[0]["valid_ppl"] == results["prune"]["valid_ppl"]
+    assert result["heads_per_layer"] == results["prune"]["heads_per_layer"]
+    assert (tmp_path / "run/prune/model/model.safetensors").is_file()
+
+
 def test_zero3_trains_like_zero2(zero2, zero3):
     """Partitioning parameters changes where they live, not the maths: same loss curves, same gates
     (and the ZeRO-3 dense phase survived two kills, so this is also the check of exact resumption)."""

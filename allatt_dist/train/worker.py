@@ -164,6 +164,7 @@ def _train(job: WorkerJob, run: RunDir, init_dir: Path | None) -> None:
     if not exported:  # resumed after the last report
         final_cut(w.lm, cut_size(w.cfg, w.spec))
         _export(w.lm, w.vocab, w.cfg, w.spec, w.phase_dir / "model", w.rank, w.step, run)
+        _report_again(w)
     w.monitor.close()
     if w.rank == 0:
         run.publish(w.tb_dir)
@@ -347,6 +348,19 @@ def _save_and_report(w: _Worker, metrics: dict) -> None:
 
     w.ckpts.save(w.step, write, metrics, w.cfg.train.keep_checkpoints, w.rank, w.world)  # collective
     ray.train.report(metrics)
+
+
+def _report_again(w: _Worker) -> None:
+    """A phase resumed after its last checkpoint (killed between that report and its end) reports that
+    checkpoint's metrics again: whoever waits for the phase's last report gets it (a Tune trial ends with its
+    metric, not with an empty result Tune refuses)."""
+    import ray.train
+    import torch.distributed as dist
+
+    box = [w.ckpts.newest_metrics()[0] if w.rank == 0 else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    ray.train.report(box[0])
 
 
 def _export(
