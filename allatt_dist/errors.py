@@ -66,3 +66,11 @@ def first_problem(err: ValidationError) -> Problem:
     first = err.errors()[0]
     msg = first["msg"].removeprefix("Value error, ")
     return Problem(tuple(first["loc"]), msg, first["type"], first.get("input"), "input" in first)
+
+
+def yaml_problem(err: Exception) -> str:
+    """A YAML parse error as "(line N): what", the line 1-based, for the one-line messages of recipe and
+    runtime-env files."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" (line {mark.line + 1})" if mark else ""
+    return f"{where}: {getattr(err, 'problem', None) or err}"

@@ -15,7 +15,7 @@ import yaml
 from pydantic import ValidationError
 
 from allatt_dist.config import DataConfig, RunConfig, Whole, merged
-from allatt_dist.errors import ConfigError, Problem, UserError, first_problem
+from allatt_dist.errors import ConfigError, Problem, UserError, first_problem, yaml_problem
 
 
 def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
@@ -86,9 +86,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except OSError as e:
         raise ConfigError(f"{p}: cannot be read ({e.strerror or e})") from None
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise ConfigError(f"{p}: malformed YAML{where}: {getattr(e, 'problem', e)}") from None
+        raise ConfigError(f"{p}: malformed YAML{yaml_problem(e)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from allatt_dist.cluster.jobs_api import first_line, job_info, job_logs
-from allatt_dist.errors import UserError
+from allatt_dist.errors import UserError, yaml_problem
 from allatt_dist.recipe import load_config
 from allatt_dist.remote import parse_remote
 
@@ -59,9 +59,7 @@ def load_runtime_env(path: str | Path | None) -> dict[str, Any]:
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise UserError(f"{p}: malformed runtime-env YAML{where}: {getattr(e, 'problem', None) or e}") from None
+        raise UserError(f"{p}: malformed runtime-env YAML{yaml_problem(e)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
