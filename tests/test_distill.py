@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pytest
 import torch
+from tiny import trained_in_process
 
 from allatt_dist.config import DataConfig, DistillConfig, GateConfig, ModelConfig, RunConfig
 from allatt_dist.data.corpus import load_corpus
@@ -43,19 +43,8 @@ def _trained_dense(wt2_path, steps: int = 25):
     """A tiny dense model trained a few steps on real text (random weights predict near-uniform
     distributions, which a removed head hardly moves), with segments of the text to score."""
     corpus = load_corpus(DataConfig(path=str(wt2_path)), splits=("train",))
-    ids = torch.as_tensor(np.array(corpus.tokens("train")[:20_000]), dtype=torch.long)
-    rows = ids[: len(ids) // 17 * 17].view(-1, 17)  # (N, T+1)
-    cfg = MODEL.model_copy(update={"seq_len": 16, "mem_len": 0})
-    torch.manual_seed(0)
-    lm = build_model(cfg, len(corpus.vocab))
-    opt = torch.optim.Adam(lm.parameters(), 5e-3)
-    for s in range(steps):
-        b = rows[s * 16 : (s + 1) * 16]
-        loss, _ = lm.loss(b[:, :-1], b[:, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return lm.eval(), rows[-8:, :-1]
+    lm, rows = trained_in_process(MODEL.model_copy(update={"seq_len": 16, "mem_len": 0}), corpus, steps)
+    return lm, rows[-8:, :-1]
 
 
 def _kl(teacher, student, x, temperature: float = 2.0) -> float:

@@ -175,6 +175,17 @@ class Teacher:
         self.mems[chunk] = out.mems
         return out.log_probs, hidden
 
+    def resident_bytes(self) -> int:
+        """Bytes of the teacher's weights this rank holds now: under ZeRO-3 its partition of each parameter,
+        plus the whole of those DeepSpeed keeps gathered (below its persistence threshold)."""
+        total = 0
+        for p in self.model.parameters():
+            part = getattr(p, "ds_tensor", None)
+            if part is not None:
+                total += part.numel() * part.element_size()
+            total += p.data.numel() * p.data.element_size()  # ZeRO-3: empty while released
+        return total
+
     def reset(self) -> None:
         self.mems = [None] * len(self.mems)
 

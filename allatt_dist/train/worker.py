@@ -327,6 +327,7 @@ def _metrics(w: _Worker, lm_losses: list[float], stats: dict) -> dict:
         **{k: v for k, v in stats.items() if isinstance(v, float)},
         **w.last_eval,
         **memory_stats(w.engine, w.world),
+        **({"teacher_bytes": w.teacher.resident_bytes()} if w.teacher is not None else {}),  # rank 0's
     }
 
 
