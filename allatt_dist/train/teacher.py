@@ -72,8 +72,31 @@ def check_teacher(src: TeacherSource, student_dir: Path, run, hidden_layers: lis
     missing = [i for i in hidden_layers if i >= n]
     if missing:
         raise UserError(f"distill.hidden_layers: layer {missing[0]} does not exist in the teacher {where} ({n} layers)")
+    for name, meta in ((f"the student {student_dir}", student), (f"the teacher {where}", teacher)):
+        if hidden_layers and not exposes_layers(meta):
+            raise UserError(
+                f"distill.hidden_layers: {name} is a {meta.get('architecture')} model, whose family has no "
+                "`layers` to match; use distill.kl_weight alone (hidden_weight 0) for this architecture"
+            )
     if cfg is not None:
         check_fits(cfg, student, teacher, where)
+
+
+def exposes_layers(meta: dict) -> bool:
+    """Whether the model a config.json describes has `layers` (a ModuleList) whose outputs the hidden-state
+    term can match: built on the meta device (no memory, no weights read)."""
+    from pydantic import ValidationError
+
+    from allatt_dist.config import ModelConfig
+    from allatt_dist.model.registry import build_model
+
+    try:
+        mcfg = ModelConfig.model_validate({"adaptive_proj": False} | meta["model"])
+        with torch.device("meta"):
+            model = build_model(mcfg, int(meta["vocab_size"]), None, list(meta["heads_per_layer"]))
+    except (ValidationError, KeyError, TypeError, ValueError):
+        return True  # a broken model directory: loading it says so
+    return isinstance(getattr(model, "layers", None), torch.nn.ModuleList)
 
 
 def check_fits(cfg: RunConfig, student: dict, teacher: dict, where: str, nodes=None) -> None:
@@ -198,8 +221,9 @@ def partitioned(model: torch.nn.Module, ds_config: dict):
     import deepspeed
 
     conf = {k: v for k, v in ds_config.items() if k != "optimizer"}  # an optimizer section: a training engine
-    table = [model.pos_table] if model.pos_table is not None else []
-    for p in [*model.io.parameters(), *table]:  # read through io.embed()/io.log_probs(), not a module call
+    io, table = getattr(model, "io", None), getattr(model, "pos_table", None)  # a family's model may have neither
+    for p in [*(io.parameters() if io is not None else []), *([table] if table is not None else [])]:
+        # read through io.embed()/io.log_probs() and sliced, not a module call: gathered around the model's forward
         deepspeed.zero.register_external_parameter(model, p)
     engine, *_ = deepspeed.initialize(model=model, config=conf, dist_init_required=False)
     return engine
