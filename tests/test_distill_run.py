@@ -89,16 +89,16 @@ def test_distilled_prune_logs_kl_and_resumes_to_the_uninterrupted_result(whole, 
 
 def test_zero3_partitions_the_teacher_and_distils_like_the_plain_one(whole, wt2_slice, tmp_path):
     """Under ZeRO-3 each rank holds its partition of the teacher's weights (`teacher_bytes`: the large ones,
-    DeepSpeed keeps those below its persistence threshold whole) and the first 10 steps' KL term and loss are
+    DeepSpeed keeps those below its persistence threshold whole) and the first 5 steps' KL term and loss are
     those of the ZeRO-2 run with the plain teacher (constant_lr: its schedule is the 20-step run's)."""
     (whole, plain), out = whole, tmp_path / "zero3"
     shutil.copytree(whole / "dense", out / "dense")
-    cfg = with_changes(_cfg(wt2_slice), prune={"max_steps": 10}, deepspeed={"zero_stage": 3})
+    cfg = with_changes(_cfg(wt2_slice), prune={"max_steps": 5}, deepspeed={"zero_stage": 3})
     sharded = train(make_plan(cfg, out, progress=False), ["prune"])["prune"]
     assert 0 < sharded["teacher_bytes"] < 0.75 * plain["teacher_bytes"], (sharded["teacher_bytes"], plain)
     for tag in ("train/kl", "train/loss"):
         got, want = _scalars(out / "tb/prune", tag), _scalars(whole / "tb/prune", tag)
-        assert len(got) == 10, got
+        assert len(got) == 5, got
         np.testing.assert_allclose(
             [got[s] for s in sorted(got)], [want[s] for s in sorted(got)], rtol=1e-3, err_msg=tag
         )

@@ -8,8 +8,12 @@ KL term between their next-token distributions.
     distilled_loss     the student's LM loss, KL(teacher || student) at temperature T (scaled by T^2) and the
                        hidden-state term (MSE of chosen layers' outputs, through a learned map where widths differ)
 
-The teacher is never registered with the module DeepSpeed wraps: its weights are in no optimizer, no
-checkpoint and no ZeRO partition.
+    check_fits         driver: the teacher's and the student's memory on a worker (lower bounds, from config.json)
+                       against the cluster's (cluster/capacity.py), before any worker starts
+
+The teacher is never registered with the module DeepSpeed trains: its weights are in no optimizer and no
+checkpoint. Under ZeRO-3 it is partitioned over the ranks by an engine of its own with no optimizer
+(`partitioned`: DeepSpeed's ZeRO-Inference); at ZeRO 0-2 every rank holds it whole.
 """
 
 from __future__ import annotations
