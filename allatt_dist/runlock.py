@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from allatt_dist.errors import EnvironmentFailure, UserError
-from allatt_dist.storage import claim_driver, pid_alive, release_driver, retrying
+from allatt_dist.storage import claim_driver, pid_alive, release_driver, retrying, try_claim
 
 if TYPE_CHECKING:
     from allatt_dist.rundir import RunDir
@@ -114,24 +114,11 @@ def check_not_in_use(path: str | Path) -> None:
 
 
 def _acquire(lock: Path, run_dir: Path) -> int:
-    """flock `lock` (created when absent); refused when held. Retries when the file was replaced
-    between open and flock (its holder unlinked it on release), so two takers never both win."""
-    while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise RunDirInUse(
-                f"{run_dir}: in use by {_holder(lock)}; wait for it to end or use another directory"
-            ) from None
-        try:
-            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            return fd
-        os.close(fd)
+    """flock `lock` (created when absent; storage.try_claim); refused when held."""
+    fd = try_claim(lock)
+    if fd is None:
+        raise RunDirInUse(f"{run_dir}: in use by {_holder(lock)}; wait for it to end or use another directory")
+    return fd
 
 
 def this_command() -> str:

@@ -66,7 +66,7 @@ def _sweep(base: Path) -> None:
         if m and p.is_dir() and not pid_alive(int(m.group(1))):
             shutil.rmtree(p, ignore_errors=True)
         elif p.name.startswith(_DRIVER) and p.is_dir() and _idle(p):
-            fd = _try_claim(_claim_file(p))
+            fd = try_claim(_claim_file(p))
             if fd is not None:  # nobody holds it: its driver is gone
                 shutil.rmtree(p, ignore_errors=True)
                 _release(_claim_file(p), fd)
@@ -87,9 +87,10 @@ def _claim_file(root: Path) -> Path:
     return root.with_name(root.name + ".claim")
 
 
-def _try_claim(path: Path) -> int | None:
+def try_claim(path: Path) -> int | None:
     """flock `path` (created when absent) without waiting: the fd, or None while another process holds it.
-    Retries when the file was replaced between open and flock (its holder removed it on release)."""
+    Retries when the file was replaced between open and flock (its holder removed it on release), so two
+    takers never both win. Also the run directory's lock (runlock.py)."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -120,7 +121,7 @@ def claim_driver(root: Path, wait_s: float = 2.0) -> int | None:
     progress; None when another live process here still claims it (a holder whose lease this process has
     taken over: frozen, it is fenced off the bucket; its claim keeps the folder from the sweep meanwhile)."""
     deadline = time.monotonic() + wait_s
-    while (fd := _try_claim(_claim_file(root))) is None:
+    while (fd := try_claim(_claim_file(root))) is None:
         if time.monotonic() > deadline:
             return None
         time.sleep(0.1)

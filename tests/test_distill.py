@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pytest
 import torch
+from tiny import trained_in_process
 
 from allatt_dist.config import DataConfig, DistillConfig, GateConfig, ModelConfig, RunConfig
 from allatt_dist.data.corpus import load_corpus
@@ -18,7 +18,16 @@ from allatt_dist.model.registry import build_model
 from allatt_dist.modelio import save_model_dir
 from allatt_dist.rundir import RunDir
 from allatt_dist.train.setup import TrainModule
-from allatt_dist.train.teacher import Teacher, TeacherSource, check_teacher, kl_divergence, teacher_source
+from allatt_dist.train.teacher import (
+    Teacher,
+    TeacherSource,
+    check_fits,
+    check_teacher,
+    kl_divergence,
+    student_bytes,
+    teacher_bytes,
+    teacher_source,
+)
 
 MODEL = ModelConfig(num_layers=2, hidden_dim=32, num_heads=4, num_persistent=8, seq_len=8, mem_len=8)
 VOCAB = 40
@@ -34,19 +43,8 @@ def _trained_dense(wt2_path, steps: int = 25):
     """A tiny dense model trained a few steps on real text (random weights predict near-uniform
     distributions, which a removed head hardly moves), with segments of the text to score."""
     corpus = load_corpus(DataConfig(path=str(wt2_path)), splits=("train",))
-    ids = torch.as_tensor(np.array(corpus.tokens("train")[:20_000]), dtype=torch.long)
-    rows = ids[: len(ids) // 17 * 17].view(-1, 17)  # (N, T+1)
-    cfg = MODEL.model_copy(update={"seq_len": 16, "mem_len": 0})
-    torch.manual_seed(0)
-    lm = build_model(cfg, len(corpus.vocab))
-    opt = torch.optim.Adam(lm.parameters(), 5e-3)
-    for s in range(steps):
-        b = rows[s * 16 : (s + 1) * 16]
-        loss, _ = lm.loss(b[:, :-1], b[:, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return lm.eval(), rows[-8:, :-1]
+    lm, rows = trained_in_process(MODEL.model_copy(update={"seq_len": 16, "mem_len": 0}), corpus, steps)
+    return lm, rows[-8:, :-1]
 
 
 def _kl(teacher, student, x, temperature: float = 2.0) -> float:
@@ -209,3 +207,58 @@ def test_teacher_without_a_matched_layer_is_refused(tmp_path):
     save_model_dir(build_model(MODEL.model_copy(update={"num_layers": 1}), VOCAB), vocab, tmp_path / "small")
     with pytest.raises(UserError, match=r"^distill.hidden_layers: layer 1 does not exist in the teacher .*small"):
         check_teacher(TeacherSource(given=str(tmp_path / "small")), tmp_path / "student", RunDir(tmp_path), [0, 1])
+
+
+def _meta(params: int, vocab: int = 10_000, layers: int = 4, width: int = 256, mem: int = 64) -> dict:
+    return {"params": params, "vocab_size": vocab, "model": {"num_layers": layers, "hidden_dim": width, "mem_len": mem}}
+
+
+def test_teacher_memory_counts_its_weights_outputs_and_memory_and_zero3_partitions_them():
+    cfg = RunConfig.model_validate({"scaling": {"num_workers": 2}, "distill": {"kl_weight": 1.0}})
+    b, t, v = cfg.micro_batch, cfg.model.seq_len, 10_000
+    mems = 4 * b * 64 * 256 * 4  # layers x (B,M,D) fp32, one accumulation chunk
+    assert teacher_bytes(cfg, _meta(10**8)) == 4 * 10**8 + b * t * v * (4 + 12) + mems
+    zero3 = cfg.with_values({"deepspeed.zero_stage": 3})
+    assert teacher_bytes(zero3, _meta(10**8)) == 2 * 10**8 + b * t * v * (4 + 12) + mems  # half of it per rank
+    # the student: fp32 weights, gradients and two Adam moments; ZeRO-1 partitions the moments
+    assert student_bytes(cfg, _meta(10**6)) == 16 * 10**6 + 2 * b * t * v * 4 + mems
+    assert (
+        student_bytes(cfg.with_values({"deepspeed.zero_stage": 1}), _meta(10**6))
+        == 12 * 10**6 + 2 * b * t * v * 4 + mems
+    )
+
+
+def test_teacher_that_does_not_fit_beside_the_student_is_refused_naming_the_memory():
+    cfg = RunConfig.model_validate({"scaling": {"num_workers": 2}, "distill": {"kl_weight": 1.0}})
+    node = {"CPU": 2.0, "memory": 8 * 2**30}  # two workers share it: 4 GiB each
+    check_fits(cfg, _meta(10**6), _meta(10**8), "t", [node])  # 0.4 GB of teacher: fine
+    with pytest.raises(UserError) as e:
+        check_fits(cfg, _meta(10**6), _meta(12 * 10**8), "RUN/big", [node])  # 4.8 GB of fp32 weights per worker
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("distill.teacher RUN/big: the teacher (4.55 GiB)"), msg
+    assert "a worker needs at least 4.60 GiB but the cluster has at most 8.00 GiB of Ray's `memory`" in msg, msg
+    assert "room for 1 of scaling.num_workers=2" in msg, msg
+    check_fits(cfg.with_values({"deepspeed.zero_stage": 3}), _meta(10**6), _meta(12 * 10**8), "t", [node])  # halved
+    check_fits(cfg, _meta(10**6), _meta(12 * 10**8), "t", [node, dict(node)])  # one worker per node: 8 GiB each
+    gpu = cfg.with_values({"scaling.use_gpu": True})
+    h100 = {"CPU": 16.0, "GPU": 2.0, "memory": 1e9, "accelerator_type:H100": 1.0}
+    check_fits(gpu, _meta(10**6), _meta(10**10), "t", [h100])  # 40 GB: fits in 80 GB of GPU memory
+    with pytest.raises(UserError, match=r"GPU memory"):
+        check_fits(gpu, _meta(10**6), _meta(3 * 10**10), "t", [h100])
+    check_fits(gpu, _meta(10**6), _meta(10**12), "t", [{"CPU": 4.0, "GPU": 2.0}])  # unknown GPU: not checked
+
+
+def test_memory_check_runs_with_the_teacher_checks_on_the_connected_cluster(tmp_path, monkeypatch):
+    import ray
+
+    from allatt_dist.cluster import capacity
+
+    vocab = Vocab(["<eos>", "<unk>", *[f"w{i}" for i in range(VOCAB - 2)]])
+    save_model_dir(build_model(MODEL, VOCAB), vocab, tmp_path / "dense")
+    cfg = _distil_cfg()
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(capacity, "_alive", lambda: [{"CPU": 2.0, "memory": 1000.0}])  # 1000 bytes
+    with pytest.raises(UserError, match=r"^distill.teacher .*dense: the teacher .* does not fit beside the student"):
+        check_teacher(TeacherSource(in_run=tmp_path / "dense"), tmp_path / "dense", RunDir(tmp_path), [], cfg)
+    monkeypatch.setattr(capacity, "_alive", lambda: [{"CPU": 2.0, "memory": 2.0**30}])
+    check_teacher(TeacherSource(in_run=tmp_path / "dense"), tmp_path / "dense", RunDir(tmp_path), [], cfg)

@@ -49,6 +49,6 @@ def test_dead_drivers_copy_swept_live_ones_kept(tmp_path: Path, monkeypatch) -> 
 def test_own_claim_released(tmp_path: Path) -> None:
     root = tmp_path / "allatt-driver-00"
     fd = storage.claim_driver(root)
-    assert storage._try_claim(storage._claim_file(root)) is None  # held: a sweep would skip it
+    assert storage.try_claim(storage._claim_file(root)) is None  # held: a sweep would skip it
     storage.release_driver(root, fd)
     assert not storage._claim_file(root).exists()

@@ -60,3 +60,27 @@ def scored_tokens(split_file: Path) -> int:
     data/vocab.py) but the first, which is only ever an input."""
     with open(split_file, encoding="utf-8") as f:
         return sum(len(line.split()) + 1 for line in f) - 1
+
+
+def trained_in_process(model_cfg, corpus, steps: int, tokens: int = 20_000):
+    """(model in eval mode, the (N, T+1) rows of token ids) of a `model_cfg` model trained `steps` Adam steps
+    (lr 5e-3, 16 rows of seq_len + 1 ids each, no memory) on the first `tokens` of `corpus`'s train split, in
+    this process: a dense teacher for the distillation tests, far cheaper than a dense phase under Ray Train."""
+    import numpy as np
+    import torch
+
+    from allatt_dist.model.registry import build_model
+
+    ids = torch.as_tensor(np.array(corpus.tokens("train")[:tokens]), dtype=torch.long)
+    t = model_cfg.seq_len + 1
+    rows = ids[: len(ids) // t * t].view(-1, t)  # (N, T+1)
+    torch.manual_seed(0)
+    lm = build_model(model_cfg, len(corpus.vocab))
+    opt = torch.optim.Adam(lm.parameters(), 5e-3)
+    for s in range(steps):
+        b = rows[s * 16 : (s + 1) * 16]
+        loss, _ = lm.loss(b[:, :-1], b[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return lm.eval(), rows

@@ -44,6 +44,56 @@ def check_fits_with_drivers(scaling: ScalingConfig, tc: TuneConfig) -> None:
     _check(scaling, Demand(_need(scaling), scaling.num_workers, tc.max_concurrent_trials * tc.trial_driver_cpus))
 
 
+GIB = 2**30
+# GPU memory (bytes) by Ray's accelerator_type resource, for the memory check (a type not listed: not checked).
+GPU_MEMORY = {"H100": 80 * 10**9, "H200": 141 * 10**9, "A100-80G": 80 * 10**9, "A100-40G": 40 * 10**9, "L4": 24 * 10**9,
+              "A10G": 24 * 10**9, "T4": 16 * 10**9}  # fmt: skip
+
+
+def _memory(res: dict[str, float], scaling: ScalingConfig) -> float | None:
+    """A CPU node's Ray `memory` resource (its workers share it), or one GPU worker's GPU memory (None:
+    an accelerator type not in GPU_MEMORY)."""
+    if not scaling.use_gpu:
+        return res.get("memory", 0.0)
+    kind = next((key.split(":", 1)[1] for key in res if key.startswith("accelerator_type:")), None)
+    return GPU_MEMORY[kind] * scaling.gpus_per_worker if kind in GPU_MEMORY else None
+
+
+def memory_room(nodes: list[dict[str, float]], scaling: ScalingConfig, need_bytes: float) -> int | None:
+    """How many workers that need `need_bytes` each the nodes hold at best (None: no node's memory is known)."""
+    room, known = 0, False
+    for res in nodes:
+        mem, k = _memory(res, scaling), min(slots([res], _need(scaling)), scaling.num_workers)
+        if mem is None:
+            continue
+        known = True
+        room += (k if mem >= need_bytes else 0) if scaling.use_gpu else min(k, int(mem // need_bytes))
+    return room if known else None
+
+
+def check_memory(scaling: ScalingConfig, need_bytes: float, what: str, nodes: list[dict[str, float]] | None = None):
+    """Raise one line when no placement of `num_workers` workers gives each `need_bytes` of memory (`what`
+    says what needs it). Nothing is checked without a connected Ray (nodes None) or a known memory size."""
+    if nodes is None:
+        import ray
+
+        if not ray.is_initialized():
+            return
+        nodes = _alive()
+    room = memory_room(nodes, scaling, need_bytes)
+    if room is None or room >= scaling.num_workers:
+        return
+    best = max((m for m in (_memory(r, scaling) for r in nodes) if m is not None), default=0.0)
+    where = (
+        "of GPU memory per worker" if scaling.use_gpu else "of Ray's `memory` resource on a node, shared by its workers"
+    )
+    raise UserError(
+        f"{what}: a worker needs at least {need_bytes / GIB:.2f} GiB but the cluster has at most {best / GIB:.2f} GiB "
+        f"{where}: room for {room} of scaling.num_workers={scaling.num_workers}; use a smaller teacher or batch, "
+        "deepspeed.zero_stage=3, or larger nodes"
+    )
+
+
 def _need(scaling: ScalingConfig) -> dict[str, float]:
     need = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:

@@ -139,7 +139,7 @@ def check_dense_models(plan: Plan, dense_models: dict[str, Path]) -> None:
             cfg = plan.cfg.with_values(sample)
             src = teacher_source(cfg, "prune", plan.out, d)
             if src is not None:
-                check_teacher(src, d, plan.run, cfg.distill.hidden_layers)
+                check_teacher(src, d, plan.run, cfg.distill.hidden_layers, cfg)
 
 
 def tune_search(plan: Plan, dense_dir: Path | None = None) -> list[dict]:

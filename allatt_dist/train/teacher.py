@@ -8,8 +8,12 @@ KL term between their next-token distributions.
     distilled_loss     the student's LM loss, KL(teacher || student) at temperature T (scaled by T^2) and the
                        hidden-state term (MSE of chosen layers' outputs, through a learned map where widths differ)
 
-The teacher is never registered with the module DeepSpeed wraps: its weights are in no optimizer, no
-checkpoint and no ZeRO partition.
+    check_fits         driver: the teacher's and the student's memory on a worker (lower bounds, from config.json)
+                       against the cluster's (cluster/capacity.py), before any worker starts
+
+The teacher is never registered with the module DeepSpeed trains: its weights are in no optimizer and no
+checkpoint. Under ZeRO-3 it is partitioned over the ranks by an engine of its own with no optimizer
+(`partitioned`: DeepSpeed's ZeRO-Inference); at ZeRO 0-2 every rank holds it whole.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from allatt_dist.modelio import load_model_dir, read_meta
 from allatt_dist.remote import parse_location
 
 PRECISION = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 @dataclass(frozen=True)
@@ -48,9 +53,10 @@ def teacher_source(cfg: RunConfig, phase: str, run_dir: Path, init_dir: Path | N
     return TeacherSource(in_run=init_dir if phase == "prune" and init_dir is not None else run_dir / "dense" / "model")
 
 
-def check_teacher(src: TeacherSource, student_dir: Path, run, hidden_layers: list[int] = ()) -> None:
+def check_teacher(src: TeacherSource, student_dir: Path, run, hidden_layers: list[int] = (), cfg=None) -> None:
     """One line (UserError) when the teacher cannot teach the student that starts from `student_dir`:
-    missing, not a model directory, another vocabulary, or without a layer of `hidden_layers`. Reads
+    missing, not a model directory, another vocabulary, or without a layer of `hidden_layers`; with `cfg`
+    (the run's config), also when it does not fit beside the student on a worker (`check_fits`). Reads
     config.json files only (a bucket's teacher: downloaded to a folder of its own, discarded after)."""
     run.fetch(student_dir / "config.json")
     student = read_meta(student_dir)
@@ -70,6 +76,75 @@ def check_teacher(src: TeacherSource, student_dir: Path, run, hidden_layers: lis
     missing = [i for i in hidden_layers if i >= n]
     if missing:
         raise UserError(f"distill.hidden_layers: layer {missing[0]} does not exist in the teacher {where} ({n} layers)")
+    for name, meta in ((f"the student {student_dir}", student), (f"the teacher {where}", teacher)):
+        if hidden_layers and not exposes_layers(meta):
+            raise UserError(
+                f"distill.hidden_layers: {name} is a {meta.get('architecture')} model, whose family has no "
+                "`layers` to match; use distill.kl_weight alone (hidden_weight 0) for this architecture"
+            )
+    if cfg is not None:
+        check_fits(cfg, student, teacher, where)
+
+
+def exposes_layers(meta: dict) -> bool:
+    """Whether the model a config.json describes has `layers` (a ModuleList) whose outputs the hidden-state
+    term can match: built on the meta device (no memory, no weights read)."""
+    from pydantic import ValidationError
+
+    from allatt_dist.config import ModelConfig
+    from allatt_dist.model.registry import build_model
+
+    try:
+        mcfg = ModelConfig.model_validate({"adaptive_proj": False} | meta["model"])
+        with torch.device("meta"):
+            model = build_model(mcfg, int(meta["vocab_size"]), None, list(meta["heads_per_layer"]))
+    except (ValidationError, KeyError, TypeError, ValueError):
+        return True  # a broken model directory: loading it says so
+    return isinstance(getattr(model, "layers", None), torch.nn.ModuleList)
+
+
+def check_fits(cfg: RunConfig, student: dict, teacher: dict, where: str, nodes=None) -> None:
+    """One line when the teacher (config.json `teacher`) does not fit beside the student (`student`) on a
+    worker of the connected cluster (`nodes`: Ray's node resources; None: asked from Ray)."""
+    from allatt_dist.cluster.capacity import GIB, check_memory
+
+    s, t = student_bytes(cfg, student), teacher_bytes(cfg, teacher)
+    what = f"distill.teacher {where}: the teacher ({t / GIB:.2f} GiB) does not fit beside the student "
+    what += f"({s / GIB:.2f} GiB)"
+    check_memory(cfg.scaling, s + t, what, nodes)
+
+
+def _sizes(cfg: RunConfig, meta: dict) -> tuple[int, int, int]:
+    """(bytes per value, values of one (B,T,V) output, values of one worker's Transformer-XL memory)."""
+    m = meta.get("model") or {}
+    batch, accum = cfg.micro_batch, cfg.deepspeed.grad_accum_steps
+    out = batch * cfg.model.seq_len * int(meta.get("vocab_size", 0))
+    mems = accum * m.get("num_layers", 0) * batch * m.get("mem_len", 0) * m.get("hidden_dim", 0)
+    return BYTES[cfg.deepspeed.precision], out, mems
+
+
+def student_bytes(cfg: RunConfig, meta: dict) -> int:
+    """A lower bound of the student's training memory on one worker: weights and gradients in the training
+    precision, fp32 master weights (bf16/fp16) and two optimizer moments, each divided over the ranks as
+    the ZeRO stage partitions it; its output log-probabilities and their gradient, its memory tensors."""
+    n, z, p = cfg.scaling.num_workers, cfg.deepspeed.zero_stage, int(meta.get("params", 0))
+    b, out, mems = _sizes(cfg, meta)
+    master = 4 if b != 4 else 0
+    state = p * b / (n if z == 3 else 1) + p * b / (n if z >= 2 else 1) + p * (master + 8) / (n if z >= 1 else 1)
+    return int(state + 2 * out * b + mems * b)
+
+
+def teacher_bytes(cfg: RunConfig, meta: dict) -> int:
+    """A lower bound of the teacher's memory on one worker: its weights in the training precision
+    (partitioned over the ranks under ZeRO-3, as `Teacher` holds them), its forward's output and the KL
+    term's three fp32 copies of the (B,T,V) distributions, the matched layers' outputs, its memory tensors."""
+    n, p = cfg.scaling.num_workers, int(meta.get("params", 0))
+    b, out, mems = _sizes(cfg, meta)
+    width = (meta.get("model") or {}).get("hidden_dim", 0)
+    layers = len(cfg.distill.hidden_layers) if cfg.distill.hidden_weight else 0
+    hidden = layers * cfg.micro_batch * cfg.model.seq_len * width
+    weights = p * b / (n if cfg.deepspeed.zero_stage == 3 else 1)
+    return int(weights + out * (b + 12) + (hidden + mems) * b)
 
 
 class _local_teacher:
@@ -98,21 +173,25 @@ class _local_teacher:
 class Teacher:
     """The teacher on one worker: forward only, under no_grad, in eval mode and the training precision."""
 
-    def __init__(self, model: torch.nn.Module, cfg: RunConfig, device: torch.device):
+    def __init__(self, model: torch.nn.Module, cfg: RunConfig, device: torch.device, ds_config: dict | None = None):
         self.model = model.to(device=device, dtype=PRECISION[cfg.deepspeed.precision]).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
+        self.width = model.cfg.hidden_dim
+        self.engine = (
+            partitioned(self.model, ds_config) if ds_config is not None and cfg.deepspeed.zero_stage == 3 else None
+        )
         self.temperature = cfg.distill.temperature
         self.mems: list = [None] * cfg.deepspeed.grad_accum_steps  # per chunk, like the student's
         self.layers = list(cfg.distill.hidden_layers) if cfg.distill.hidden_weight > 0 else []
-        self.width = model.cfg.hidden_dim
 
     @classmethod
-    def load(cls, src: TeacherSource, run, cfg: RunConfig, device: torch.device) -> Teacher:
-        """This worker's teacher, read from its model directory (`run`: this worker's run directory)."""
+    def load(cls, src: TeacherSource, run, cfg: RunConfig, device: torch.device, ds_config=None) -> Teacher:
+        """This worker's teacher, read from its model directory (`run`: this worker's run directory);
+        partitioned over the ranks when `ds_config` (the phase's DeepSpeed config) has ZeRO-3."""
         with _local_teacher(src, run, weights=True) as (_, folder):
             model, _, _ = load_model_dir(folder)
-        return cls(model, cfg, device)
+        return cls(model, cfg, device, ds_config)
 
     @torch.no_grad()
     def outputs(self, x: torch.Tensor, chunk: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -123,8 +202,35 @@ class Teacher:
         self.mems[chunk] = out.mems
         return out.log_probs, hidden
 
+    def resident_bytes(self) -> int:
+        """Bytes of the teacher's weights this rank holds now: under ZeRO-3 its partition of each parameter,
+        plus the whole of those DeepSpeed keeps gathered (below its persistence threshold)."""
+        total = 0
+        for p in self.model.parameters():
+            part = getattr(p, "ds_tensor", None)
+            if part is not None:
+                total += part.numel() * part.element_size()
+            total += p.data.numel() * p.data.element_size()  # ZeRO-3: empty while released
+        return total
+
     def reset(self) -> None:
         self.mems = [None] * len(self.mems)
+
+
+def partitioned(model: torch.nn.Module, ds_config: dict):
+    """ZeRO-3 for a forward-only model (DeepSpeed's ZeRO-Inference: `deepspeed.initialize` with no optimizer
+    builds a `DeepSpeedZeRoOffload`): each rank keeps its partition of every parameter and gathers a module's
+    weights around its forward, as for the student. Collective: every rank calls it. `model` stays the module
+    to call (its hooks do the gathering); returns the engine, kept alive beside it."""
+    import deepspeed
+
+    conf = {k: v for k, v in ds_config.items() if k != "optimizer"}  # an optimizer section: a training engine
+    io, table = getattr(model, "io", None), getattr(model, "pos_table", None)  # a family's model may have neither
+    for p in [*(io.parameters() if io is not None else []), *([table] if table is not None else [])]:
+        # read through io.embed()/io.log_probs() and sliced, not a module call: gathered around the model's forward
+        deepspeed.zero.register_external_parameter(model, p)
+    engine, *_ = deepspeed.initialize(model=model, config=conf, dist_init_required=False)
+    return engine
 
 
 def kl_divergence(teacher_logp: torch.Tensor, student_logp: torch.Tensor, temperature: float, keep=None):

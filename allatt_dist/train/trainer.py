@@ -119,7 +119,7 @@ def check_distill(plan: Plan, phase: Phase, init_dir: Path | None) -> None:
     """One line before any worker starts when the phase's teacher cannot teach it (train/teacher.py)."""
     src = teacher_source(plan.cfg, phase, plan.out, init_dir)
     if src is not None and init_dir is not None:
-        check_teacher(src, init_dir, plan.run, plan.cfg.distill.hidden_layers)
+        check_teacher(src, init_dir, plan.run, plan.cfg.distill.hidden_layers, plan.cfg)
 
 
 def phase_done(run_dir: Path, phase: Phase, cfg: RunConfig) -> bool:

@@ -183,7 +183,7 @@ def _start(job: WorkerJob, run: RunDir, init_dir: Path | None) -> _Worker:
     corpus = load_corpus(cfg.data, splits=("train", "valid"))
     lm = build_model(cfg, spec, len(corpus.vocab), init_dir)
     n_params = count_params(lm)  # before ZeRO-3 partitions the tensors
-    teacher = _load_teacher(job, run, device)
+    teacher = _load_teacher(job, run, device)  # ZeRO-3: partitioned over the ranks (collective)
     engine, scheduler = _engine(lm, cfg, spec, job.ds_config, teacher.width if teacher is not None else None)
     stream = LMStream(corpus.tokens("train"), cfg.train.batch_size, cfg.model.seq_len, rank, world, row_shift_seed(cfg))
     phase_dir, tb_dir = job.run.moved(job.phase_dir, run), job.run.moved(job.tb_dir, run)
@@ -215,7 +215,7 @@ def _load_teacher(job: WorkerJob, run: RunDir, device: torch.device) -> Teacher 
         return None
     if src.in_run is not None:
         src = TeacherSource(in_run=job.run.moved(src.in_run, run))
-    return Teacher.load(src, run, job.cfg, device)
+    return Teacher.load(src, run, job.cfg, device, job.ds_config)
 
 
 def _engine(lm: LanguageModel, cfg: RunConfig, spec: PhaseSpec, ds_config: dict[str, Any], teacher_width=None):
@@ -327,6 +327,7 @@ def _metrics(w: _Worker, lm_losses: list[float], stats: dict) -> dict:
         **{k: v for k, v in stats.items() if isinstance(v, float)},
         **w.last_eval,
         **memory_stats(w.engine, w.world),
+        **({"teacher_bytes": w.teacher.resident_bytes()} if w.teacher is not None else {}),  # rank 0's
     }
 
 
