@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from allatt_dist.config import DataConfig
-from allatt_dist.data import build, remote_source, sources, tokenizer
+from allatt_dist.data import build, hf_source, remote_source, sources, tokenizer
 from allatt_dist.data.cache import ENV_VAR as CACHE_ENV
 from allatt_dist.data.cache import TokenCache, cache_root
 from allatt_dist.data.vocab import Vocab
@@ -92,8 +92,8 @@ def resolve_data(cfg: DataConfig, splits: Iterable[str] = SPLITS) -> DataConfig:
             except DataError as e:
                 raise DataError(str(e).replace("empty (no text)", f"the {split} split is empty")) from None
     pinned = os.path.abspath(folder) if sources.is_glob(str(folder)) else str(folder.resolve())
-    if remote_source.is_remote(cfg.path):
-        pinned = str(cfg.path)  # every node reads the bucket into its own cache
+    if remote_source.is_remote(cfg.path) or hf_source.is_hf(cfg.path):
+        pinned = str(cfg.path)  # every node reads the bucket (loads the dataset) into its own cache
     update = {"path": pinned, "source": "local"}
     if cfg.cache_dir:
         update["cache_dir"] = str(Path(cfg.cache_dir).expanduser().resolve())
@@ -124,6 +124,8 @@ def clear_cache() -> None:
 
 
 def _local_folder(cfg: DataConfig) -> Path | None:
+    if hf_source.is_hf(cfg.path):  # hf://NAME[:CONFIG]: datasets.load_dataset's Arrow files (hf_source.py)
+        return hf_source.local_view(str(cfg.path), cfg.cache_dir, cfg.split_fractions is not None)
     if remote_source.is_remote(cfg.path):  # s3:// or gs://: its local copy (remote_source.py)
         return remote_source.local_copy(str(cfg.path), cfg.cache_dir)
     if cfg.path:
