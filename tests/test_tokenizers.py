@@ -91,11 +91,45 @@ def test_a_tokenizer_file(bpe, tmp_path, wt2_path):
     assert np.array_equal(np.asarray(other.tokens("valid")), np.asarray(corpus.tokens("valid")))
 
 
+def test_a_pretrained_tokenizer_by_name_from_the_offline_hub_cache(bpe, tmp_path, wt2_path, monkeypatch):
+    """`hf:ORG/NAME`: the tokenizer.json of a hub-layout cache (models--org--name/snapshots/<rev>, refs/main) in a
+    temp folder, offline; the same ids and cache entry as the file; it travels with a model directory."""
+    from huggingface_hub import constants
+
+    corpus, _ = bpe
+    hub = tmp_path / "hub"
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    snap = hub / "models--acme--tiny-bpe" / "snapshots" / rev
+    snap.mkdir(parents=True)
+    (snap / "tokenizer.json").write_text(corpus.vocab.tokenizer.to_str())
+    (hub / "models--acme--tiny-bpe" / "refs").mkdir()
+    (hub / "models--acme--tiny-bpe" / "refs" / "main").write_text(rev)
+    for k, v in {"HF_HUB_CACHE": hub, "HF_HUB_OFFLINE": "1"}.items():
+        monkeypatch.setenv(k, str(v))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))  # as they read the environment at import
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    cfg = resolve_data(DataConfig(path=str(wt2_path), tokenizer="hf:acme/tiny-bpe", cache_dir=str(tmp_path / "c")))
+    assert cfg.tokenizer == "hf:acme/tiny-bpe"  # workers resolve it from their node's cache
+    clear_cache()
+    got = load_corpus(cfg, ("valid",))
+    assert got.vocab.fingerprint() == corpus.vocab.fingerprint()
+    assert np.array_equal(np.asarray(got.tokens("valid")), np.asarray(corpus.tokens("valid")))
+    model = build_model(ModelConfig(num_layers=1, hidden_dim=16, num_heads=2, seq_len=8, mem_len=8), len(got.vocab))
+    save_model_dir(model, got.vocab, tmp_path / "m")
+    assert (tmp_path / "m" / "tokenizer.json").read_text() == (snap / "tokenizer.json").read_text()
+    with pytest.raises(DataError) as e:
+        resolve_data(DataConfig(path=str(wt2_path), tokenizer="hf:acme/other"))
+    assert str(e.value).startswith(
+        f"data.tokenizer hf:acme/other: no tokenizer.json (offline: only one already in {hub}"
+    )
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize(
     "settings, message",
     [
         ({"tokenizer": "bpe", "vocab_size": 100}, "data.vocab_size 100: too small for byte-level BPE"),
-        ({"tokenizer": "nope.json"}, "data.tokenizer nope.json: no such file; give word, bpe or a tokenizers JSON"),
+        ({"tokenizer": "nope.json"}, "data.tokenizer nope.json: no such file; give word, bpe, hf:ORG/NAME or a"),
         ({"tokenizer": "BAD"}, "not a tokenizers JSON file"),
         ({"vocab_size": 1000}, "data.vocab_size: only for data.tokenizer bpe"),
     ],
