@@ -150,3 +150,25 @@ def test_adaptive_cutoffs_as_fractions_of_the_vocabulary():
         ModelConfig(adaptive_cutoffs=[0.5, 1.5])
     with pytest.raises(ValueError, match="give no distinct clusters for a vocabulary of 10"):
         build_model(cfg.model_copy(update={"adaptive_cutoffs": [0.01, 0.02]}), 10)
+
+
+def test_adaptive_cutoffs_auto_by_frequency_for_any_vocabulary(bpe, tmp_path, wt2_path):
+    """`auto`: the ids covering 80% and 95% of the train tokens, resolved when the run is planned (so saved configs
+    and model directories hold ids), for the BPE vocabulary as for the word one, and for a vocabulary of 2."""
+    import numpy as np
+
+    from allatt_dist.model.output import auto_cutoffs
+    from allatt_dist.plan import make_plan
+    from tests.tiny import tiny_config
+
+    assert auto_cutoffs(np.array([90, 6, 3, 1])) == [1, 2]
+    assert auto_cutoffs(np.array([1, 1])) == [1] and auto_cutoffs(np.array([0, 5, 0])) == [2]
+    corpus, cfg = bpe
+    plan = make_plan(tiny_config(wt2_path, data=cfg.model_dump(), model={"adaptive_cutoffs": "auto"}), tmp_path / "r")
+    counts = np.bincount(np.asarray(corpus.tokens("train")), minlength=600)
+    cut = plan.cfg.model.adaptive_cutoffs
+    assert cut == auto_cutoffs(counts) and len(cut) == 2 and 0 < cut[0] < cut[1] < 600
+    assert counts[: cut[0]].sum() >= 0.8 * counts.sum() > counts[: cut[0] - 1].sum()
+    assert build_model(plan.cfg.model, 600).io.cutoffs == [*cut, 600]
+    with pytest.raises(ValueError, match="auto is resolved from the train split when a run starts"):
+        build_model(plan.cfg.model.model_copy(update={"adaptive_cutoffs": "auto"}), 600)
