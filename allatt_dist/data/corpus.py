@@ -1,4 +1,5 @@
-"""Load a corpus (word level) as int64 token ids, from a local folder or glob, or WikiText from the hub.
+"""Load a corpus as token ids, from a local folder or glob, a bucket prefix (remote_source.py), a Hugging Face
+dataset by name (hf_source.py), or WikiText from the hub.
 
 Resolution order: `data.path`, else the `ALLATT_DATA` environment variable (unless data.source is
 `hub`), else the hub (`datasets.load_dataset("wikitext", ...)`). A local corpus is a folder of
@@ -30,7 +31,7 @@ ENV_VAR = "ALLATT_DATA"
 _HUB_SPLIT = {"train": "train", "valid": "validation", "test": "test"}
 _FIX = (
     "--set data.path=DIR (or ALLATT_DATA=DIR), a folder with {train,valid,test}.{txt,jsonl,parquet} or wiki.*.tokens, "
-    "or a glob of files named train*, valid*, test*"
+    "or a glob of files named train*, valid*, test*, or hf://NAME[:CONFIG] (a Hugging Face dataset)"
 )
 
 
