@@ -42,7 +42,8 @@ class ModelConfig(Section):
     seq_len: int = Field(64, gt=0)
     mem_len: int = Field(64, ge=0)
     same_length: bool = True
-    adaptive_cutoffs: list[int] | list[float] = Field(default_factory=list)  # token ids, or fractions of the vocabulary
+    # token ids, fractions of the vocabulary, or "auto" (by the train split's token frequencies: plan.py)
+    adaptive_cutoffs: list[int] | list[float] | Literal["auto"] = Field(default_factory=list)
     adaptive_div: int = Field(4, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     dropatt: float = Field(0.0, ge=0.0, lt=1.0)
@@ -81,7 +82,7 @@ class ModelConfig(Section):
             raise ValueError(
                 f"model.hidden_dim ({self.hidden_dim}) must be divisible by model.num_heads ({self.num_heads})"
             )
-        cut = self.adaptive_cutoffs
+        cut = [] if self.adaptive_cutoffs == "auto" else self.adaptive_cutoffs
         fractions = any(isinstance(c, float) for c in cut)
         if any(c <= 0 or (fractions and c >= 1) for c in cut) or sorted(set(cut)) != cut:
             raise ValueError(

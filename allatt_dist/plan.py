@@ -62,5 +62,21 @@ def make_plan(
     cfg = cfg.model_copy(update={"data": resolve_data(cfg.data, ("train", "valid"))})
     variants = [cfg, *(cfg.with_values(s) for s in cfg.tune.samples())] if cfg.tune is not None else [cfg]
     check_segments(cfg.data, {(c.train.batch_size, c.model.seq_len) for c in variants})  # before Ray starts
+    if cfg.model.adaptive_cutoffs == "auto":
+        cfg = _auto_cutoffs(cfg)
     run = out if isinstance(out, RunDir) else RunDir(Path(out).resolve())
     return Plan(cfg, run.root, _ds_config(cfg), run, verbose=verbose, progress=progress, force=force)
+
+
+def _auto_cutoffs(cfg: RunConfig) -> RunConfig:
+    """`model.adaptive_cutoffs: auto` as token ids from the train split's frequencies (model/output.py's rule), so
+    every phase, trial, saved config and model directory holds the same ids."""
+    import numpy as np
+
+    from allatt_dist.data.corpus import load_corpus
+    from allatt_dist.model.output import auto_cutoffs
+
+    corpus = load_corpus(cfg.data, ("train",))
+    counts = np.bincount(np.asarray(corpus.tokens("train")), minlength=len(corpus.vocab))  # (V,)
+    model = cfg.model.model_copy(update={"adaptive_cutoffs": auto_cutoffs(counts)})
+    return cfg.model_copy(update={"model": model})

@@ -106,3 +106,28 @@ def test_export_card_and_refusals(exported, tmp_path, capsys):
     assert (tmp_path / "full" / "mine.txt").read_text() == "x"  # nothing written
     assert main(["export", str(source), str(tmp_path / "full"), "--force"]) == 0
     assert not (tmp_path / "full" / "mine.txt").exists() and (tmp_path / "full" / "modeling_allatt.py").is_file()
+
+
+def test_a_subword_model_exports_with_its_tokenizer(tmp_path, wt2_path):
+    """A model with a byte-level BPE tokenizer (data.tokenizer bpe): transformers' tokenizer of the exported folder
+    gives our ids for multi-line, non-ASCII text, and the model our log-probabilities and greedy continuation."""
+    from allatt_dist.data.corpus import read_lines
+    from allatt_dist.data.tokenizer import train_bpe
+
+    vocab = Vocab.from_tokenizer(train_bpe(read_lines(wt2_path / "train.txt")[:3000], 400))
+    torch.manual_seed(0)
+    cfg = ModelConfig(**MODELS["all_attention"])
+    model = build_model(cfg, len(vocab), None, HEADS).eval()
+    save_model_dir(model, vocab, tmp_path / "m")
+    assert main(["export", str(tmp_path / "m"), str(tmp_path / "hf")]) == 0
+    theirs, tok = _load(tmp_path / "hf")
+    prompt = "The naïve café, 1896 —\n 東京 and zebras\n\nthe end"
+    ids = tok(prompt, return_tensors="pt").input_ids
+    assert ids[0].tolist() == text.prompt_ids(vocab, prompt) and vocab.unk_id not in ids[0].tolist()
+    x = ids[:, : cfg.seq_len]
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x).logits, model(x).log_probs, atol=1e-5, rtol=0)
+        got = theirs.generate(ids, max_new_tokens=8, do_sample=False)
+    mine = generate(model, ids[0].tolist(), Sampling(8, temperature=0.0)).ids
+    assert got[0, ids.shape[1] :].tolist() == mine
+    assert "subword tokens" in (tmp_path / "hf" / "README.md").read_text()

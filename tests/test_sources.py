@@ -147,6 +147,52 @@ def test_a_corrupt_or_truncated_gz_names_the_file(tmp_path):
     assert not list((tmp_path / "c").rglob("*.npy"))  # nothing cached half-written
 
 
+def _zst(data: bytes) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.CompressedOutputStream(sink, "zstd") as out:
+        out.write(data)
+    return sink.getvalue().to_pybytes()
+
+
+def test_zstd_compressed_text_and_jsonl_equal_the_plain_files(tmp_path, wt2_lines):
+    """`.zst` read through pyarrow's codec, streamed line by line like `.gz`: the same ids as the plain files."""
+    lines = {s: wt2_lines[s][:400] for s in SPLITS}
+    plain, packed = tmp_path / "plain", tmp_path / "zst"
+    plain.mkdir()
+    packed.mkdir()
+    for s in SPLITS:
+        (plain / f"{s}.txt").write_text("".join(x + "\n" for x in lines[s]), encoding="utf-8")
+    (packed / "train.jsonl.zst").write_bytes(_zst(_jsonl(tmp_path / "t.jsonl", _records(lines["train"])).read_bytes()))
+    (packed / "valid.txt.zst").write_bytes(_zst((plain / "valid.txt").read_bytes()))
+    (packed / "test.txt.zst").write_bytes(_zst((plain / "test.txt").read_bytes()))
+    assert [p.name for p in sources.split_files(packed, ("train",), raw=False)["train"]] == ["train.jsonl.zst"]
+    clear_cache()
+    want = load_corpus(DataConfig(path=str(plain), cache_dir=str(tmp_path / "c1")))
+    got = load_corpus(resolve_data(DataConfig(path=str(packed), cache_dir=str(tmp_path / "c2"))))
+    _same(got, want)
+    glob_cfg = DataConfig(path=str(packed / "*.zst"), cache_dir=str(tmp_path / "c3"), build_chunk_mb=0.01)
+    clear_cache()
+    _same(load_corpus(resolve_data(glob_cfg.model_copy(update={"build_workers": 1}))), want)  # many chunks
+
+
+def test_a_corrupt_or_truncated_zst_names_the_file(tmp_path):
+    whole = _zst(b'{"text": "a b c"}\n' * 20000)
+    folder = _folder(tmp_path, train_jsonl_zst=whole[: len(whole) // 2])  # truncated: found when read in full
+    clear_cache()
+    with pytest.raises(DataError, match=r"^\S*train.jsonl.zst: corrupt or truncated zstd file \(") as e:
+        load_corpus(DataConfig(path=str(folder), cache_dir=str(tmp_path / "c")))
+    assert "\n" not in str(e.value)
+    (folder / "train.jsonl.zst").write_bytes(b"not zstd at all")  # found before the run
+    with pytest.raises(DataError, match=r"train.jsonl.zst: corrupt or truncated zstd file"):
+        resolve_data(DataConfig(path=str(folder)))
+    assert not list((tmp_path / "c").rglob("*.npy"))  # nothing cached half-written
+    (folder / "train.jsonl.zst").unlink()
+    (folder / "train.txt.gz").write_bytes(gzip.compress(b"a b\n" * 20000)[:-30])  # truncated .gz of text, too
+    clear_cache()
+    with pytest.raises(DataError, match=r"train.txt.gz: corrupt or truncated gzip file"):
+        load_corpus(DataConfig(path=str(folder), cache_dir=str(tmp_path / "c")))
+
+
 @pytest.mark.parametrize(
     "pattern, make, message",
     [

@@ -73,11 +73,6 @@ def test_a_model_directory_carries_its_tokenizer_and_evaluate_uses_it(bpe, tmp_p
     assert main([*argv, "--set", "data.tokenizer=word"]) == 2  # the same text, tokenised otherwise: refused
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "(600 types, tokenizer tok-" in err and "types, words)" in err, err
-    pytest.importorskip("transformers")
-    assert main(["export", str(tmp_path / "m"), str(tmp_path / "hf"), "--format", "hf"]) == 2  # not yet: one line
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "subword tokenizer" in err and not (tmp_path / "hf").exists(), err
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".hf.new-")]  # nothing half-written left
 
 
 def test_a_tokenizer_file(bpe, tmp_path, wt2_path):
@@ -91,11 +86,45 @@ def test_a_tokenizer_file(bpe, tmp_path, wt2_path):
     assert np.array_equal(np.asarray(other.tokens("valid")), np.asarray(corpus.tokens("valid")))
 
 
+def test_a_pretrained_tokenizer_by_name_from_the_offline_hub_cache(bpe, tmp_path, wt2_path, monkeypatch):
+    """`hf:ORG/NAME`: the tokenizer.json of a hub-layout cache (models--org--name/snapshots/<rev>, refs/main) in a
+    temp folder, offline; the same ids and cache entry as the file; it travels with a model directory."""
+    from huggingface_hub import constants
+
+    corpus, _ = bpe
+    hub = tmp_path / "hub"
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    snap = hub / "models--acme--tiny-bpe" / "snapshots" / rev
+    snap.mkdir(parents=True)
+    (snap / "tokenizer.json").write_text(corpus.vocab.tokenizer.to_str())
+    (hub / "models--acme--tiny-bpe" / "refs").mkdir()
+    (hub / "models--acme--tiny-bpe" / "refs" / "main").write_text(rev)
+    for k, v in {"HF_HUB_CACHE": hub, "HF_HUB_OFFLINE": "1"}.items():
+        monkeypatch.setenv(k, str(v))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))  # as they read the environment at import
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    cfg = resolve_data(DataConfig(path=str(wt2_path), tokenizer="hf:acme/tiny-bpe", cache_dir=str(tmp_path / "c")))
+    assert cfg.tokenizer == "hf:acme/tiny-bpe"  # workers resolve it from their node's cache
+    clear_cache()
+    got = load_corpus(cfg, ("valid",))
+    assert got.vocab.fingerprint() == corpus.vocab.fingerprint()
+    assert np.array_equal(np.asarray(got.tokens("valid")), np.asarray(corpus.tokens("valid")))
+    model = build_model(ModelConfig(num_layers=1, hidden_dim=16, num_heads=2, seq_len=8, mem_len=8), len(got.vocab))
+    save_model_dir(model, got.vocab, tmp_path / "m")
+    assert (tmp_path / "m" / "tokenizer.json").read_text() == (snap / "tokenizer.json").read_text()
+    with pytest.raises(DataError) as e:
+        resolve_data(DataConfig(path=str(wt2_path), tokenizer="hf:acme/other"))
+    assert str(e.value).startswith(
+        f"data.tokenizer hf:acme/other: no tokenizer.json (offline: only one already in {hub}"
+    )
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize(
     "settings, message",
     [
         ({"tokenizer": "bpe", "vocab_size": 100}, "data.vocab_size 100: too small for byte-level BPE"),
-        ({"tokenizer": "nope.json"}, "data.tokenizer nope.json: no such file; give word, bpe or a tokenizers JSON"),
+        ({"tokenizer": "nope.json"}, "data.tokenizer nope.json: no such file; give word, bpe, hf:ORG/NAME or a"),
         ({"tokenizer": "BAD"}, "not a tokenizers JSON file"),
         ({"vocab_size": 1000}, "data.vocab_size: only for data.tokenizer bpe"),
     ],
@@ -116,3 +145,25 @@ def test_adaptive_cutoffs_as_fractions_of_the_vocabulary():
         ModelConfig(adaptive_cutoffs=[0.5, 1.5])
     with pytest.raises(ValueError, match="give no distinct clusters for a vocabulary of 10"):
         build_model(cfg.model_copy(update={"adaptive_cutoffs": [0.01, 0.02]}), 10)
+
+
+def test_adaptive_cutoffs_auto_by_frequency_for_any_vocabulary(bpe, tmp_path, wt2_path):
+    """`auto`: the ids covering 80% and 95% of the train tokens, resolved when the run is planned (so saved configs
+    and model directories hold ids), for the BPE vocabulary as for the word one, and for a vocabulary of 2."""
+    import numpy as np
+
+    from allatt_dist.model.output import auto_cutoffs
+    from allatt_dist.plan import make_plan
+    from tests.tiny import tiny_config
+
+    assert auto_cutoffs(np.array([90, 6, 3, 1])) == [1, 2]
+    assert auto_cutoffs(np.array([1, 1])) == [1] and auto_cutoffs(np.array([0, 5, 0])) == [2]
+    corpus, cfg = bpe
+    plan = make_plan(tiny_config(wt2_path, data=cfg.model_dump(), model={"adaptive_cutoffs": "auto"}), tmp_path / "r")
+    counts = np.bincount(np.asarray(corpus.tokens("train")), minlength=600)
+    cut = plan.cfg.model.adaptive_cutoffs
+    assert cut == auto_cutoffs(counts) and len(cut) == 2 and 0 < cut[0] < cut[1] < 600
+    assert counts[: cut[0]].sum() >= 0.8 * counts.sum() > counts[: cut[0] - 1].sum()
+    assert build_model(plan.cfg.model, 600).io.cutoffs == [*cut, 600]
+    with pytest.raises(ValueError, match="auto is resolved from the train split when a run starts"):
+        build_model(plan.cfg.model.model_copy(update={"adaptive_cutoffs": "auto"}), 600)

@@ -13,11 +13,9 @@ one process, is encoded in this process (no pool to start). The ids are the same
 
 from __future__ import annotations
 
-import gzip
 import os
 import shutil
 import tempfile
-import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -129,25 +127,15 @@ def file_units(path: Path, field: str | None) -> Iterator[list[str]]:
     if kind in ("parquet", "arrow"):
         yield from _table_rows(path, field, kind)
         return
-    try:
-        with _open_bytes(path) as f:
-            offset = 0  # of this line in the (decompressed) file: a decoding error names its byte
-            for n, raw in enumerate(f, start=1):
-                line = _decoded(path, raw, offset).removesuffix("\n")
-                offset += len(raw)
-                if kind == "text":
-                    yield [line]
-                elif line.strip():
-                    yield _jsonl_one(path, line, field, n)
-    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
-        raise DataError(f"{path}: corrupt or truncated gzip file ({str(e) or type(e).__name__})") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
-
-
-def _open_bytes(path: Path) -> IO[bytes]:
-    """Lines split at b"\\n" only, as text mode with newline="\\n" splits them."""
-    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")  # noqa: SIM115
+    with sources.open_bytes(path) as f:  # lines split at b"\n" only; a read error is one line naming the file
+        offset = 0  # of this line in the (decompressed) file: a decoding error names its byte
+        for n, raw in enumerate(f, start=1):
+            line = _decoded(path, raw, offset).removesuffix("\n")
+            offset += len(raw)
+            if kind == "text":
+                yield [line]
+            elif line.strip():
+                yield _jsonl_one(path, line, field, n)
 
 
 def _decoded(path: Path, raw: bytes, offset: int) -> str:

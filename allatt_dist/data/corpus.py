@@ -1,4 +1,5 @@
-"""Load a corpus (word level) as int64 token ids, from a local folder or glob, or WikiText from the hub.
+"""Load a corpus as token ids, from a local folder or glob, a bucket prefix (remote_source.py), a Hugging Face
+dataset by name (hf_source.py), or WikiText from the hub.
 
 Resolution order: `data.path`, else the `ALLATT_DATA` environment variable (unless data.source is
 `hub`), else the hub (`datasets.load_dataset("wikitext", ...)`). A local corpus is a folder of
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from allatt_dist.config import DataConfig
-from allatt_dist.data import build, remote_source, sources, tokenizer
+from allatt_dist.data import build, hf_source, remote_source, sources, tokenizer
 from allatt_dist.data.cache import ENV_VAR as CACHE_ENV
 from allatt_dist.data.cache import TokenCache, cache_root
 from allatt_dist.data.vocab import Vocab
@@ -30,7 +31,7 @@ ENV_VAR = "ALLATT_DATA"
 _HUB_SPLIT = {"train": "train", "valid": "validation", "test": "test"}
 _FIX = (
     "--set data.path=DIR (or ALLATT_DATA=DIR), a folder with {train,valid,test}.{txt,jsonl,parquet} or wiki.*.tokens, "
-    "or a glob of files named train*, valid*, test*"
+    "or a glob of files named train*, valid*, test*, or hf://NAME[:CONFIG] (a Hugging Face dataset)"
 )
 
 
@@ -92,8 +93,8 @@ def resolve_data(cfg: DataConfig, splits: Iterable[str] = SPLITS) -> DataConfig:
             except DataError as e:
                 raise DataError(str(e).replace("empty (no text)", f"the {split} split is empty")) from None
     pinned = os.path.abspath(folder) if sources.is_glob(str(folder)) else str(folder.resolve())
-    if remote_source.is_remote(cfg.path):
-        pinned = str(cfg.path)  # every node reads the bucket into its own cache
+    if remote_source.is_remote(cfg.path) or hf_source.is_hf(cfg.path):
+        pinned = str(cfg.path)  # every node reads the bucket (loads the dataset) into its own cache
     update = {"path": pinned, "source": "local"}
     if cfg.cache_dir:
         update["cache_dir"] = str(Path(cfg.cache_dir).expanduser().resolve())
@@ -124,6 +125,8 @@ def clear_cache() -> None:
 
 
 def _local_folder(cfg: DataConfig) -> Path | None:
+    if hf_source.is_hf(cfg.path):  # hf://NAME[:CONFIG]: datasets.load_dataset's Arrow files (hf_source.py)
+        return hf_source.local_view(str(cfg.path), cfg.cache_dir, cfg.split_fractions is not None)
     if remote_source.is_remote(cfg.path):  # s3:// or gs://: its local copy (remote_source.py)
         return remote_source.local_copy(str(cfg.path), cfg.cache_dir)
     if cfg.path:

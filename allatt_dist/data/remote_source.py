@@ -70,7 +70,9 @@ def _listing(rem: remote_mod.Remote, uri: str) -> dict[str, tuple[int, int]]:
         if rel.endswith(".json") or _is_corpus_file(rel):
             out[rel] = (int(info.size or 0), int(info.mtime_ns or 0))
     if not any(_is_corpus_file(rel) for rel in out):
-        raise DataError(f"data.path {uri}: no corpus file under it (.txt, .jsonl, .parquet, .arrow; .gz for text)")
+        raise DataError(
+            f"data.path {uri}: no corpus file under it (.txt, .jsonl, .parquet, .arrow; .gz, .zst for text)"
+        )
     return out
 
 

@@ -11,17 +11,22 @@
 
 Text files are read line by line; a JSONL record or a Parquet row gives the string in `data.text_field`
 (default `text`), whose lines are read as a text file's. Every line becomes its tokens plus `<eos>`.
-A `.gz` file is read through Python's gzip; a corrupt or truncated one is one line naming the file.
+A `.gz` file is read through Python's gzip, a `.zst` one through pyarrow's zstd codec; a corrupt or
+truncated one is one line naming the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import gzip
+import io
 import json
 import os
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 from allatt_dist.errors import DataError
 
@@ -29,7 +34,13 @@ SPLITS = ("train", "valid", "test")
 DEFAULT_FIELD = "text"
 _KINDS = {".txt": "text", ".tokens": "text", ".raw": "text", ".jsonl": "jsonl", ".parquet": "parquet"}
 _KINDS[".arrow"] = "arrow"  # a `datasets` save_to_disk shard (an Arrow IPC stream)
-_ALLOWED = ".txt, .tokens, .jsonl, .parquet, .arrow (.txt and .jsonl also gzipped: .gz)"
+_ALLOWED = ".txt, .tokens, .jsonl, .parquet, .arrow (.txt and .jsonl also compressed: .gz, .zst)"
+CODECS = {".gz": "gzip", ".zst": "zstd"}  # compressed text: the suffix after the kind's
+
+
+def codec_of(path: Path) -> str | None:
+    """gzip | zstd | None, from the file name's last suffix."""
+    return CODECS.get(os.path.splitext(path.name)[1])
 
 
 def is_glob(path: str) -> bool:
@@ -37,16 +48,18 @@ def is_glob(path: str) -> bool:
 
 
 def kind_of(path: Path) -> str:
-    """text | jsonl | parquet, from the file name (a `.gz` suffix is the compression, not the kind)."""
-    name = path.name[:-3] if path.name.endswith(".gz") else path.name
+    """text | jsonl | parquet | arrow, from the file name (a `.gz`/`.zst` suffix is the compression, not the kind)."""
+    codec = codec_of(path)
+    name = os.path.splitext(path.name)[0] if codec else path.name
     ext = os.path.splitext(name)[1]
-    if ext not in _KINDS or (path.name.endswith(".gz") and _KINDS[ext] in ("parquet", "arrow")):
+    if ext not in _KINDS or (codec and _KINDS[ext] in ("parquet", "arrow")):
         raise DataError(f"{path}: not a corpus file; allowed: {_ALLOWED}")
     return _KINDS[ext]
 
 
 def folder_candidates(split: str, raw: bool) -> list[str]:
-    names = [f"wiki.{split}.tokens", f"{split}.txt", f"{split}.txt.gz", f"{split}.jsonl", f"{split}.jsonl.gz"]
+    names = [f"wiki.{split}.tokens"]
+    names += [f"{split}.{kind}{z}" for kind in ("txt", "jsonl") for z in ("", ".gz", ".zst")]
     names.append(f"{split}.parquet")
     return ([f"wiki.{split}.raw"] if raw else []) + names
 
@@ -121,21 +134,40 @@ def read_lines(path: Path, text_field: str | None = None) -> list[str]:
     field = text_field or DEFAULT_FIELD
     if kind in ("parquet", "arrow"):
         return _table_lines(path, field, kind)
+    with open_bytes(path) as f:
+        data = f.read()
     try:
-        if path.name.endswith(".gz"):
-            with gzip.open(path, "rt", encoding="utf-8", newline="") as f:
-                text = f.read()
-        else:
-            text = path.read_text(encoding="utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
-        raise DataError(f"{path}: corrupt or truncated gzip file ({str(e) or type(e).__name__})") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
     if kind == "text":
         return _text_lines(text)
     return _jsonl_lines(path, text, field)
+
+
+@contextlib.contextmanager
+def open_bytes(path: Path) -> Iterator[IO[bytes]]:
+    """A corpus text file's bytes, decompressed (.gz: Python's gzip; .zst: pyarrow's zstd codec). A read error
+    in the block is one line naming the file: a compressed file that does not decode is corrupt or truncated."""
+    codec = codec_of(path)
+    try:
+        if codec == "zstd":
+            import pyarrow as pa
+
+            if not pa.Codec.is_available("zstd"):
+                raise DataError(f"{path}: this pyarrow has no zstd codec; decompress the file or use .gz")
+            fh: IO[bytes] = io.BufferedReader(pa.input_stream(str(path), compression="zstd"))
+        else:
+            fh = gzip.open(path, "rb") if codec == "gzip" else open(path, "rb")  # noqa: SIM115
+        with fh:
+            yield fh
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    except (EOFError, zlib.error, OSError) as e:
+        if codec is None:
+            raise DataError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+        why = (str(e).splitlines() or [""])[0][:200] or type(e).__name__
+        raise DataError(f"{path}: corrupt or truncated {codec} file ({why})") from None
 
 
 def _text_lines(text: str) -> list[str]:
@@ -196,12 +228,8 @@ def probe(path: Path, text_field: str | None) -> None:
     if kind in ("parquet", "arrow"):
         _table_schema(path, field, kind)
         return
-    try:
-        opener = gzip.open if path.name.endswith(".gz") else open
-        with opener(path, "rb") as fh:
-            head = fh.read(1 << 16)
-    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
-        raise DataError(f"{path}: corrupt or truncated gzip file ({str(e) or type(e).__name__})") from None
+    with open_bytes(path) as fh:
+        head = fh.read(1 << 16)
     if not head.strip():
         raise DataError(f"{path}: empty (no text)")
     complete = head.rsplit(b"\n", 1)[0] if b"\n" in head else b""  # whole lines only

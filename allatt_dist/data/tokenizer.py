@@ -6,6 +6,10 @@
   give the same tokenizer, and it is cached with the token ids.
 * a path to a `tokenizer.json` (`Tokenizer.save`): that tokenizer; `<eos>` and `<unk>` are added as
   special tokens when it lacks them.
+* `hf:ORG/NAME` (or `hf:ORG/NAME@REVISION`): the `tokenizer.json` of that model repository on the Hugging Face
+  hub, through `huggingface_hub.hf_hub_download`, so its cache (HF_HOME, HF_HUB_CACHE) and offline mode
+  (HF_HUB_OFFLINE=1: only a file already cached) are honoured; then as a file. Its cache key is the file's
+  content, so the same tokenizer by name or by file shares the token cache.
 
 The tokenizer becomes part of the vocabulary (`Vocab.tokenizer`), so it is saved with every model
 directory (tokenizer.json) and read back by evaluate, rank, generate and serve.
@@ -29,10 +33,15 @@ MIN_VOCAB = BYTE_ALPHABET + len(SPECIALS)
 DEFAULT_VOCAB = 8000
 
 
+HUB_PREFIX = "hf:"
+
+
 def kind(tokenizer: str | None) -> str:
-    """word | bpe | file."""
+    """word | bpe | hub | file."""
     if tokenizer in (None, "word"):
         return "word"
+    if tokenizer.startswith(HUB_PREFIX):
+        return "hub"
     return "bpe" if tokenizer == "bpe" else "file"
 
 
@@ -56,7 +65,7 @@ def check(tokenizer: str | None, vocab_size: int | None) -> None:
             f"data.vocab_size {vocab_size}: too small for byte-level BPE (the {BYTE_ALPHABET} byte symbols and "
             f"{', '.join(SPECIALS)}: at least {MIN_VOCAB})"
         )
-    if k == "file":
+    if k in ("file", "hub"):
         load_file(_file(tokenizer))
     elif vocab_size is not None and k == "word":
         raise DataError("data.vocab_size: only for data.tokenizer bpe (the word vocabulary is every train word)")
@@ -67,7 +76,7 @@ def build(tokenizer: str | None, vocab_size: int | None, train_lines: Callable[[
     k = kind(tokenizer)
     if k == "word":
         return Vocab.build(train_lines())
-    if k == "file":
+    if k in ("file", "hub"):
         return vocab_of(load_file(_file(tokenizer)))
     return vocab_of(train_bpe(train_lines(), vocab_size or DEFAULT_VOCAB))
 
@@ -90,10 +99,31 @@ def train_bpe(lines: Iterable[str], vocab_size: int):
 
 
 def _file(tokenizer: str) -> Path:
+    if kind(tokenizer) == "hub":
+        return _hub_file(tokenizer)
     p = Path(tokenizer).expanduser()
     if not p.is_file():
-        raise DataError(f"data.tokenizer {tokenizer}: no such file; give word, bpe or a tokenizers JSON file")
+        raise DataError(
+            f"data.tokenizer {tokenizer}: no such file; give word, bpe, hf:ORG/NAME or a tokenizers JSON file"
+        )
     return p
+
+
+def _hub_file(tokenizer: str) -> Path:
+    """The cached (else downloaded) tokenizer.json of `hf:ORG/NAME[@REVISION]`; one line when there is none."""
+    repo, _, revision = tokenizer[len(HUB_PREFIX) :].partition("@")
+    if not repo.strip("/"):
+        raise DataError(f"data.tokenizer {tokenizer}: give hf:ORG/NAME (a model repository on the hub)")
+    try:
+        from huggingface_hub import constants, hf_hub_download
+    except ImportError:
+        raise DataError(f"data.tokenizer {tokenizer}: needs huggingface_hub: pip install 'allatt-dist[data]'") from None
+    try:
+        return Path(hf_hub_download(repo, "tokenizer.json", revision=revision or None))
+    except Exception as e:  # noqa: BLE001 - offline, missing, unreachable: all mean no tokenizer file
+        why = " ".join(str(e).split())[:200] or type(e).__name__
+        where = f"offline: only one already in {constants.HF_HUB_CACHE}; " if constants.HF_HUB_OFFLINE else ""
+        raise DataError(f"data.tokenizer {tokenizer}: no tokenizer.json ({where}{why})") from None
 
 
 @contextmanager

@@ -3,10 +3,10 @@
 What it holds: `config.json` (the model's switches, `auto_map` naming the two code files),
 `configuration_allatt.py` and `modeling_allatt.py` (this project's own inference code, copied from
 `hf_files/`: transformers 5 has no model whose layers keep different numbers of heads), the weights
-under their names here (`model.safetensors`), a word-level tokenizer over the model's vocabulary
-(`tokenizer.json`: unknown words to `<unk>`, line breaks to `<eos>`, an `<eos>` before the text as
-`generate` reads a prompt), and a model card (`README.md`). Built in a temporary sibling folder and
-swapped in whole (allatt_dist/atomic.py).
+under their names here (`model.safetensors`), the tokenizer (`tokenizer.json`, a PreTrainedTokenizerFast: a
+word-level one over the model's vocabulary, unknown words to `<unk>`; or the model's own subword tokenizer;
+either way line breaks to `<eos>` and an `<eos>` before the text, as `generate` reads a prompt), and a model
+card (`README.md`). Built in a temporary sibling folder and swapped in whole (allatt_dist/atomic.py).
 """
 
 from __future__ import annotations
@@ -77,20 +77,34 @@ def hf_config(model, vocab_size: int) -> dict:
 
 
 def save_tokenizer(vocab, out: Path) -> None:
-    if vocab.tokenizer is not None:
-        raise UserError("export --format hf: a model with a subword tokenizer (data.tokenizer) is not exportable yet")
     from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(WordLevel(vocab=dict(vocab.stoi), unk_token=vocab.UNK))
-    tok.normalizer = normalizers.Replace("\n", f" {vocab.EOS} ")
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if vocab.tokenizer is not None:
+        tok = _subword_tokenizer(vocab)
+    else:
+        tok = Tokenizer(WordLevel(vocab=dict(vocab.stoi), unk_token=vocab.UNK))
+        tok.normalizer = normalizers.Replace("\n", f" {vocab.EOS} ")
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(
         single=f"{vocab.EOS} $A", special_tokens=[(vocab.EOS, vocab.eos_id)]
     )
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=vocab.UNK, eos_token=vocab.EOS)
     fast.save_pretrained(str(out))
+
+
+def _subword_tokenizer(vocab):
+    """A copy of the model's subword tokenizer that reads text as `generate` does: each line on its own, an `<eos>`
+    between lines. A line break is normalized to `<eos>`, which is then matched as the (normalized) special token,
+    so the text of each line is encoded exactly as the model's tokenizer encodes that line."""
+    from tokenizers import AddedToken, Tokenizer, normalizers
+
+    tok = Tokenizer.from_str(vocab.tokenizer.to_str())
+    tok.add_special_tokens([AddedToken(vocab.EOS, special=True, normalized=True)])
+    eol = normalizers.Replace("\n", vocab.EOS)
+    tok.normalizer = eol if tok.normalizer is None else normalizers.Sequence([tok.normalizer, eol])
+    return tok
 
 
 def model_card(got, meta: dict) -> str:
@@ -110,7 +124,8 @@ def model_card(got, meta: dict) -> str:
         "print(tok.decode(model.generate(ids, max_new_tokens=20, do_sample=False)[0]))",
         "```",
         "",
-        "`logits` are log-probabilities; words outside the vocabulary read as `<unk>`, a line break as `<eos>`.",
+        "`logits` are log-probabilities; a line break reads as `<eos>`"
+        + ("; words outside the vocabulary as `<unk>`." if got.vocab.tokenizer is None else " (a subword tokenizer)."),
         "",
         "## Leaderboard row",
         "",
@@ -121,7 +136,13 @@ def model_card(got, meta: dict) -> str:
         lines.append("Exported from a model directory, not picked from a leaderboard.")
     recipe = yaml.safe_load(got.recipe) if got.recipe else None
     data = (recipe or {}).get("data") or {}
-    lines += ["", "## Data", "", f"Vocabulary: {meta['vocab_size']:,} words (fingerprint {meta['vocab_fingerprint']})."]
+    kind = "words" if got.vocab.tokenizer is None else "subword tokens"
+    lines += [
+        "",
+        "## Data",
+        "",
+        f"Vocabulary: {meta['vocab_size']:,} {kind} (fingerprint {meta['vocab_fingerprint']}).",
+    ]
     if data:
         lines += ["", "```yaml", yaml.safe_dump({"data": data}, sort_keys=False).strip(), "```"]
     lines += ["", "## Recipe", ""]

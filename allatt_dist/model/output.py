@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -105,9 +106,28 @@ class TiedSoftmax(nn.Module):
         return F.cross_entropy(logits.float(), target, reduction="none")
 
 
-def resolve_cutoffs(cutoffs: list[int] | list[float], vocab_size: int) -> list[int]:
+AUTO_COVERAGE = (0.8, 0.95)  # model.adaptive_cutoffs "auto": the share of train tokens each cutoff's ids cover
+
+
+def auto_cutoffs(counts: np.ndarray) -> list[int]:
+    """`model.adaptive_cutoffs: auto` from the train split's count of each id (V,): the head holds the first ids
+    (a word vocabulary's are the most frequent; a BPE's merges come roughly by frequency) up to those covering 80%
+    of the train tokens, the next cluster up to 95%, the tail the rest. Each cutoff is in [1, V-1], repeats
+    dropped, so any vocabulary of 2 or more types gets at least a head and a tail."""
+    vocab = int(counts.shape[0])
+    if vocab < 2:
+        raise ValueError(f"model.adaptive_cutoffs auto: a vocabulary of {vocab} type(s) has no clusters")
+    cum = np.cumsum(counts, dtype=np.float64)  # (V,)
+    cut = [min(vocab - 1, max(1, int(np.searchsorted(cum, f * cum[-1])) + 1)) for f in AUTO_COVERAGE]
+    return sorted(set(cut))
+
+
+def resolve_cutoffs(cutoffs: list[int] | list[float] | str, vocab_size: int) -> list[int]:
     """Cutoffs as token ids: fractions of the vocabulary (0.05, 0.3) rounded to ids, so one recipe fits any
-    vocabulary size (a subword tokenizer's, data.vocab_size); ids as given."""
+    vocabulary size (a subword tokenizer's, data.vocab_size); ids as given. `auto` is resolved from the corpus
+    when a run is planned (plan.py), never here."""
+    if cutoffs == "auto":
+        raise ValueError("model.adaptive_cutoffs auto is resolved from the train split when a run starts")
     if not any(isinstance(c, float) for c in cutoffs):
         return list(cutoffs)
     ids = [max(1, round(c * vocab_size)) for c in cutoffs]
@@ -218,6 +238,8 @@ class AdaptiveIO(nn.Module):
 
 
 def make_output(vocab_size: int, dim: int, cutoffs: list[int], div: int, proj: bool = False) -> nn.Module:
+    if cutoffs == "auto":
+        resolve_cutoffs(cutoffs, vocab_size)  # one line: resolved when a run starts
     if cutoffs and min(cutoffs) < vocab_size:
         return AdaptiveIO(vocab_size, dim, cutoffs, div, proj)
     return TiedSoftmax(vocab_size, dim)

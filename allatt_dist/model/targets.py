@@ -26,6 +26,8 @@ from allatt_dist.model.transformer import LanguageModel
 
 def non_embedding_params(model: ModelConfig) -> int:
     """Parameters of the dense model outside the word embeddings and softmax (built on the meta device)."""
+    if model.adaptive_cutoffs == "auto":  # resolved from the corpus later; the count is outside the embeddings
+        model = model.model_copy(update={"adaptive_cutoffs": [0.5]})
     cut = model.adaptive_cutoffs
     fractions = any(isinstance(c, float) for c in cut)
     vocab = 10**6 if fractions else (max(cut) + 1 if cut else 2)  # outside the count: any size the cutoffs fit
