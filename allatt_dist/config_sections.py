@@ -110,7 +110,7 @@ class DistillConfig(Section):
 
     teacher: str | None = None  # a model directory (local or s3://); None: the run's dense model RUN/dense/model
     kl_weight: float = Field(0.0, ge=0.0)  # 0: off (the paper's training, unchanged)
-    temperature: float = Field(1.0, gt=0.0)
+    temperature: float = Field(2.0, gt=0.0)  # the measured setting (docs/results.md, distillation)
     hidden_weight: float = Field(0.0, ge=0.0)  # hidden states matched (MSE; a learned map where widths differ)
     hidden_layers: list[int] = Field(default_factory=list)  # the layers (0-based) whose outputs are matched
     phases: list[Literal["prune", "finetune"]] = Field(default_factory=lambda: ["prune", "finetune"])
