@@ -7,7 +7,8 @@ the leaderboard's test perplexity. The sources, one parametrized test sharing on
 * `jsonl`: a local folder of JSONL records (text in `body`), a 2-trial search;
 * `s3-parquet`: a Parquet copy in the session's S3 server (loopback); `data.path` stays the bucket's URI, so the
   Ray workers read the bucket themselves (the session Ray's nodes have the server's AWS_*); its model is then
-  evaluated, offline and with no bucket, on a `datasets` folder of the same text: the same ids from both;
+  evaluated, offline and with no bucket, on a `datasets` folder of the same text: the same ids from both; its
+  token cache is built by Ray tasks (`data.build_workers: ray`, small chunks), after the CLI connected;
 * `datasets`: a Hugging Face `datasets` save_to_disk folder, run and evaluated offline (HF_DATASETS_OFFLINE,
   HF_HUB_OFFLINE).
 
@@ -93,8 +94,9 @@ def _source(name: str, wt2_slice: Path, s3, tmp_path: Path) -> tuple[dict, dict,
     folder = str(to_datasets_folder(wt2_slice, tmp_path / "hf"))
     evaluate_env = _no_bucket() | OFFLINE  # no bucket, no hub
     data = {"text_field": "text"}
-    if name == "s3-parquet":
-        return data | {"path": to_bucket(wt2_slice, s3, "own23/parquet")}, os.environ | s3.env(), folder, evaluate_env
+    if name == "s3-parquet":  # and the token cache built by Ray tasks (20 KB chunks), after the CLI connected
+        data |= {"path": to_bucket(wt2_slice, s3, "own23/parquet"), "build_workers": "ray", "build_chunk_mb": 0.02}
+        return data, os.environ | s3.env(), folder, evaluate_env
     return data | {"path": folder}, _no_bucket() | OFFLINE, folder, evaluate_env
 
 
