@@ -6,7 +6,9 @@
 `make_plan` pins the data folder (checked, absolute: workers run in other directories and on other
 nodes), generates the DeepSpeed config (which also refuses CPU-impossible settings) and resolves the
 output directory (`run`: the RunDir of rundir.py, a local folder or a bucket mirrored locally, parsed from
-`--out` once by the CLI). Every layer below reads these fields and re-derives none of them; a Tune trial
+`--out` once by the CLI). It also tokenises the corpus into its cache, before Ray starts; with
+`data.build_workers: ray` that waits until the CLI connected (`Plan.with_tokens`: Ray tasks build it).
+Every layer below reads these fields and re-derives none of them; a Tune trial
 gets its own plan from its sampled values with `Plan.with_values`.
 """
 

@@ -107,7 +107,8 @@ def check_segments(cfg: DataConfig, sizes: Iterable[tuple[int, int]], *, on_ray:
     """Before any cluster starts: a local corpus (resolved) decodes and its train split gives each of
     `batch_size` rows one training segment of `seq_len` (+1 target) for every (batch_size, seq_len) in `sizes`
     (the recipe and the ends of a search's domains). Loading it here also fills the token cache the workers
-    read. Hub corpora are checked by the workers (nothing is downloaded twice)."""
+    read (`on_ray`: with `data.build_workers: ray`, by Ray tasks, once the CLI connected: plan.py). Hub corpora
+    are checked by the workers (nothing is downloaded twice)."""
     folder = _local_folder(cfg)
     if folder is None:
         return
