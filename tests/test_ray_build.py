@@ -14,8 +14,6 @@ from allatt_dist.data import build, ray_build
 from allatt_dist.data.corpus import clear_cache, load_corpus, resolve_data
 from allatt_dist.errors import DataError
 
-pytestmark = pytest.mark.ray
-
 
 def _ray_jobs(monkeypatch) -> list[str]:
     """The names of the functions Ray tasks run from now on (a process pool starting fails the test)."""
@@ -32,6 +30,7 @@ def _entry_files(cache: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(entry.iterdir()) if not p.name.startswith(".")}
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize("tokenizer", ["word", "bpe"])
 def test_ray_tasks_build_the_cache_the_process_pool_builds(local_ray, wt2_slice, tmp_path, monkeypatch, tokenizer):
     """20 KB chunks of the slice (a few per split): with `ray`, every chunk is counted (words) and encoded by a
@@ -61,6 +60,7 @@ def test_ray_tasks_build_the_cache_the_process_pool_builds(local_ray, wt2_slice,
     clear_cache()
 
 
+@pytest.mark.ray
 def test_a_plan_made_before_ray_connects_builds_nothing_until_with_tokens(local_ray, wt2_slice, tmp_path, monkeypatch):
     """As the CLI runs it: `make_plan` before Ray connects checks the files (a missing JSONL field is still one
     line then) and writes nothing to the cache; `with_tokens`, once connected, builds it by Ray tasks, resolves
@@ -105,3 +105,15 @@ def test_a_plan_made_before_ray_connects_builds_nothing_until_with_tokens(local_
     with pytest.raises(DataError, match="the train split has"):
         deferred.with_tokens()
     clear_cache()
+
+
+@pytest.mark.parametrize("value", ["rays", 0, True])
+def test_build_workers_is_a_count_or_ray_in_one_line(value):
+    from allatt_dist.errors import UserError
+    from allatt_dist.recipe import build_config
+
+    with pytest.raises(UserError) as e:
+        build_config({"data": {"build_workers": value}})
+    assert str(e.value) == (
+        f"data.build_workers: expected a whole number > 0, or ray (Ray tasks over the cluster), got {value!r}"
+    )
