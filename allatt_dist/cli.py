@@ -46,8 +46,9 @@ def _plan(a: argparse.Namespace, kind: str, search: bool):
     return make_plan(cfg, out, verbose=a.verbose, progress=progress, force=getattr(a, "force", False))
 
 
-def _connect(a: argparse.Namespace, plan, search: bool) -> None:
-    """Connect to Ray and check, once, that the plan's workers (and trial drivers) can ever be placed."""
+def _connect(a: argparse.Namespace, plan, search: bool):
+    """Connect to Ray and check, once, that the plan's workers (and trial drivers) can ever be placed; the
+    plan with its token cache built (`data.build_workers: ray`: by Ray tasks, now that Ray is connected)."""
     from allatt_dist.cluster.capacity import check_fits, check_fits_with_drivers
     from allatt_dist.cluster.session import connect
 
@@ -56,6 +57,7 @@ def _connect(a: argparse.Namespace, plan, search: bool) -> None:
         check_fits_with_drivers(plan.cfg.scaling, plan.cfg.tune)
     else:
         check_fits(plan.cfg.scaling)
+    return plan.with_tokens()
 
 
 def cmd_train(a: argparse.Namespace) -> dict:
@@ -63,7 +65,7 @@ def cmd_train(a: argparse.Namespace) -> dict:
 
     plan = _plan(a, "runs", search=False)
     with plan.run.held():  # one writer per run directory, taken before Ray starts
-        _connect(a, plan, search=False)
+        plan = _connect(a, plan, search=False)
         return train(plan, None if a.phase == "all" else [a.phase])
 
 
@@ -144,7 +146,7 @@ def cmd_tune(a: argparse.Namespace) -> list:
         raise UserError(f"--dense {a.dense}: give a local folder (with --out in a bucket, OUT/dense/model is used)")
     plan = _plan(a, "experiments", search=True)
     with plan.run.held():
-        _connect(a, plan, search=True)
+        plan = _connect(a, plan, search=True)
         return tune_search(plan, Path(a.dense) if a.dense else None)
 
 
@@ -172,7 +174,7 @@ def cmd_run(a: argparse.Namespace) -> dict:
 
     plan = _plan(a, "experiments", search=True)
     with plan.run.held():
-        _connect(a, plan, search=True)
+        plan = _connect(a, plan, search=True)
         return run_pipeline(plan, a.budget)
 
 

@@ -5,7 +5,7 @@ presets and cross-section rules (model, gates, search) and the whole `RunConfig`
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -44,10 +44,18 @@ class DataConfig(Section):
     text_field: str | None = Field(None, min_length=1)  # JSONL/Parquet: the field holding the text; None: "text"
     tokenizer: str | None = None  # word (None), bpe, or a tokenizers JSON file (data/tokenizer.py)
     vocab_size: int | None = Field(None, gt=0)  # bpe: the vocabulary size (None: 8000)
-    build_workers: int | None = Field(None, gt=0)  # processes tokenising a split into the cache (None: all cores)
+    # processes tokenising a split into the cache (None: all cores), or "ray": Ray tasks on the cluster (ray_build.py)
+    build_workers: Annotated[int, Field(gt=0)] | Literal["ray"] | None = None
     build_chunk_mb: float = Field(16.0, gt=0.0)  # text per chunk (and shard) of the cache build, in MB
     split_fractions: tuple[float, float] | None = None  # (valid, test) carved from the train source (build.py)
     split_seed: int = 0  # the seed of that carving
+
+    @field_validator("build_workers", mode="before")
+    @classmethod
+    def _workers(cls, v: Any) -> Any:
+        if v is None or v == "ray" or (type(v) is int and v > 0):
+            return v
+        raise ValueError(f"expected a whole number > 0, or ray (Ray tasks over the cluster), got {v!r}")
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:

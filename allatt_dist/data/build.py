@@ -9,6 +9,7 @@ per process are in flight, so the memory is bounded by the chunk size, not by th
 vocabulary takes one counting pass the same way (a Counter per chunk, merged in order, so ties still go
 by first appearance); byte-level BPE is trained from the same stream. A split of at most one chunk, or
 one process, is encoded in this process (no pool to start). The ids are the same whatever the workers.
+With `data.build_workers: ray` the CLI's driver has Ray tasks count and encode the chunks (ray_build.py).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 
@@ -50,18 +51,22 @@ class Plan:
         files: tuple[Path, ...],
         field: str | None,
         chunk_mb: float | None,
-        workers: int | None,
+        workers: int | str | None,
         carve: Carve | None = None,
+        on_ray: bool = False,
     ):
         self.files = files
         self.field = field
         self.carve = carve
         self.chunk_bytes = max(1, int((chunk_mb or DEFAULT_CHUNK_MB) * (1 << 20)))
-        self.workers = workers or default_workers()
+        # "ray": Ray tasks when this process is the driver that connected (on_ray), else every core here
+        self.ray = workers == "ray" and on_ray
+        self.workers = workers if isinstance(workers, int) else default_workers()
 
     def parallel(self) -> bool:
-        """Worth a pool: several processes and more than one chunk of input (on disk, compressed or not)."""
-        return self.workers > 1 and sum(f.stat().st_size for f in self.files) > self.chunk_bytes
+        """Worth a pool: more than one chunk of input (on disk, compressed or not), and Ray tasks or several
+        processes."""
+        return (self.ray or self.workers > 1) and sum(f.stat().st_size for f in self.files) > self.chunk_bytes
 
     def name(self) -> str:
         f = self.files
@@ -218,7 +223,7 @@ def _pool(workers: int, vocab_path: Path | None) -> ProcessPoolExecutor:
     )
 
 
-def _bounded(pool: ProcessPoolExecutor | None, jobs: Iterable[tuple], fn: Callable, limit: int) -> Iterator:
+def _bounded(pool: Any, jobs: Iterable[tuple], fn: Callable, limit: int) -> Iterator:
     """Results of fn(*job) in job order, at most `limit` submitted ahead (inline when there is no pool)."""
     if pool is None:
         for job in jobs:
@@ -238,7 +243,7 @@ def count_words(plan: Plan) -> Vocab:
     counts: Counter[str] = Counter()
     with _maybe_pool(plan, None) as pool:
         jobs = (("\n".join(c),) if pool is not None else (c,) for c in chunks(plan))
-        for part in _bounded(pool, jobs, _count_text if pool is not None else count_chunk, 2 * plan.workers):
+        for part in _bounded(pool, jobs, _count_text if pool is not None else count_chunk, _limit(pool, plan)):
             counts.update(part)  # new keys appended in chunk order: first appearance kept
     if not any(tok != Vocab.EOS for tok in counts):
         raise DataError(f"{plan.name()}: split 'train' is empty (no tokens)")
@@ -252,14 +257,8 @@ def write_ids(plan: Plan, split: str, vocab: Vocab, vocab_path: Path, out: IO[by
     with tempfile.TemporaryDirectory(prefix=".shards-", dir=vocab_path.parent) as tmp:
         shards: list[tuple[Path, int]] = []
         any_text = False
-        with _maybe_pool(plan, vocab_path) as pool:
-            if pool is not None:
-                jobs = (("\n".join(c), str(Path(tmp) / f"{i:06d}.u32")) for i, c in enumerate(chunks(plan)))
-                fn = _encode_text
-            else:
-                jobs = ((c, str(Path(tmp) / f"{i:06d}.u32")) for i, c in enumerate(chunks(plan)))
-                fn = lambda c, s: write_shard(vocab, c, Path(s))  # noqa: E731
-            for i, (n, text) in enumerate(_bounded(pool, jobs, fn, 2 * plan.workers)):
+        with _maybe_pool(plan, vocab_path, vocab) as pool:
+            for i, (n, text) in enumerate(_encoded(pool, plan, vocab, Path(tmp))):
                 shards.append((Path(tmp) / f"{i:06d}.u32", n))
                 any_text = any_text or text
         if not any_text:
@@ -273,6 +272,35 @@ def write_ids(plan: Plan, split: str, vocab: Vocab, vocab_path: Path, out: IO[by
             shard.unlink()
 
 
+def _encoded(pool: Any, plan: Plan, vocab: Vocab, tmp: Path) -> Iterator[tuple[int, bool]]:
+    """Each chunk's (ids written, whether it held text), in order, its ids written to shard `tmp/<i>.u32`: by
+    this process (no pool), by the pool's processes, or here from what a Ray task returns (ray_build.py)."""
+    shard = lambda i: tmp / f"{i:06d}.u32"  # noqa: E731
+    if pool is None:
+        return (write_shard(vocab, c, shard(i)) for i, c in enumerate(chunks(plan)))
+    if isinstance(pool, ProcessPoolExecutor):
+        jobs = (("\n".join(c), str(shard(i))) for i, c in enumerate(chunks(plan)))
+        return _bounded(pool, jobs, _encode_text, _limit(pool, plan))
+    results = _bounded(pool, ((pool.vocab, "\n".join(c)) for c in chunks(plan)), encode_text, pool.limit)
+    return (_to_shard(ids, text, shard(i)) for i, (ids, text) in enumerate(results))
+
+
+def encode_text(vocab: Vocab, text: str) -> tuple[np.ndarray, bool]:
+    """A Ray task's job: a chunk (its lines joined by newlines) as (uint32 ids, whether any line held text)."""
+    lines = text.split("\n")
+    return vocab.encode_lines(lines, DTYPE), any(line.strip() for line in lines)
+
+
+def _to_shard(ids: np.ndarray, text: bool, shard: Path) -> tuple[int, bool]:
+    ids.tofile(shard)
+    return int(ids.shape[0]), text
+
+
+def _limit(pool: Any, plan: Plan) -> int:
+    """Chunks in flight: two per process (a Ray pool says its own)."""
+    return getattr(pool, "limit", 2 * plan.workers)
+
+
 class _NoPool:
     def __enter__(self) -> None:
         return None
@@ -281,8 +309,14 @@ class _NoPool:
         return None
 
 
-def _maybe_pool(plan: Plan, vocab_path: Path | None):
-    return _pool(plan.workers, vocab_path) if plan.parallel() else _NoPool()
+def _maybe_pool(plan: Plan, vocab_path: Path | None, vocab: Vocab | None = None):
+    if not plan.parallel():
+        return _NoPool()
+    if plan.ray:
+        from allatt_dist.data.ray_build import RayTasks
+
+        return RayTasks(vocab)
+    return _pool(plan.workers, vocab_path)
 
 
 def lines(plan: Plan) -> Iterator[str]:

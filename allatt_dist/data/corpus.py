@@ -63,15 +63,17 @@ def read_lines(path: str | Path) -> list[str]:
     return lines
 
 
-def load_corpus(cfg: DataConfig, splits: Iterable[str] = SPLITS) -> Corpus:
-    """Token ids of `splits` (train is always read, to build the vocabulary)."""
+def load_corpus(cfg: DataConfig, splits: Iterable[str] = SPLITS, *, on_ray: bool = False) -> Corpus:
+    """Token ids of `splits` (train is always read, to build the vocabulary). `on_ray`: this process is the
+    driver connected to Ray, which builds a missing cache entry with Ray tasks when `data.build_workers` is
+    `ray` (ray_build.py); any other process builds it with its own processes."""
     wanted = tuple(dict.fromkeys(splits))
     for s in wanted:
         if s not in SPLITS:
             raise DataError(f"unknown split {s!r}; known: {', '.join(SPLITS)}")
     folder = _local_folder(cfg)
     if folder is not None:
-        return _load_local(folder, cfg, wanted)
+        return _load_local(folder, cfg, wanted, on_ray)
     return _load_hub(cfg.name, cfg.raw, wanted, cfg.tokenizer, cfg.vocab_size)
 
 
@@ -101,15 +103,16 @@ def resolve_data(cfg: DataConfig, splits: Iterable[str] = SPLITS) -> DataConfig:
     return cfg.model_copy(update=update)
 
 
-def check_segments(cfg: DataConfig, sizes: Iterable[tuple[int, int]]) -> None:
+def check_segments(cfg: DataConfig, sizes: Iterable[tuple[int, int]], *, on_ray: bool = False) -> None:
     """Before any cluster starts: a local corpus (resolved) decodes and its train split gives each of
     `batch_size` rows one training segment of `seq_len` (+1 target) for every (batch_size, seq_len) in `sizes`
     (the recipe and the ends of a search's domains). Loading it here also fills the token cache the workers
-    read. Hub corpora are checked by the workers (nothing is downloaded twice)."""
+    read (`on_ray`: with `data.build_workers: ray`, by Ray tasks, once the CLI connected: plan.py). Hub corpora
+    are checked by the workers (nothing is downloaded twice)."""
     folder = _local_folder(cfg)
     if folder is None:
         return
-    n = int(load_corpus(cfg, ("train", "valid")).tokens("train").shape[0])
+    n = int(load_corpus(cfg, ("train", "valid"), on_ray=on_ray).tokens("train").shape[0])
     for batch, seq_len in sizes:
         if n // batch < seq_len + 1:
             train_files = _split_files(folder, ("train",), cfg)["train"]
@@ -139,7 +142,7 @@ def _local_folder(cfg: DataConfig) -> Path | None:
     return None
 
 
-def _load_local(folder: Path, cfg: DataConfig, wanted: tuple[str, ...]) -> Corpus:
+def _load_local(folder: Path, cfg: DataConfig, wanted: tuple[str, ...], on_ray: bool = False) -> Corpus:
     if not sources.is_glob(str(folder)) and not folder.is_dir():
         raise DataError(f"{folder}: data folder not found; {_FIX}")
     files = []
@@ -148,7 +151,7 @@ def _load_local(folder: Path, cfg: DataConfig, wanted: tuple[str, ...]) -> Corpu
         files.append((split, stats))
     origin = os.path.abspath(folder) if sources.is_glob(str(folder)) else str(folder.resolve())
     tok = (cfg.tokenizer, cfg.vocab_size)
-    opts = (cfg.build_workers, cfg.build_chunk_mb)
+    opts = (cfg.build_workers, cfg.build_chunk_mb, on_ray)
     carve = (cfg.split_fractions, cfg.split_seed) if cfg.split_fractions else None
     return _local_cached(tuple(files), wanted, origin, cfg.cache_dir, cfg.text_field, tok, opts, carve)
 
@@ -173,7 +176,7 @@ def _local_cached(
     cache_dir: str | None,
     text_field: str | None = None,
     tok: tuple[str | None, int | None] = (None, None),
-    opts: tuple[int | None, float | None] = (None, None),
+    opts: tuple[int | str | None, float | None, bool] = (None, None, False),
     carve: tuple[tuple[float, float], int] | None = None,
 ) -> Corpus:
     where = {split: tuple(Path(p) for p, _, _ in stats) for split, stats in files}
@@ -185,7 +188,7 @@ def _local_cached(
     if carve:
         salt += f";carve={carve[0][0]!r},{carve[0][1]!r},seed={carve[1]}"
     cut = {s: build.Carve(s, *carve) if carve else None for s in where}
-    plans = {s: build.Plan(p, text_field, opts[1], opts[0], cut[s]) for s, p in where.items()}
+    plans = {s: build.Plan(p, text_field, opts[1], opts[0], cut[s], on_ray=opts[2]) for s, p in where.items()}
     root, chosen = cache_root(cache_dir)
     try:
         return _from_token_cache(TokenCache(root, where["train"], salt), plans, wanted, origin, tok)
